@@ -1,0 +1,139 @@
+"""Tests of TernaryConv / TernaryDense and the reporting helpers."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ttq_jax import quant
+from ttq_jax.quant import QuantConfig, TernaryConv, TernaryDense
+
+TTQ = QuantConfig(method='ttq', t=0.05)
+
+
+@pytest.mark.parametrize('kwargs', [
+    dict(features=5, kernel_size=(3, 3)),
+    dict(features=4, kernel_size=(5, 5), strides=2, padding='VALID', use_bias=False),
+    dict(features=6, kernel_size=(3, 3), feature_group_count=2),
+])
+def test_fp_conv_is_exactly_nn_conv(kwargs):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, 4))
+  ours = TernaryConv(quant=QuantConfig(method='fp'), **kwargs)
+  ref = nn.Conv(**kwargs)
+  variables = ref.init(jax.random.PRNGKey(1), x)
+  np.testing.assert_array_equal(ours.apply(variables, x), ref.apply(variables, x))
+  assert jax.tree.structure(ours.init(jax.random.PRNGKey(1), x)) == jax.tree.structure(variables)
+
+
+def test_fp_dense_is_exactly_nn_dense():
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 7))
+  variables = nn.Dense(4).init(jax.random.PRNGKey(1), x)
+  np.testing.assert_array_equal(
+      TernaryDense(4, quant=QuantConfig(method='fp')).apply(variables, x), nn.Dense(4).apply(variables, x))
+
+
+def test_ttq_conv_uses_ternary_kernel_and_scales():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 6, 3))
+  layer = TernaryConv(4, quant=QuantConfig(w_p_init=0.7, w_n_init=0.3))
+  variables = layer.init(jax.random.PRNGKey(1), x)
+  params = variables['params']
+  assert float(params['w_p']) == pytest.approx(0.7) and float(params['w_n']) == pytest.approx(0.3)
+  k = params['kernel']
+  delta = 0.05 * jnp.max(jnp.abs(k))
+  wt = jnp.where(k > delta, 0.7, jnp.where(k < -delta, -0.3, 0.0))
+  expected = nn.Conv(4, (3, 3)).apply({'params': {'kernel': wt, 'bias': params['bias']}}, x)
+  np.testing.assert_allclose(layer.apply(variables, x), expected, rtol=1e-5, atol=1e-6)
+
+
+class _TinyNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = TernaryConv(4, quant=TTQ)(x)
+    x = nn.avg_pool(x, (2, 2))  # linear, so the output stays linear in every scale
+    x = TernaryConv(2, quant=TTQ, strides=2)(x)
+    return jnp.mean(x, axis=(1, 2))
+
+
+def test_scale_gradients_match_finite_differences():
+  """The output is linear in each layer's w_p, w_n: central differences are exact up to rounding."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
+  model = _TinyNet()
+  params = model.init(jax.random.PRNGKey(1), x)['params']
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, v: v * 1.3 if p[-1].key == 'w_p' else (v * 0.6 if p[-1].key == 'w_n' else v), params)
+  target = jnp.array([[1.0, -1.0], [0.5, 2.0]])
+  loss = lambda p: jnp.sum((model.apply({'params': p}, x) - target) ** 2)
+  grads = jax.grad(loss)(params)
+  h = 1e-2
+  for layer in ('TernaryConv_0', 'TernaryConv_1'):
+    for scale in ('w_p', 'w_n'):
+      def shifted(eps):
+        p = jax.tree.map(lambda v: v, params)
+        p[layer] = dict(p[layer], **{scale: p[layer][scale] + eps})
+        return loss(p)
+      fd = (shifted(h) - shifted(-h)) / (2 * h)
+      assert float(grads[layer][scale]) == pytest.approx(float(fd), rel=2e-3, abs=1e-4), (layer, scale)
+      assert abs(float(fd)) > 1e-3  # the check is not vacuous
+
+
+def test_positive_scales_option():
+  w = jnp.array([-1.0, 1.0])
+  k = quant.quantize_kernel(w, jnp.float32(-0.5), jnp.float32(-2.0), QuantConfig(positive_scales=True))
+  np.testing.assert_allclose(k, [-2.0, 0.5])
+  k = quant.quantize_kernel(w, jnp.float32(-0.5), jnp.float32(-2.0), QuantConfig())
+  np.testing.assert_allclose(k, [2.0, -0.5])  # the official behaviour: scales may flip sign
+
+
+def test_twn_layer_has_no_trained_scales():
+  x = jnp.ones((1, 5))
+  v = TernaryDense(3, quant=QuantConfig(method='twn')).init(jax.random.PRNGKey(0), x)
+  assert set(v['params']) == {'kernel', 'bias'}
+  k = v['params']['kernel']
+  np.testing.assert_allclose(quant.quantize_kernel(k, None, None, QuantConfig(method='twn')), quant.twn_ternarize(k))
+
+
+def test_bf16_compute_keeps_float32_params():
+  x = jnp.ones((2, 6, 6, 3), jnp.bfloat16)
+  layer = TernaryConv(4, quant=TTQ, dtype=jnp.bfloat16)
+  v = layer.init(jax.random.PRNGKey(0), x)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(v))
+  y = layer.apply(v, x)
+  assert y.dtype == jnp.bfloat16
+  y32 = layer.clone(dtype=jnp.float32).apply(v, x.astype(jnp.float32))
+  np.testing.assert_allclose(y.astype(jnp.float32), y32, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize('kwargs,msg', [
+    (dict(method='int8'), "quant.method='int8' is unknown: allowed are ttq, twn, fp"),
+    (dict(threshold='mean'), "quant.threshold='mean' is unknown"),
+    (dict(t=1.0), 'quant.t=1.0 is out of range'),
+    (dict(sparsity=-0.1), 'quant.sparsity=-0.1 is out of range'),
+])
+def test_config_errors(kwargs, msg):
+  with pytest.raises(ValueError, match=msg.replace('(', r'\(')):
+    QuantConfig(**kwargs)
+
+
+def test_report_helpers():
+  x = jnp.ones((1, 8, 8, 3))
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Conv(4, (3, 3))(x)                     # full precision stem
+      x = TernaryConv(4, quant=TTQ)(x)
+      return TernaryDense(2, quant=TTQ)(x.reshape(1, -1))
+  params = Net().init(jax.random.PRNGKey(0), x)['params']
+  params['TernaryConv_0']['kernel'] = jnp.linspace(-1, 1, 144).reshape(3, 3, 4, 4)
+  params['TernaryConv_0']['w_p'] = jnp.float32(2.0)
+  sparsity = quant.layer_sparsity(params, TTQ)
+  assert sorted(sparsity) == ['TernaryConv_0/kernel', 'TernaryDense_0/kernel']
+  # linspace(-1, 1, 144): delta = 0.05, |w| <= 0.05 holds for 6 of 144 values (spacing 2/143).
+  assert sparsity['TernaryConv_0/kernel'] == pytest.approx(8 / 144)
+  assert quant.layer_scales(params, TTQ)['TernaryConv_0/kernel'] == (2.0, 1.0)
+  kernels = quant.ternary_kernels(params, TTQ)
+  assert set(np.unique(np.asarray(kernels['TernaryConv_0/kernel'])).tolist()) == {-1.0, 0.0, 2.0}
+  counts = quant.count_params(params, TTQ)
+  assert counts['ternary'] == 144 + 256 * 2
+  assert counts['full_precision'] == (3 * 3 * 3 * 4 + 4) + (4 + 2) + (2 + 2)
+  assert quant.layer_sparsity(params, QuantConfig(method='fp')) == {}

@@ -1,0 +1,21 @@
+"""Ternary quantization (TTQ, Zhu et al. ICLR 2017; TWN, Li & Liu 2016): maths, layers, reports."""
+
+from ttq_jax.quant._ternary import delta_from_max
+from ttq_jax.quant._ternary import delta_from_sparsity
+from ttq_jax.quant._ternary import ternarize
+from ttq_jax.quant._ternary import ternarize_bwd
+from ttq_jax.quant._ternary import ternarize_fwd
+from ttq_jax.quant._ternary import twn_ternarize
+from ttq_jax.quant._ternary import twn_threshold_and_scale
+from ttq_jax.quant.config import METHODS
+from ttq_jax.quant.config import QuantConfig
+from ttq_jax.quant.config import THRESHOLDS
+from ttq_jax.quant.layers import quantize_kernel
+from ttq_jax.quant.layers import TernaryConv
+from ttq_jax.quant.layers import TernaryDense
+from ttq_jax.quant.layers import threshold
+from ttq_jax.quant.report import count_params
+from ttq_jax.quant.report import layer_scales
+from ttq_jax.quant.report import layer_sparsity
+from ttq_jax.quant.report import ternary_kernels
+from ttq_jax.quant.report import ternary_weights

@@ -1,0 +1,138 @@
+"""Ternary quantizers in pure `jax.numpy` (no Flax).
+
+Trained Ternary Quantization (TTQ; Zhu, Han, Mao, Dally, ICLR 2017, arXiv:1612.01064), Sec. 3:
+
+  forward   wt = +w_p if w > delta;  0 if |w| <= delta;  -w_n if w < -delta
+  backward  dL/dw_p = sum_{w > delta} g
+            dL/dw_n = -sum_{w < -delta} g   (the paper prints `+`; wt = -w_n, so autodiff gives `-`)
+            dL/dw   = w_p * g on {w > delta}, g on {|w| <= delta}, w_n * g on {w < -delta}
+            delta receives no gradient.
+
+TWN (Li & Liu 2016) is here too as the untrained-scale baseline.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def _check_scalar(name: str, x) -> None:
+  if jnp.ndim(x) != 0:
+    raise ValueError(f'{name} must be a scalar (0-d array), got shape {jnp.shape(x)}')
+
+
+def check_unit_interval(name: str, value: float) -> None:
+  """Raises ValueError unless 0 <= value < 1 (for `t` and `sparsity`)."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 <= value < 1.0:
+    raise ValueError(f'{name}={value!r} is out of range: allowed is 0 <= {name} < 1')
+
+
+# --------------------------------------------------------------------------- TTQ ternarize
+
+
+def _masks(w, delta):
+  positive = w > delta
+  negative = w < -delta
+  return positive, negative
+
+
+def ternarize_fwd(w, w_p, w_n, delta):
+  """Forward rule of TTQ (paper Eq. 6); returns (wt, residuals)."""
+  positive, negative = _masks(w, delta)
+  w_p_c = w_p.astype(w.dtype)
+  w_n_c = w_n.astype(w.dtype)
+  zero = jnp.zeros((), w.dtype)
+  wt = jnp.where(positive, w_p_c, jnp.where(negative, -w_n_c, zero))
+  return wt, (w, w_p, w_n, delta)
+
+
+def ternarize_bwd(residuals, g):
+  """Backward rule of TTQ (paper Eqs. 7-8, with the W_n sign corrected)."""
+  w, w_p, w_n, delta = residuals
+  positive, negative = _masks(w, delta)
+  g32 = g.astype(jnp.float32)
+  zero = jnp.zeros((), jnp.float32)
+  # Scale gradients: sums over the positive / negative index sets, accumulated in float32.
+  dw_p = jnp.sum(jnp.where(positive, g32, zero)).astype(w_p.dtype)
+  dw_n = -jnp.sum(jnp.where(negative, g32, zero)).astype(w_n.dtype)
+  # Latent weights: straight-through estimator scaled by the scale of the set they fall in.
+  factor = jnp.where(positive, w_p.astype(g32.dtype), jnp.where(negative, w_n.astype(g32.dtype), 1.0))
+  dw = (factor * g32).astype(w.dtype)
+  ddelta = jnp.zeros_like(delta)
+  return dw, dw_p, dw_n, ddelta
+
+
+@jax.custom_vjp
+def _ternarize(w, w_p, w_n, delta):
+  return ternarize_fwd(w, w_p, w_n, delta)[0]
+
+
+_ternarize.defvjp(ternarize_fwd, ternarize_bwd)
+
+
+def ternarize(w: jax.Array, w_p: jax.Array, w_n: jax.Array, delta: jax.Array) -> jax.Array:
+  """TTQ ternarization with the paper's gradients (W_n sign corrected).
+
+  Args:
+    w: latent full-precision weights, any shape and float dtype.
+    w_p, w_n: 0-d positive / negative scales (trained); cotangents keep their dtype.
+    delta: 0-d threshold (no gradient flows to it).
+
+  Returns:
+    An array of `w`'s shape and dtype with values in {+w_p, 0, -w_n}.
+  """
+  _check_scalar('w_p', w_p)
+  _check_scalar('w_n', w_n)
+  _check_scalar('delta', delta)
+  w_p = jnp.asarray(w_p)
+  w_n = jnp.asarray(w_n)
+  delta = jnp.asarray(delta, dtype=w.dtype)
+  return _ternarize(w, w_p, w_n, delta)
+
+
+# --------------------------------------------------------------------------- thresholds
+
+
+def delta_from_max(w: jax.Array, t: float) -> jax.Array:
+  """The paper's threshold rule: delta = t * max|w| (no gradient; paper uses t = 0.05)."""
+  check_unit_interval('t', t)
+  return jax.lax.stop_gradient(t * jnp.max(jnp.abs(w)))
+
+
+def delta_from_sparsity(w: jax.Array, r: float) -> jax.Array:
+  """Constant-sparsity rule: the threshold that makes a fraction `r` of `w` zero.
+
+  With k = round(r * w.size), delta is the k-th smallest |w|, so (for distinct values) exactly k
+  entries satisfy |w| <= delta. r = 0 gives delta = 0: binary weights.
+  """
+  check_unit_interval('sparsity', r)
+  k = int(round(r * w.size))
+  if k == 0:
+    return jnp.zeros((), w.dtype)
+  magnitudes = jnp.sort(jnp.abs(w).reshape(-1))
+  return jax.lax.stop_gradient(magnitudes[k - 1])
+
+
+# --------------------------------------------------------------------------- TWN baseline
+
+
+def twn_threshold_and_scale(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """TWN: delta = 0.7 * mean|w|, alpha = mean(|w| over |w| > delta); both without gradient."""
+  a = jnp.abs(w).astype(jnp.float32)
+  delta = 0.7 * jnp.mean(a)
+  above = a > delta
+  alpha = jnp.sum(jnp.where(above, a, 0.0)) / jnp.maximum(jnp.sum(above), 1)
+  return jax.lax.stop_gradient(delta), jax.lax.stop_gradient(alpha)
+
+
+def twn_ternarize(w: jax.Array) -> jax.Array:
+  """Ternary Weight Networks (Li & Liu 2016): alpha * sign(w) where |w| > delta, else 0.
+
+  The scale is not trained; the gradient to `w` is the plain straight-through estimator (dw = g).
+  """
+  delta, alpha = twn_threshold_and_scale(w)
+  wt = jnp.where(jnp.abs(w) > delta.astype(w.dtype), jnp.sign(w) * alpha.astype(w.dtype), jnp.zeros((), w.dtype))
+  return w + jax.lax.stop_gradient(wt - w)
