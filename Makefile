@@ -1,0 +1,34 @@
+# The two commands of the README. Both create .venv and install what they need.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= workdirs/fashion_mnist
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv data clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,experiments]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist when we may install it; else main prints where it looked.
+data:
+	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ -z "$$TTQ_DATA_DIR" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null || echo "apt-get could not install dataset-fashion-mnist"; \
+	  else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist' or set TTQ_DATA_DIR"; fi; \
+	fi
+
+demo: venv data
+	$(PY) -m ttq_jax.main --config configs/fashion_mnist.py --workdir $(WORKDIR)
+	$(PY) -m ttq_jax.main --config configs/fashion_mnist.py --workdir $(WORKDIR) --mode eval
+
+test: venv data
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) workdirs

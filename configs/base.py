@@ -1,0 +1,79 @@
+"""Defaults shared by every experiment; a row's config imports this and overrides what differs.
+
+Every key is documented here; `ttq_jax.config_check.validate` checks values and choices.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = 'resnet20'           # ttq_jax.models.MODELS
+  config.model.quantize_first_last = False  # paper: first conv and last dense stay full precision
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = 'cifar10'             # fashion_mnist | cifar10 | imagenet2012
+  config.data.data_dir = ''                # '' = default place (see README, "Datasets")
+  config.data.crop_padding = 4             # random crop after zero padding (CIFAR: 40x40 -> 32x32)
+  config.data.random_flip = True
+  config.data.limit_examples = 0           # > 0: use only the first N examples of each split
+  config.data.num_threads = 4              # grain reader threads
+  config.data.prefetch_batches = 2         # batches put on the device ahead of the step
+
+  config.quant = ml_collections.ConfigDict()
+  config.quant.method = 'ttq'              # ttq | twn | fp
+  config.quant.threshold = 'max'           # max (delta = t * max|w|) | sparsity
+  config.quant.t = 0.05                    # paper: 0.05
+  config.quant.sparsity = 0.5              # zero fraction for threshold = sparsity
+  config.quant.w_p_init = 1.0              # official code: 1.0
+  config.quant.w_n_init = 1.0
+  config.quant.scale_init = 'constant'     # constant (w_p_init / w_n_init) | mean_abs (mean |w| per sign)
+  config.quant.positive_scales = False     # forward uses |w_p|, |w_n| (official code: no guard)
+
+  config.dtype = 'float32'                 # float32 | bfloat16 (activations and ternary kernels)
+  config.batch_size = 128                  # global
+  config.eval_batch_size = 1000            # global
+  config.num_epochs = 1.0
+  config.num_train_steps = -1              # > 0 overrides num_epochs
+
+  config.optimizer = 'sgd'                 # sgd | adam
+  config.learning_rate = 0.1
+  config.momentum = 0.9
+  config.nesterov = True
+  config.adam_eps = 1e-8
+  config.lr_schedule = 'cosine'            # cosine | piecewise | constant
+  config.lr_boundaries_epochs = (0.0,)     # piecewise: epochs at which the rate becomes lr_values[i]
+  config.lr_values = (0.1,)
+  config.warmup_epochs = 0.0
+  config.weight_decay = 1e-4               # L2 added to the gradient of matching params
+  config.weight_decay_regex = r'kernel$'   # which params decay (slash-joined Flax paths)
+  config.decay_scales = False              # also decay w_p / w_n (the official CIFAR code did)
+  config.grad_clip_norm = 0.0              # > 0: clip the global gradient norm
+  config.scale_optimizer = 'adam'          # adam (own optimizer for w_p / w_n) | same
+  config.scale_learning_rate = 1e-3        # follows the main schedule's shape
+
+  config.fp_warmup_epochs = 0.0            # train full precision first, then ternarize (one run)
+  config.init_from = ''                    # workdir of a full-precision run to fine-tune from
+  config.normalize_init = False            # scale each quantized kernel to [-1, 1] at the switch
+  config.bn_recalibration_batches = 0      # re-estimate BN statistics on N clean train batches
+
+  config.log_every_steps = 50
+  config.eval_every_steps = 0              # 0: evaluate at the end only
+  config.checkpoint_every_steps = 500
+  config.keep_checkpoints = 3
+  config.eval_step = -1                    # --mode eval/export: -1 = newest checkpoint
+  config.restore_from = ''                 # --mode eval: a .safetensors export instead
+  config.allow_config_change = False       # resume in a workdir whose model/data config differs
+
+  config.mesh_shape = (-1, 1)
+  config.mesh_axes = ('data', 'fsdp')
+
+  config.export = ml_collections.ConfigDict()
+  config.export.packing = '2bit'           # 2bit | base3
+
+  config.xla_cpu_ynn_fusion = 'auto'       # auto (off for the train step on CPU) | on | off
+  config.compilation_cache_dir = 'default'  # '' = off; default = ~/.cache/ttq_jax/xla
+  return config

@@ -1,0 +1,36 @@
+r"""Quickstart: TTQ ResNet-20 on Fashion-MNIST (real data, offline, CPU).
+
+    python -m ttq_jax.main --config configs/fashion_mnist.py --workdir workdirs/fashion_mnist
+
+Variants: `:smoke` (a few steps on a subset, for tests), `:fp` (the full-precision twin).
+"""
+
+from configs import base
+
+
+def get_config(arg: str = ''):
+  config = base.get_config()
+  config.model.name = 'resnet20'
+  config.data.name = 'fashion_mnist'
+  config.data.crop_padding = 2
+  config.batch_size = 128
+  config.num_epochs = 4.0
+  config.learning_rate = 0.1
+  config.weight_decay = 1e-4
+  config.bn_recalibration_batches = 20
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 500
+  if arg == 'fp':
+    config.quant.method = 'fp'
+  elif arg == 'smoke':
+    config.model.name = 'resnet_tiny'
+    config.data.limit_examples = 512
+    config.batch_size = 64
+    config.eval_batch_size = 256
+    config.num_train_steps = 6
+    config.log_every_steps = 2
+    config.checkpoint_every_steps = 3
+    config.bn_recalibration_batches = 2
+  elif arg:
+    raise ValueError(f'config argument {arg!r} is unknown: allowed are smoke, fp')
+  return config

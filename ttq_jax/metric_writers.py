@@ -1,0 +1,104 @@
+"""Metric output of process 0: WORKDIR/metrics.jsonl, TensorBoard events (tensorboardX), console."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Mapping
+
+import numpy as np
+
+
+def _plain(v: Any):
+  if isinstance(v, (np.generic, np.ndarray)) and np.ndim(v) == 0:
+    v = v.item()
+  if isinstance(v, float) and not math.isfinite(v):
+    return str(v)
+  return v
+
+
+class MetricWriter:
+  """Writes one JSON object per logged step and TensorBoard scalars; a no-op on other processes."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self._tb = None
+    self._jsonl = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      try:
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
+      except ImportError:  # pragma: no cover - tensorboardX is a dependency
+        self._tb = None
+
+  def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
+    row = {'step': int(step), **{k: _plain(v) for k, v in scalars.items()}}
+    self._jsonl.write(json.dumps(row) + '\n')
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in scalars.items():
+        v = _plain(v)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+          self._tb.add_scalar(k.replace('.', '/'), v, int(step))
+
+  def close(self) -> None:
+    if self._jsonl:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def format_duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return '?'
+  seconds = int(round(seconds))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}h{m:02d}m' if h else (f'{m}m{s:02d}s' if m else f'{s}s')
+
+
+class Progress:
+  """Console progress line with steps/s, images/s and ETA."""
+
+  def __init__(self, total_steps: int, batch_size: int, start_step: int = 0, stream=None, enabled: bool = True):
+    self.total, self.batch_size, self.enabled = total_steps, batch_size, enabled
+    self.stream = stream or sys.stdout
+    self._t0, self._s0 = time.perf_counter(), start_step
+
+  def rate(self, step: int) -> float:
+    dt = time.perf_counter() - self._t0
+    return (step - self._s0) / dt if dt > 0 and step > self._s0 else float('nan')
+
+  def restart_clock(self, step: int) -> None:
+    self._t0, self._s0 = time.perf_counter(), step
+
+  def line(self, step: int, metrics: Mapping[str, Any]) -> str:
+    rate = self.rate(step)
+    eta = (self.total - step) / rate if rate and math.isfinite(rate) and rate > 0 else float('nan')
+    parts = [f'step {step:>{len(str(self.total))}}/{self.total} ({100 * step / max(self.total, 1):5.1f}%)']
+    for key, fmt in (('train_loss', 'loss {:.4f}'), ('train_top1_accuracy', 'top1 {:.2%}'),
+                     ('learning_rate', 'lr {:.3g}'), ('eval_top1_accuracy', 'eval top1 {:.2%}')):
+      if key in metrics and metrics[key] is not None:
+        parts.append(fmt.format(float(metrics[key])))
+    parts.append(f'{rate:.2f} steps/s {rate * self.batch_size:.0f} img/s' if math.isfinite(rate) else 'warming up')
+    parts.append(f'ETA {format_duration(eta)}')
+    return ' | '.join(parts)
+
+  def print(self, step: int, metrics: Mapping[str, Any]) -> None:
+    if self.enabled:
+      print(self.line(step, metrics), file=self.stream, flush=True)
+
+
+def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+  """A plain aligned text table."""
+  cols = list(zip(header, *rows)) if rows else [(h,) for h in header]
+  widths = [max(len(str(c)) for c in col) for col in cols]
+  fmt = lambda r: '  '.join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+  return '\n'.join([fmt(header), '  '.join('-' * w for w in widths)] + [fmt(r) for r in rows])
