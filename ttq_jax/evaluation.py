@@ -6,9 +6,12 @@ import json
 import os
 
 import jax
+import numpy as np
+import optax
 
 from ttq_jax import checkpoint as ckpt
 from ttq_jax import config_check
+from ttq_jax import export
 from ttq_jax import input_pipeline
 from ttq_jax import quant as quant_lib
 from ttq_jax import sharding as sharding_lib
@@ -26,16 +29,24 @@ def evaluate_workdir(config, workdir: str) -> dict:
   train.setup_compilation_cache(config)
   mesh = sharding_lib.create_mesh(config.mesh_shape, config.mesh_axes)
   sharding_lib.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
-  state = train.create_train_state(config, train.create_model(config), mesh)
-  source = 'checkpoint'
-  if config.restore_from:
-    from ttq_jax import export
-    step, variables = export.load_into(config.restore_from, config)
-    state = state.replace(params=jax.device_put(variables['params'], jax.tree.map(lambda x: x.sharding, state.params)),
-                          batch_stats=jax.device_put(variables.get('batch_stats', {}),
-                                                     jax.tree.map(lambda x: x.sharding, state.batch_stats)))
-    source = config.restore_from
+  if config.restore_from:  # a packed export: its ternary layers run as plain convs with dense kernels
+    variables, metadata, layers = export.read(config.restore_from)
+    saved = json.loads(metadata['config'])
+    for key in ('model', 'data'):
+      if saved[key]['name'] != config[key]['name']:
+        raise ValueError(f'restore_from={config.restore_from!r} holds {key}.name={saved[key]["name"]!r} but the '
+                         f'config says {config[key]["name"]!r}: pass the config the export was made with')
+    step, source, quantized = int(metadata.get('step', -1)), config.restore_from, False
+    state = jax.device_put(train.TrainState.create(
+        apply_fn=None, params=variables['params'], tx=optax.identity(),
+        batch_stats=variables.get('batch_stats', {}), rng=jax.random.PRNGKey(0)), sharding_lib.replicated(mesh))
+    report = {'sparsity': {k.removeprefix('params/'): r['sparsity'] for k, r in layers.items()},
+              'scales': {k.removeprefix('params/'): (r['w_p'], r['w_n']) for k, r in layers.items()},
+              'param_counts': {'ternary': sum(r['numel'] for r in layers.values()),
+                               'full_precision': sum(int(np.size(x)) for x in jax.tree.leaves(variables['params']))
+                               - sum(r['numel'] for r in layers.values())}}
   else:
+    state = train.create_train_state(config, train.create_model(config), mesh)
     if not os.path.isdir(ckpt.checkpoint_dir(workdir)):
       raise ckpt.CheckpointError(f'workdir {workdir} has no checkpoints to evaluate (no {ckpt.checkpoint_dir(workdir)})')
     manager = ckpt.create_manager(workdir, read_only=True)
@@ -43,25 +54,25 @@ def evaluate_workdir(config, workdir: str) -> dict:
     if restored is None:
       raise ckpt.CheckpointError(f'workdir {workdir} has no checkpoints to evaluate')
     step, state, _ = restored
+    source = 'checkpoint'
+    warmup = int(config.fp_warmup_epochs * train.steps_per_epoch(config))
+    quantized = config.quant.method != 'fp' and step >= warmup
+    report = train.quant_report(state, config)
   programs = train.Programs(config, mesh, jax.tree.map(lambda x: x.sharding, state))
-  total = train.total_steps(config)
-  warmup = int(config.fp_warmup_epochs * train.steps_per_epoch(config))
-  quantized = config.quant.method != 'fp' and step >= warmup
   metrics = train.evaluate(programs, state, input_pipeline.eval_batches(
       config.data, global_batch_size=config.eval_batch_size, process_index=jax.process_index(),
       process_count=jax.process_count()), quantized)
-  report = train.quant_report(state, config)
   result = {'step': int(step), 'source': source, **metrics,
             'sparsity': report['sparsity'],
             'w_p': {k: v[0] for k, v in report['scales'].items()},
             'w_n': {k: v[1] for k, v in report['scales'].items()},
             'param_counts': report['param_counts'],
             'params_bytes_fp32': _params_bytes(jax.device_get(state.params)) + _params_bytes(jax.device_get(state.batch_stats))}
-  del total
   if jax.process_index() == 0:
     out_dir = os.path.join(workdir, 'eval')
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f'step_{int(step)}.json')
+    name = f'step_{int(step)}.json' if source == 'checkpoint' else f'export_step_{int(step)}.json'
+    path = os.path.join(out_dir, name)
     with open(path + '.tmp', 'w') as f:
       json.dump(result, f, indent=2, sort_keys=True)
     os.replace(path + '.tmp', path)

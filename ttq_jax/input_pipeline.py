@@ -88,6 +88,8 @@ def _read_idx(path: str, expected_ndim: int) -> np.ndarray:
   if zero != 0 or dtype_code != 0x08 or ndim != expected_ndim:
     raise DataError(f'malformed IDX file {path}: header says dtype 0x{dtype_code:02x}, {ndim} dims '
                     f'(want uint8 with {expected_ndim} dims)')
+  if len(data) < 4 + 4 * ndim:
+    raise DataError(f'malformed IDX file {path}: truncated header ({len(data)} bytes)')
   shape = struct.unpack('>' + 'I' * ndim, data[4:4 + 4 * ndim])
   body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
   if body.size != int(np.prod(shape)):

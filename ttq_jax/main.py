@@ -8,6 +8,7 @@ import sys
 
 from absl import app
 from absl import flags
+import ml_collections
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -36,21 +37,39 @@ def main(argv):
     handler.addFilter(_QuietLibraries())
   if len(argv) > 1:
     _fail(f'unexpected arguments {argv[1:]}')
-  if FLAGS.config is None:
+  config = FLAGS.config
+  if config is None:
     _fail('--config is required, e.g. --config configs/fashion_mnist.py')
+  if not isinstance(config, ml_collections.ConfigDict):  # ml_collections defers load errors to first use
+    try:
+      config.seed
+    except OSError as e:
+      _fail(f'cannot load --config={config_flags.get_config_filename(FLAGS["config"])}: no such config file '
+            f'({str(e).splitlines()[0]})')
   if not FLAGS.workdir:
     _fail('--workdir is required')
   from ttq_jax import runner  # heavy imports after flag checks
   try:
-    runner.run(FLAGS.config, FLAGS.workdir, FLAGS.mode, coordinator_address=FLAGS.coordinator_address,
+    runner.run(config, FLAGS.workdir, FLAGS.mode, coordinator_address=FLAGS.coordinator_address,
                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   except runner.USER_ERRORS as e:
     _fail(str(e))
 
 
-if __name__ == '__main__':
-  logging.getLogger('absl').setLevel(logging.INFO)
+def parse_flags(argv):
+  """absl flag parsing with every bad flag or --config override as a one-line error."""
   try:
-    app.run(main)
-  except flags.Error as e:  # noqa: broad flag errors (unknown key, wrong type) as one line
-    _fail(str(e).splitlines()[0])
+    return FLAGS(argv)
+  except flags.Error as e:
+    lines = [l for l in str(e).splitlines() if l.strip()]
+    _fail(lines[0] if len(lines) == 1 else f'{lines[0].split(":")[0]}: {lines[-1].strip()}')
+  except (KeyError, AttributeError) as e:  # an override of a key the config does not have
+    _fail(f'unknown config key in an override: {str(e).strip(chr(34)).strip(chr(39))} '
+          '(the config file lists every key; see configs/base.py)')
+  except (TypeError, ValueError, OSError) as e:  # config_flags wraps get_config errors with a traceback
+    lines = [l for l in str(e).splitlines() if l.strip()]
+    _fail(f'bad --config or override: {lines[-1] if lines else type(e).__name__}')
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)

@@ -17,7 +17,10 @@ FSDP_MIN_SIZE = 2**18  # parameters smaller than this stay replicated
 
 
 def create_mesh(shape: Sequence[int], axes: Sequence[str], devices=None) -> Mesh:
-  """A mesh over all (or the given) devices; one -1 in `shape` takes the remaining devices."""
+  """A mesh over all (or the given) devices; one -1 in `shape` takes the remaining devices.
+
+  A shape without -1 that needs fewer devices than there are uses the first ones (single process).
+  """
   devices = jax.devices() if devices is None else devices
   shape = list(shape)
   if len(shape) != len(axes):
@@ -26,6 +29,8 @@ def create_mesh(shape: Sequence[int], axes: Sequence[str], devices=None) -> Mesh
   if shape.count(-1) > 1 or known <= 0 or len(devices) % known:
     raise ValueError(f'mesh_shape={tuple(shape)} does not fit {len(devices)} devices: '
                      'use positive sizes whose product divides the device count, with at most one -1')
+  if -1 not in shape and known < len(devices) and jax.process_count() == 1:
+    devices = devices[:known]  # a smaller explicit mesh: the first devices of this host
   shape = [len(devices) // known if s == -1 else s for s in shape]
   if int(np.prod(shape)) != len(devices):
     raise ValueError(f'mesh_shape={tuple(shape)} uses {int(np.prod(shape))} of {len(devices)} devices')

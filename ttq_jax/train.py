@@ -202,7 +202,7 @@ def train_step(state: TrainState, batch, *, apply_fn, info, dtype):
     return loss, (logits, updates['batch_stats'])
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree_utils.tree_l2_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)

@@ -1,0 +1,153 @@
+"""Input pipeline tests: IDX loading, errors, determinism, sharding, augmentation, tfds mock data."""
+
+import gzip
+import os
+import struct
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from ttq_jax import input_pipeline as ip
+
+
+def _data_config(**kw):
+  c = dict(name='fashion_mnist', data_dir='', crop_padding=2, random_flip=True, limit_examples=0)
+  c.update(kw)
+  return ml_collections.ConfigDict(c)
+
+
+def test_fashion_mnist_loads_real_files():
+  images, labels = ip.load_fashion_mnist('test')
+  assert images.shape == (10_000, 28, 28, 1) and images.dtype == np.uint8
+  assert labels.shape == (10_000,) and set(np.unique(labels)) == set(range(10))
+  assert 60 < images.mean() < 90  # real clothes, not zeros
+
+
+def _write_idx(path, array):
+  header = struct.pack('>HBB', 0, 0x08, array.ndim) + struct.pack('>' + 'I' * array.ndim, *array.shape)
+  with gzip.open(path, 'wb') as f:
+    f.write(header + array.astype(np.uint8).tobytes())
+
+
+def _fake_fashion_mnist(d, n=20, corrupt=None):
+  rng = np.random.default_rng(0)
+  for split, (img, lab) in ip.FASHION_MNIST_FILES.items():
+    _write_idx(os.path.join(d, img), rng.integers(0, 255, (n, 28, 28)))
+    _write_idx(os.path.join(d, lab), rng.integers(0, 10, (n,)))
+  if corrupt:
+    with gzip.open(os.path.join(d, corrupt), 'wb') as f:
+      f.write(b'\x00\x00\x08\x03' + b'\x00' * 5)
+
+
+def test_data_dir_is_searched_first(tmp_path):
+  _fake_fashion_mnist(tmp_path)
+  images, _ = ip.load_fashion_mnist('train', str(tmp_path))
+  assert images.shape == (20, 28, 28, 1)
+
+
+def test_missing_files_error_says_where_it_looked(tmp_path, monkeypatch):
+  monkeypatch.setattr(ip, 'DEBIAN_FASHION_MNIST', str(tmp_path / 'debian'))
+  monkeypatch.setenv('TTQ_DATA_DIR', str(tmp_path / 'env'))
+  with pytest.raises(ip.DataError) as e:
+    ip.load_fashion_mnist('train', str(tmp_path / 'cfg'))
+  msg = str(e.value)
+  assert '\n' not in msg and 'cfg' in msg and 'env' in msg and 'debian' in msg and 'apt-get install' in msg
+
+
+def test_malformed_file_is_a_data_error(tmp_path):
+  _fake_fashion_mnist(tmp_path, corrupt='t10k-images-idx3-ubyte.gz')
+  with pytest.raises(ip.DataError, match='malformed IDX file .*t10k-images'):
+    ip.load_fashion_mnist('test', str(tmp_path))
+
+
+def test_train_batches_are_deterministic_and_reshuffled_per_epoch():
+  c = _data_config(limit_examples=256)
+  a = ip.train_dataset(c, local_batch_size=64, seed=3)
+  b = ip.train_dataset(c, local_batch_size=64, seed=3)
+  np.testing.assert_array_equal(a[5]['image'], b[5]['image'])
+  other = ip.train_dataset(c, local_batch_size=64, seed=4)
+  assert not np.array_equal(a[0]['label'], other[0]['label'])
+  # 4 batches per epoch; epoch 2 covers every example again, in another order
+  no_aug = ip.train_dataset(c, local_batch_size=64, seed=3, augment=False)
+  epoch1 = np.concatenate([no_aug[i]['label'] for i in range(4)])
+  epoch2 = np.concatenate([no_aug[i]['label'] for i in range(4, 8)])
+  assert sorted(epoch1) == sorted(epoch2) and not np.array_equal(epoch1, epoch2)
+
+
+def test_processes_read_disjoint_shards():
+  c = _data_config(limit_examples=200)
+  seen = []
+  for p in range(2):
+    ds = ip.train_dataset(c, local_batch_size=100, seed=0, process_index=p, process_count=2, augment=False)
+    seen.append({img.tobytes() for img in ds[0]['image']})
+  assert len(seen[0]) == len(seen[1]) == 100 and not seen[0] & seen[1]
+
+
+def _crop_flip_reference(images, dy, dx, flips, pad):
+  out = np.empty_like(images)
+  n, h, w, _ = images.shape
+  for i in range(n):
+    p = np.pad(images[i], ((pad, pad), (pad, pad), (0, 0)))
+    crop = p[dy[i]:dy[i] + h, dx[i]:dx[i] + w]
+    out[i] = crop[:, ::-1] if flips[i] else crop
+  return out
+
+
+def test_random_crop_flip_matches_loop_reference():
+  images = np.random.default_rng(0).integers(1, 255, (16, 6, 5, 2)).astype(np.uint8)
+  got = ip.random_crop_flip(images, np.random.default_rng(7), pad=2)
+  rng = np.random.default_rng(7)
+  dy, dx = rng.integers(0, 5, 16), rng.integers(0, 5, 16)
+  flips = rng.random(16) < 0.5
+  np.testing.assert_array_equal(got, _crop_flip_reference(images, dy, dx, flips, 2))
+  assert (got == 0).any()  # some crops reach into the zero (background) padding
+
+
+def test_eval_batches_cover_the_split_once_with_padding_mask():
+  c = _data_config(limit_examples=250)
+  parts = [list(ip.eval_batches(c, global_batch_size=100, process_index=p, process_count=2)) for p in range(2)]
+  assert [len(p) for p in parts] == [3, 3]
+  assert all(b['image'].shape == (50, 28, 28, 1) for p in parts for b in p)
+  assert sum(float(b['mask'].sum()) for p in parts for b in p) == 250
+  # batch 3 of process 0 holds rows 200..249 (valid), process 1 rows 250..299 (padding)
+  assert parts[0][2]['mask'].sum() == 50 and parts[1][2]['mask'].sum() == 0
+
+
+@pytest.mark.parametrize('name,size', [('cifar10', 32), ('imagenet2012', 224)])
+def test_tfds_pipelines_with_mock_data(name, size):
+  c = _data_config(name=name, crop_padding=4)
+  with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
+    ds = ip.train_dataset(c, local_batch_size=8, seed=0)
+    batch = ds[1]
+    evals = list(ip.eval_batches(c, global_batch_size=16))
+  assert batch['image'].shape == (8, size, size, 3) and batch['image'].dtype == np.uint8
+  assert batch['label'].dtype == np.int32 and batch['label'].shape == (8,)
+  assert evals[0]['image'].shape == (16, size, size, 3) and sum(b['mask'].sum() for b in evals) == 24
+  if name == 'cifar10':  # zero padding + random crop: unless the offset is exactly (4, 4) (p = 1/81),
+    img = batch['image']  # one of an image's border lines is all background
+    lines = [img[:, 0], img[:, -1], img[:, :, 0], img[:, :, -1]]
+    has_zero_border = np.any([(l.reshape(8, -1) == 0).all(axis=1) for l in lines], axis=0)
+    assert has_zero_border.sum() >= 6
+
+
+def test_imagenet_train_crop_ranges():
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 255, (300, 400, 3)).astype(np.uint8)
+  for _ in range(5):
+    assert ip.imagenet_train_crop(image, rng).shape == (224, 224, 3)
+  small = rng.integers(0, 255, (10, 25, 3)).astype(np.uint8)
+  assert ip.imagenet_eval_crop(small).shape == (224, 224, 3)
+
+
+def test_unknown_dataset():
+  with pytest.raises(ValueError, match="data.name='mnist' is unknown"):
+    ip.dataset_info('mnist')
+
+
+def test_missing_tfds_dataset_is_one_line(tmp_path):
+  c = _data_config(name='cifar10', data_dir=str(tmp_path))
+  with pytest.raises(ip.DataError, match='tfds build cifar10 --file_format=array_record') as e:
+    ip.get_source(c, 'train')
+  assert '\n' not in str(e.value)

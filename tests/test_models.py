@@ -1,0 +1,89 @@
+"""Model tests: parameter counts by hand formula, which layers are ternary, output shapes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ttq_jax import models
+from ttq_jax.quant import QuantConfig, count_params
+
+TTQ = QuantConfig()
+
+
+def _params(name, shape, num_classes, quant=TTQ, **kw):
+  model = models.create_model(name, num_classes=num_classes, quant=quant, **kw)
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape), train=False))['params']
+
+
+def _n(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _resnet_cifar_count(n, in_ch=3, classes=10):
+  convs = 9 * in_ch * 16 + 2 * n * 9 * 16 * 16
+  convs += 9 * 16 * 32 + (2 * n - 1) * 9 * 32 * 32 + 9 * 32 * 64 + (2 * n - 1) * 9 * 64 * 64
+  bn_channels = (2 * n * 16) + (16 + 32 + (2 * n - 2) * 32) + (32 + 64 + (2 * n - 2) * 64) + 64
+  return convs + 2 * bn_channels + 64 * classes + classes
+
+
+@pytest.mark.parametrize('name,n', [('resnet20', 3), ('resnet32', 5), ('resnet44', 7), ('resnet56', 9)])
+def test_cifar_resnet_parameter_counts(name, n):
+  fp = _params(name, (1, 32, 32, 3), 10, QuantConfig(method='fp'))
+  assert _n(fp) == _resnet_cifar_count(n)
+  ttq = _params(name, (1, 32, 32, 3), 10)
+  counts = count_params(ttq, TTQ)
+  # every conv but the first is ternary; the last dense stays full precision; +2 scales per layer
+  assert counts['ternary'] == _resnet_cifar_count(n) - 9 * 3 * 16 - 2 * _bn(n) - 650
+  assert _n(ttq) == _n(fp) + 2 * (6 * n)
+
+
+def _bn(n):
+  return (2 * n * 16) + (16 + 32 + (2 * n - 2) * 32) + (32 + 64 + (2 * n - 2) * 64) + 64
+
+
+def test_resnet20_is_0_27m_and_works_on_28x28x1():
+  p = _params('resnet20', (1, 28, 28, 1), 10, QuantConfig(method='fp'))
+  assert _n(p) == _resnet_cifar_count(3, in_ch=1) == 269_434
+
+
+def test_imagenet_parameter_counts():
+  assert _n(_params('resnet18', (1, 224, 224, 3), 1000, QuantConfig(method='fp'))) == 11_689_512  # = torchvision
+  alexnet = (12 * 12 * 3 * 96 + 96 + 5 * 5 * 48 * 256 + 3 * 3 * 256 * 384 + 3 * 3 * 192 * 384 + 3 * 3 * 192 * 256
+             + 9216 * 4096 + 4096 * 4096 + 4096 * 1000 + 1000 + 2 * (256 + 384 + 384 + 256 + 4096 + 4096))
+  assert _n(_params('alexnet', (1, 224, 224, 3), 1000, QuantConfig(method='fp'))) == alexnet == 60_981_320
+
+
+def test_first_and_last_full_precision_by_default_and_switch():
+  p = _params('resnet_tiny', (1, 28, 28, 1), 10)
+  assert 'Conv_0' in p and 'Dense_0' in p and 'w_p' not in p['Conv_0']
+  q = _params('resnet_tiny', (1, 28, 28, 1), 10, quantize_first_last=True)
+  assert 'Conv_0' not in q and 'w_p' in q['TernaryConv_0'] and 'w_p' in q['TernaryDense_0']
+  assert count_params(q, TTQ)['ternary'] == count_params(p, TTQ)['ternary'] + 9 * 4 + 8 * 10
+
+
+def test_batch_norm_and_biases_never_quantized():
+  p = _params('alexnet_tiny', (1, 224, 224, 3), 1000)
+  for path, _ in jax.tree_util.tree_flatten_with_path(p)[0]:
+    names = [k.key for k in path]
+    if any(n.startswith('BatchNorm') for n in names) or names[-1] == 'bias':
+      assert not any(n.startswith('Ternary') for n in names[:-1]) or names[-1] == 'bias'
+
+
+@pytest.mark.parametrize('name,shape,classes', [
+    ('resnet_tiny', (2, 28, 28, 1), 10), ('resnet_tiny', (2, 32, 32, 3), 10), ('alexnet_tiny', (2, 224, 224, 3), 7)])
+@pytest.mark.parametrize('method', ['fp', 'ttq', 'twn'])
+def test_forward_shapes_and_methods_share_param_paths(name, shape, classes, method):
+  model = models.create_model(name, num_classes=classes, quant=QuantConfig(method=method))
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros(shape), train=False)
+  logits = model.apply(variables, jnp.ones(shape), train=False)
+  assert logits.shape == (shape[0], classes) and logits.dtype == jnp.float32
+  assert bool(jnp.all(jnp.isfinite(logits)))
+  fp_paths = {p for p, _ in jax.tree_util.tree_flatten_with_path(_params(name, shape, classes, QuantConfig(method='fp')))[0]}
+  paths = {p for p, _ in jax.tree_util.tree_flatten_with_path(variables['params'])[0]}
+  assert fp_paths <= paths  # TTQ adds only w_p / w_n
+
+
+def test_unknown_model_is_a_clear_error():
+  with pytest.raises(ValueError, match="model.name='vgg16' is unknown"):
+    models.create_model('vgg16', num_classes=10, quant=TTQ)

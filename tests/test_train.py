@@ -1,0 +1,206 @@
+"""Training tests: end to end, exact resume, sharded == single device, optimizer maths, guards."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ttq_jax import checkpoint as ckpt
+from ttq_jax import config_check
+from ttq_jax import evaluation
+from ttq_jax import input_pipeline
+from ttq_jax import sharding as sharding_lib
+from ttq_jax import train
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(l) for l in f]
+
+
+def _final_params(workdir, config):
+  mesh = sharding_lib.create_mesh((1, 1), ('data', 'fsdp'))
+  state = train.create_train_state(config, train.create_model(config), mesh)
+  step, state, _ = ckpt.restore_latest(ckpt.create_manager(workdir, read_only=True), state)
+  return step, jax.device_get(state)
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_end_to_end(smoke_config, tmp_path):
+  workdir = str(tmp_path / 'run')
+  result = train.train_and_evaluate(smoke_config, workdir)
+  assert result['step'] == 6 and 0.0 <= result['top1_accuracy'] <= 1.0 and result['num_examples'] == 512
+  assert np.isfinite(result['loss']) and len(result['sparsity']) == 6
+  rows = _rows(workdir)
+  assert [r['step'] for r in rows] == [2, 4, 6] and all('train_loss' in r for r in rows)
+  assert rows[-1]['eval_top1_accuracy'] == pytest.approx(result['top1_accuracy'])
+  assert 'w_p/PreActBlock_0/TernaryConv_0' in rows[0] and 'sparsity/mean' in rows[0]
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
+  assert json.load(open(os.path.join(workdir, 'config.json')))['model']['name'] == 'resnet_tiny'
+  # --mode eval on the newest checkpoint reproduces the final evaluation and writes its JSON
+  ev = evaluation.evaluate_workdir(smoke_config, workdir)
+  saved = json.load(open(os.path.join(workdir, 'eval', 'step_6.json')))
+  assert saved['top1_accuracy'] == pytest.approx(result['top1_accuracy'])
+  assert saved['loss'] == pytest.approx(result['loss'], rel=1e-6)
+  for key in ('step', 'loss', 'top1_accuracy', 'top5_accuracy', 'sparsity', 'w_p', 'w_n'):
+    assert key in saved
+  assert ev['w_p'] == {k: v[0] for k, v in result['scales'].items()}
+
+
+@pytest.mark.slow
+def test_resume_continues_at_the_right_step_exactly(smoke_config, tmp_path):
+  full = str(tmp_path / 'full')
+  train.train_and_evaluate(smoke_config, full)
+  resumed = str(tmp_path / 'resumed')
+  shutil.copytree(full, resumed)
+  shutil.rmtree(os.path.join(resumed, 'checkpoints', '6'))  # as if killed between steps 3 and 6
+  os.remove(os.path.join(resumed, 'metrics.jsonl'))
+  result = train.train_and_evaluate(smoke_config, resumed)
+  assert [r['step'] for r in _rows(resumed)] == [4, 6]  # continued from step 3
+  assert result['step'] == 6
+  (_, a), (_, b) = _final_params(full, smoke_config), _final_params(resumed, smoke_config)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def _state_and_batch(config, mesh_shape):
+  mesh = sharding_lib.create_mesh(mesh_shape, ('data', 'fsdp'))
+  state = train.create_train_state(config, train.create_model(config), mesh)
+  programs = train.Programs(config, mesh, jax.tree.map(lambda x: x.sharding, state))
+  ds = input_pipeline.train_dataset(config.data, local_batch_size=config.batch_size, seed=0)
+  return programs, state, [sharding_lib.global_batch(ds[i], mesh) for i in range(3)]
+
+
+@pytest.mark.parametrize('method', ['ttq', 'fp'])
+def test_data_parallel_step_on_8_devices_matches_1_device(smoke_config, method):
+  smoke_config.quant.method = method
+  smoke_config.batch_size = 32
+  results = []
+  for mesh_shape in [(1, 1), (8, 1), (4, 2)]:
+    programs, state, batches = _state_and_batch(smoke_config, mesh_shape)
+    losses = []
+    for b in batches:
+      state, m = programs.train(state, b)
+      losses.append(float(m['train_loss']))
+    results.append((losses, jax.device_get(state.params), jax.device_get(state.batch_stats)))
+  # Reductions run in another order on 8 devices, so a latent weight within ~1e-7 of the threshold
+  # can land on the other side: params agree to 1e-4 (a wrong scale or sign would be off by O(1)).
+  for losses, params, stats in results[1:]:
+    np.testing.assert_allclose(losses, results[0][0], rtol=2e-5)
+    for x, y in zip(jax.tree.leaves((params, stats)), jax.tree.leaves(results[0][1:])):
+      np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4)
+
+
+def test_learning_rate_schedules(smoke_config):
+  c = smoke_config
+  c.num_train_steps = 100
+  c.data.limit_examples = 640  # 10 steps per epoch
+  c.lr_schedule = 'piecewise'
+  c.learning_rate = 0.1
+  c.lr_boundaries_epochs = (3.0, 6.0)
+  c.lr_values = (0.01, 0.001)
+  fn = train.create_learning_rate_fn(c)
+  assert [float(fn(s)) for s in (0, 29, 30, 59, 60, 99)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+  scale_fn = train.create_learning_rate_fn(c, 1e-3)
+  assert float(scale_fn(30)) == pytest.approx(1e-4)  # same shape, own base rate
+  c.lr_schedule = 'cosine'
+  c.warmup_epochs = 1.0
+  fn = train.create_learning_rate_fn(c)
+  assert float(fn(0)) == 0.0 and float(fn(5)) == pytest.approx(0.05) and float(fn(10)) == pytest.approx(0.1)
+  assert float(fn(55)) == pytest.approx(0.05, abs=1e-3) and float(fn(100)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_first_update_uses_sgd_for_weights_and_adam_for_scales(smoke_config):
+  """Weights: -lr * (g + wd * w) (plain SGD, no momentum history yet); scales: Adam's first step
+  is -scale_lr * sign(g); biases / BN are not decayed."""
+  c = smoke_config
+  c.nesterov = False
+  c.lr_schedule = 'constant'
+  c.learning_rate, c.weight_decay, c.scale_learning_rate = 0.05, 0.01, 0.002
+  params = {'TernaryConv_0': {'kernel': jnp.array([1.0, -2.0]), 'w_p': jnp.float32(1.0), 'w_n': jnp.float32(1.0),
+                              'bias': jnp.array([0.5])}}
+  grads = {'TernaryConv_0': {'kernel': jnp.array([0.1, 0.2]), 'w_p': jnp.float32(3.0), 'w_n': jnp.float32(-0.5),
+                             'bias': jnp.array([1.0])}}
+  tx = train.create_optimizer(c, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  u = updates['TernaryConv_0']
+  np.testing.assert_allclose(u['kernel'], [-0.05 * (0.1 + 0.01), -0.05 * (0.2 - 0.02)], rtol=1e-6)
+  np.testing.assert_allclose(u['bias'], [-0.05], rtol=1e-6)
+  assert float(u['w_p']) == pytest.approx(-0.002, rel=1e-4) and float(u['w_n']) == pytest.approx(0.002, rel=1e-4)
+  c.decay_scales = True
+  c.scale_optimizer = 'same'
+  tx = train.create_optimizer(c, params)
+  u = tx.update(grads, tx.init(params), params)[0]['TernaryConv_0']
+  assert float(u['w_p']) == pytest.approx(-0.05 * (3.0 + 0.01))
+
+
+def test_batch_moments_are_the_batch_statistics():
+  import flax.linen as nn
+  class BNOnly(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=True):
+      return nn.BatchNorm(use_running_average=not train, momentum=train_lib_momentum())(x)
+  def train_lib_momentum():
+    return train.BN_MOMENTUM
+  x = jax.random.normal(jax.random.PRNGKey(0), (64, 3)) * jnp.array([1.0, 2.0, 3.0]) + 5.0
+  model = BNOnly()
+  variables = model.init(jax.random.PRNGKey(1), x)
+  state = train.TrainState.create(apply_fn=model.apply, params=variables['params'], tx=optax.sgd(0.1),
+                                  batch_stats=variables['batch_stats'], rng=jax.random.PRNGKey(0))
+  info = input_pipeline.DatasetInfo(2, (3,), 1, 1, (0.0,), (1.0,))
+  stats = train.batch_moments_step(state, {'image': x}, apply_fn=model.apply, info=info, dtype=jnp.float32)
+  np.testing.assert_allclose(stats['BatchNorm_0']['mean'], x.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(stats['BatchNorm_0']['var'], x.var(0), rtol=1e-4)
+
+
+def test_non_finite_step_is_skipped_and_reported(smoke_config):
+  programs, state, batches = _state_and_batch(smoke_config, (1, 1))
+  before = jax.device_get(state.params)
+  bad = dict(batches[0], image=batches[0]['image'].astype(jnp.float32) * jnp.nan)
+  fn = jax.jit(lambda s, b: train.train_step(s, b, apply_fn=programs.models[True].apply, info=programs.info,
+                                              dtype=jnp.float32))
+  new_state, metrics = fn(state, bad)
+  assert not bool(metrics['finite'])
+  for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(new_state.params))):
+    np.testing.assert_array_equal(x, y)
+  with pytest.raises(train.NonFiniteError, match='not finite at step 7'):
+    train._flush_metrics([(7, metrics)], lambda s: 0.1)
+
+
+def test_workdir_guard(smoke_config, tmp_path):
+  wd = str(tmp_path)
+  config_check.prepare_workdir(smoke_config, wd)
+  smoke_config.learning_rate = 0.5
+  smoke_config.num_train_steps = 99
+  config_check.prepare_workdir(smoke_config, wd)  # schedule changes are fine
+  smoke_config.model.name = 'resnet20'
+  smoke_config.quant.method = 'twn'
+  with pytest.raises(ValueError, match="model.name: 'resnet_tiny' -> 'resnet20', quant.method: 'ttq' -> 'twn'"):
+    config_check.prepare_workdir(smoke_config, wd)
+  smoke_config.allow_config_change = True
+  config_check.prepare_workdir(smoke_config, wd)
+
+
+@pytest.mark.slow
+def test_init_from_full_precision_run(smoke_config, tmp_path):
+  fp_dir = str(tmp_path / 'fp')
+  fp = smoke_config.copy_and_resolve_references()
+  fp.quant.method = 'fp'
+  train.train_and_evaluate(fp, fp_dir)
+  _, fp_state = _final_params(fp_dir, fp)
+  smoke_config.init_from = fp_dir
+  smoke_config.normalize_init = True
+  mesh = sharding_lib.create_mesh((1, 1), ('data', 'fsdp'))
+  state = train.create_train_state(smoke_config, train.create_model(smoke_config), mesh)
+  state = jax.device_get(train.load_init_from(state, smoke_config, fp_dir))
+  src = fp_state.params['PreActBlock_1']['TernaryConv_0']['kernel']
+  dst = state.params['PreActBlock_1']['TernaryConv_0']
+  np.testing.assert_allclose(dst['kernel'], src / np.abs(src).max(), rtol=1e-6)
+  assert float(dst['w_p']) == 1.0 and float(dst['w_n']) == 1.0
+  np.testing.assert_array_equal(state.params['Conv_0']['kernel'], fp_state.params['Conv_0']['kernel'])
+  np.testing.assert_array_equal(state.batch_stats['BatchNorm_0']['mean'], fp_state.batch_stats['BatchNorm_0']['mean'])
