@@ -151,3 +151,12 @@ def test_missing_tfds_dataset_is_one_line(tmp_path):
   with pytest.raises(ip.DataError, match='tfds build cifar10 --file_format=array_record') as e:
     ip.get_source(c, 'train')
   assert '\n' not in str(e.value)
+
+
+def test_global_batches_do_not_depend_on_the_process_count():
+  c = _data_config(limit_examples=300)
+  whole = ip.train_dataset(c, local_batch_size=64, seed=5)
+  for k in (0, 3, 7):  # epoch boundaries included (4 batches of 64 per epoch of 300)
+    parts = [ip.train_dataset(c, local_batch_size=16, seed=5, process_index=p, process_count=4)[k] for p in range(4)]
+    np.testing.assert_array_equal(np.concatenate([b['image'] for b in parts]), whole[k]['image'])
+    np.testing.assert_array_equal(np.concatenate([b['label'] for b in parts]), whole[k]['label'])

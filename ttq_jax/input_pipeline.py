@@ -150,19 +150,26 @@ def get_source(data_config, split: str):
 # --------------------------------------------------------------------------- augmentation
 
 
-def random_crop_flip(images: np.ndarray, rng: np.random.Generator, pad: int, flip: bool = True) -> np.ndarray:
+def random_crop_flip(images: np.ndarray, rng: np.random.Generator, pad: int, flip: bool = True,
+                     rows: slice | None = None, global_size: int | None = None) -> np.ndarray:
   """Pads NHWC uint8 images by `pad` with 0 (background), takes a random crop of the original size
-  per image, and flips each horizontally with probability 1/2. Vectorised over the batch."""
+  per image, and flips each horizontally with probability 1/2. Vectorised over the batch.
+
+  With `rows`, `images` are those rows of a global batch of `global_size`: the random draws are made
+  for the whole batch and the rows' own draws are used, so the result does not depend on the split.
+  """
   n, h, w, _ = images.shape
+  total = global_size or n
+  rows = rows or slice(0, n)
+  dy = rng.integers(0, 2 * pad + 1, size=total)[rows]
+  dx = rng.integers(0, 2 * pad + 1, size=total)[rows]
+  flips = (rng.random(total) < 0.5)[rows]
   if pad:
     padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    dy = rng.integers(0, 2 * pad + 1, size=n)
-    dx = rng.integers(0, 2 * pad + 1, size=n)
-    rows = dy[:, None] + np.arange(h)[None, :]
-    cols = dx[:, None] + np.arange(w)[None, :]
-    images = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    r = dy[:, None] + np.arange(h)[None, :]
+    c = dx[:, None] + np.arange(w)[None, :]
+    images = padded[np.arange(n)[:, None, None], r[:, :, None], c[:, None, :]]
   if flip:
-    flips = rng.random(n) < 0.5
     images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
   return images
 
@@ -209,29 +216,54 @@ def _stack(examples: Sequence[dict]) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------- pipelines
 
 
+class _ProcessRows:
+  """Element i of process p = row p*L + i%L of global batch i//L in the global example stream, so
+  every process count sees the same global batches (and reads only its own rows)."""
+
+  def __init__(self, stream, global_batch: int, local_batch: int, process_index: int):
+    self.stream, self.b, self.l, self.p = stream, global_batch, local_batch, process_index
+
+  def global_position(self, i: int) -> int:
+    return (i // self.l) * self.b + self.p * self.l + i % self.l
+
+  def __len__(self) -> int:
+    return (len(self.stream) // self.b) * self.l
+
+  def __getitem__(self, i):
+    j = self.global_position(i)
+    return dict(self.stream[j], position=j)
+
+
 def train_dataset(data_config, *, local_batch_size: int, seed: int, process_index: int = 0,
                   process_count: int = 1, augment: bool = True) -> grain.MapDataset:
-  """Infinite, shuffled-per-epoch, augmented batches of this process's shard of the train split.
+  """Infinite, shuffled-per-epoch, augmented batches: this process's rows of each global batch.
 
-  Batch k of process p is a pure function of (seed, k, p): `ds[k]` can be recomputed at any time.
+  Batch k is a pure function of (seed, k) and the process's row range: `ds[k]` can be recomputed at
+  any time, and a run on N processes sees the same global batches and augmentations as on one.
   """
   name = data_config.name
   info = dataset_info(name)
-  source = get_source(data_config, 'train')
-  ds = grain.MapDataset.source(source)[process_index::process_count]
-  ds = ds.shuffle(seed=seed).repeat(None).map(_as_example)
+  global_batch = local_batch_size * process_count
+  stream = grain.MapDataset.source(get_source(data_config, 'train')).shuffle(seed=seed).repeat(None)
+  rows = _ProcessRows(stream, global_batch, local_batch_size, process_index)
+  ds = grain.MapDataset.source(rows).map(lambda ex: dict(_as_example(ex), position=ex['position']))
   if name == 'imagenet2012':
     size = info.image_shape[0]
-    if augment:
-      ds = ds.random_map(lambda ex, rng: dict(ex, image=imagenet_train_crop(ex['image'], rng, size)), seed=seed + 1)
+    if augment:  # per example, keyed by its global position
+      crop = lambda ex: imagenet_train_crop(ex['image'], np.random.default_rng([seed + 1, ex['position']]), size)
     else:
-      ds = ds.map(lambda ex: dict(ex, image=imagenet_eval_crop(ex['image'], size)))
-    return ds.batch(local_batch_size, drop_remainder=True, batch_fn=_stack)
+      crop = lambda ex: imagenet_eval_crop(ex['image'], size)
+    ds = ds.map(lambda ex: dict(ex, image=crop(ex)))
   ds = ds.batch(local_batch_size, drop_remainder=True, batch_fn=_stack)
-  if augment:
+  if augment and name != 'imagenet2012':
     pad = int(data_config.get('crop_padding', 4))
     flip = bool(data_config.get('random_flip', True))
-    ds = ds.random_map(lambda b, rng: dict(b, image=random_crop_flip(b['image'], rng, pad, flip)), seed=seed + 1)
+    lo, hi = process_index * local_batch_size, (process_index + 1) * local_batch_size
+
+    def crop_flip(batch, rng):  # the rng of batch k is the same on every process: draw globally, use our rows
+      return dict(batch, image=random_crop_flip(batch['image'], rng, pad, flip, rows=slice(lo, hi),
+                                                global_size=global_batch))
+    ds = ds.random_map(crop_flip, seed=seed + 1)
   return ds
 
 

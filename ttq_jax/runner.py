@@ -20,6 +20,8 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
   if any(given):
     if not all(given):
       raise ValueError('multi-host needs all of --coordinator_address, --num_processes and --process_id')
+    # CPU processes need a collectives backend for cross-process reductions (no effect on GPU/TPU).
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id)
     return

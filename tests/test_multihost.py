@@ -1,0 +1,69 @@
+"""Real multi-process training: 2 processes x 2 CPU devices (jax.distributed over 127.0.0.1, gloo)
+against 1 process x 4 devices and 1 process x 1 device: same loss trajectory, same eval."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 300
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _cmd(workdir, *extra):
+  return [sys.executable, '-m', 'ttq_jax.main', '--config', 'configs/fashion_mnist.py:smoke', '--workdir', workdir,
+          '--config.compilation_cache_dir=', '--config.batch_size=32', '--config.eval_batch_size=128', *extra]
+
+
+def _env(devices):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             PYTHONUNBUFFERED='1')
+  env.pop('JAX_NUM_CPU_DEVICES', None)
+  return env
+
+
+def _run_all(cmds_envs):
+  """Starts every process, waits with a bounded time-out, kills all of them on any failure."""
+  procs = [subprocess.Popen(c, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for c, e in cmds_envs]
+  try:
+    outs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  return outs
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(l) for l in f]
+  return [r['train_loss'] for r in rows], rows[-1]['eval_loss']
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+  port = _free_port()
+  multi = str(tmp_path / 'multi')
+  _run_all([(_cmd(multi, f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'),
+             _env(2)) for i in range(2)])
+  four, one = str(tmp_path / 'four'), str(tmp_path / 'one')
+  _run_all([(_cmd(four), _env(4))])
+  _run_all([(_cmd(one), _env(1))])
+  (lm, em), (l4, e4), (l1, e1) = _losses(multi), _losses(four), _losses(one)
+  assert len(lm) == 3
+  assert lm == pytest.approx(l4, rel=1e-4) and lm == pytest.approx(l1, rel=1e-4)
+  assert em == pytest.approx(e4, rel=1e-4) and em == pytest.approx(e1, rel=1e-4)
+  assert sorted(os.listdir(os.path.join(multi, 'checkpoints'))) == ['3', '6']
