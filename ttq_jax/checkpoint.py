@@ -66,3 +66,29 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any, step: int | None
       errors.append(msg)
   raise CheckpointError(f'no readable checkpoint in {manager.directory} ({len(errors)} tried; newest error: '
                         f'{errors[0]}); nothing was deleted')
+
+
+def quarantine_newer(manager: ocp.CheckpointManager, workdir: str, step: int) -> list[str]:
+  """Moves steps newer than `step` (unreadable ones we fell back from) to WORKDIR/corrupt_checkpoints/
+  so training can save those steps again; nothing is deleted. Returns the new paths."""
+  moved = []
+  newer = [s for s in manager.all_steps() if s > step]
+  if newer and jax.process_index() == 0:
+    dest_root = os.path.join(os.path.abspath(workdir), 'corrupt_checkpoints')
+    os.makedirs(dest_root, exist_ok=True)
+    for s in newer:
+      src = os.path.join(checkpoint_dir(workdir), str(s))
+      dest = os.path.join(dest_root, f'step_{s}')
+      n = 0
+      while os.path.exists(dest):
+        n += 1
+        dest = os.path.join(dest_root, f'step_{s}.{n}')
+      os.rename(src, dest)
+      moved.append(dest)
+      logging.warning('moved unreadable checkpoint step %d to %s', s, dest)
+  if newer:
+    from jax.experimental import multihost_utils
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('ttq_jax_quarantine')
+    manager.reload()
+  return moved

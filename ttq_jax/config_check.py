@@ -97,9 +97,14 @@ def prepare_workdir(config, workdir: str, write: bool = True) -> None:
         raise ValueError(f'workdir {workdir} holds a run with a different model/data config ({details}); '
                          'use a new --workdir or pass --config.allow_config_change=true')
   if write:
-    import jax
-    if jax.process_index() == 0:
-      tmp = path + '.tmp'
-      with open(tmp, 'w') as f:
-        json.dump(current, f, indent=2, sort_keys=True)
-      os.replace(tmp, path)
+    write_config(config, workdir)
+
+
+def write_config(config, workdir: str) -> None:
+  """Saves the run's config as WORKDIR/config.json (atomically, process 0 only)."""
+  import jax
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, 'config.json')
+    with open(path + '.tmp', 'w') as f:
+      json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)
+    os.replace(path + '.tmp', path)

@@ -142,8 +142,8 @@ def get_source(data_config, split: str):
     return tfds.data_source(name, split=tfds_split, data_dir=data_config.get('data_dir') or None)
   except Exception as e:  # tfds raises several types for a missing dataset
     raise DataError(
-        f'{name} ({tfds_split}) is not prepared in {data_config.get("data_dir") or "~/tensorflow_datasets"}: '
-        f'{type(e).__name__}; prepare it with `tfds build {name} --file_format=array_record` '
+        f'{name} ({tfds_split}) is not prepared as ArrayRecord in {data_config.get("data_dir") or "~/tensorflow_datasets"} '
+        f'({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ""}); prepare it with `tfds build {name} --file_format=array_record` '
         '(see README, "Datasets")') from None
 
 

@@ -202,7 +202,7 @@ def train_step(state: TrainState, batch, *, apply_fn, info, dtype):
     return loss, (logits, updates['batch_stats'])
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grad_norm = optax.tree_utils.tree_l2_norm(grads)
+  grad_norm = optax.tree_utils.tree_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
@@ -456,12 +456,6 @@ def _is_primary() -> bool:
   return jax.process_index() == 0
 
 
-def save_config(config, workdir: str) -> None:
-  if _is_primary():
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (resuming from the newest readable checkpoint in `workdir`) and evaluates.
 
@@ -469,7 +463,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   config_check.validate(config)
   workdir = os.path.abspath(workdir)
-  config_check.prepare_workdir(config, workdir)
+  config_check.prepare_workdir(config, workdir, write=False)  # refuse before touching anything
   setup_compilation_cache(config)
   info = input_pipeline.dataset_info(config.data.name)
   mesh = sharding_lib.create_mesh(config.mesh_shape, config.mesh_axes)
@@ -489,6 +483,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   recal_batches = lambda: (clean_ds[i] for i in range(config.bn_recalibration_batches))
 
   state = create_train_state(config, create_model(config), mesh)
+  config_check.write_config(config, workdir)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   programs = Programs(config, mesh, state_shardings)
   manager = ckpt.create_manager(workdir, max_to_keep=config.keep_checkpoints)
@@ -499,6 +494,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   warmup_steps = int(config.fp_warmup_epochs * spe) if config.quant.method != 'fp' else 0
   if restored is not None:
     start_step, state, data_state = restored
+    ckpt.quarantine_newer(manager, workdir, start_step)
     if data_state:
       iterator.set_state(data_state)
     else:

@@ -1,0 +1,195 @@
+"""Reliability: SIGKILL/SIGTERM and exact resume (real subprocesses), corrupt checkpoints,
+one-line errors for bad input with a non-zero exit and nothing on disk damaged."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from ttq_jax import checkpoint as ckpt
+from ttq_jax import evaluation
+from ttq_jax import sharding as sharding_lib
+from ttq_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1', PYTHONUNBUFFERED='1')
+LONG = ['--config.num_train_steps=12', '--config.checkpoint_every_steps=3', '--config.compilation_cache_dir=']
+
+
+def _cli(workdir, *extra, config='configs/fashion_mnist.py:smoke'):
+  return [sys.executable, '-m', 'ttq_jax.main', '--config', config, '--workdir', str(workdir), *extra]
+
+
+def _run(cmd, timeout=300, env=ENV):
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _state(workdir, config):
+  mesh = sharding_lib.create_mesh((1, 1), ('data', 'fsdp'))
+  state = train.create_train_state(config, train.create_model(config), mesh)
+  return ckpt.restore_latest(ckpt.create_manager(str(workdir), read_only=True), state)
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return {r['step']: r for r in map(json.loads, f)}
+
+
+def _interrupt(workdir, sig):
+  """Starts the long smoke run, sends `sig` once checkpoint 3 exists, returns (returncode, output)."""
+  p = subprocess.Popen(_cli(workdir, *LONG), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True)
+  try:
+    deadline = time.time() + 240
+    while not os.path.isdir(os.path.join(workdir, 'checkpoints', '3')) and time.time() < deadline:
+      if p.poll() is not None:
+        break
+      time.sleep(0.05)
+    p.send_signal(sig)
+    out = p.communicate(timeout=120)[0]
+  finally:
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+  return p.returncode, out
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  r = _run(_cli(workdir, *LONG))
+  assert r.returncode == 0, r.stderr[-2000:]
+  return workdir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('sig', [signal.SIGKILL, signal.SIGTERM])
+def test_killed_run_resumes_bit_for_bit(tmp_path, uninterrupted, smoke_config, sig):
+  rc, out = _interrupt(tmp_path, sig)
+  assert rc == -signal.SIGKILL if sig == signal.SIGKILL else rc == 128 + signal.SIGTERM, out[-2000:]
+  steps = sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit())
+  assert steps and max(steps) < 12
+  if sig == signal.SIGTERM:  # saved where it stopped, not only at the last multiple of 3
+    assert 'saved checkpoint at step' in out
+  r = _run(_cli(tmp_path, *LONG))
+  assert r.returncode == 0, r.stderr[-2000:]
+  smoke_config.num_train_steps = 12
+  (sa, a, _), (sb, b, _) = _state(uninterrupted, smoke_config), _state(tmp_path, smoke_config)
+  assert sa == sb == 12
+  for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))):
+    np.testing.assert_array_equal(x, y)
+  ra, rb = _rows(uninterrupted), _rows(tmp_path)
+  assert ra[12]['train_loss'] == rb[12]['train_loss'] and ra[12]['eval_loss'] == rb[12]['eval_loss']
+
+
+def _corrupt(step_dir, how):
+  if how == 'truncated data':
+    for root, _, files in os.walk(os.path.join(step_dir, 'state')):
+      for f in files:
+        if 'ocdbt.process' in root and '/d' in root:
+          with open(os.path.join(root, f), 'r+b') as fh:
+            fh.truncate(3)
+  elif how == 'missing metadata':
+    os.remove(os.path.join(step_dir, 'state', '_METADATA'))
+    shutil.rmtree(os.path.join(step_dir, 'state', 'ocdbt.process_0'))
+
+
+@pytest.fixture(scope='module')
+def finished(tmp_path_factory):
+  from configs import fashion_mnist
+  config = fashion_mnist.get_config('smoke')
+  config.mesh_shape = (1, 1)
+  config.compilation_cache_dir = ''
+  workdir = str(tmp_path_factory.mktemp('finished'))
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('how', ['truncated data', 'missing metadata'])
+def test_unreadable_newest_step_falls_back(tmp_path, finished, smoke_config, how, caplog):
+  workdir = str(tmp_path / 'w')
+  shutil.copytree(finished, workdir)
+  _corrupt(os.path.join(workdir, 'checkpoints', '6'), how)
+  os.makedirs(os.path.join(workdir, 'checkpoints', '9.orbax-checkpoint-tmp-1234', 'state'))  # leftover temp dir
+  result = evaluation.evaluate_workdir(smoke_config, workdir)
+  assert result['step'] == 3
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '6'))  # eval never moves or deletes
+  # training resumes from 3, moves the bad step aside (kept), and saves a good 6 again
+  out = train.train_and_evaluate(smoke_config, workdir)
+  assert out['step'] == 6
+  assert os.listdir(os.path.join(workdir, 'corrupt_checkpoints')) == ['step_6']
+  assert _state(workdir, smoke_config)[0] == 6
+
+
+@pytest.mark.slow
+def test_no_readable_checkpoint_is_one_line_and_deletes_nothing(tmp_path, finished, smoke_config):
+  workdir = str(tmp_path / 'w')
+  shutil.copytree(finished, workdir)
+  for s in ('3', '6'):
+    _corrupt(os.path.join(workdir, 'checkpoints', s), 'missing metadata')
+  before = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+  with pytest.raises(ckpt.CheckpointError, match='no readable checkpoint') as e:
+    train.train_and_evaluate(smoke_config, workdir)
+  assert '\n' not in str(e.value)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == before
+
+
+def _bad_cases(tmp_path):
+  unwritable = tmp_path / 'file_not_dir'
+  unwritable.write_text('x')
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  return {
+      'unknown key': (['--config.no_such_key=1'], 'unknown config key in an override: no_such_key'),
+      'wrong type': (['--config.batch_size=big'], "--config.batch_size=big: invalid literal for int()"),
+      't out of range': (['--config.quant.t=1.5'], 'quant.t=1.5 is out of range'),
+      'sparsity out of range': (['--config.quant.sparsity=-0.2'], 'quant.sparsity=-0.2 is out of range'),
+      'unknown method': (['--config.quant.method=binary'], "quant.method='binary' is unknown"),
+      'unknown model': (['--config.model.name=vgg'], "model.name='vgg' is unknown"),
+      'unknown dataset': (['--config.data.name=svhn'], "data.name='svhn' is unknown"),
+      'batch not divisible': (['--config.batch_size=30', '--config.mesh_shape=(-1, 1)'],
+                              'batch_size=30 is not divisible by the 4 devices'),
+      'missing dataset': (['--config.data.name=cifar10', f'--config.data.data_dir={empty}'],
+                          'cifar10 (train[:512]) is not prepared as ArrayRecord'),
+      'malformed dataset': (['--config.data.data_dir={bad}'], 'malformed IDX file'),
+      'unwritable workdir': ([], 'is not writable'),
+      'eval without checkpoints': (['--mode=eval'], 'has no checkpoints to evaluate'),
+      'missing config': (None, '--config is required'),
+  }, unwritable
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('case', ['unknown key', 'wrong type', 't out of range', 'sparsity out of range',
+                                  'unknown method', 'unknown model', 'unknown dataset', 'batch not divisible',
+                                  'missing dataset', 'malformed dataset', 'unwritable workdir',
+                                  'eval without checkpoints', 'missing config'])
+def test_bad_input_is_one_line_with_nonzero_exit(tmp_path, case):
+  cases, unwritable = _bad_cases(tmp_path)
+  extra, expected = cases[case]
+  workdir = unwritable / 'sub' if case == 'unwritable workdir' else tmp_path / 'wd'
+  if case == 'malformed dataset':
+    from tests.test_input_pipeline import _fake_fashion_mnist
+    bad = tmp_path / 'bad'
+    bad.mkdir()
+    _fake_fashion_mnist(bad, corrupt='train-images-idx3-ubyte.gz')
+    extra = [f'--config.data.data_dir={bad}']
+  if extra is None:
+    cmd = [sys.executable, '-m', 'ttq_jax.main', '--workdir', str(workdir)]
+  else:
+    cmd = _cli(workdir, *extra)
+  env = dict(ENV, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  r = _run(cmd, timeout=120, env=env)
+  assert r.returncode != 0
+  err = [l for l in r.stderr.splitlines() if l.startswith('error:')]
+  assert len(err) == 1 and expected in err[0], r.stderr[-2000:]
+  assert 'Traceback' not in r.stderr and 'Traceback' not in r.stdout
+  if case != 'unwritable workdir' and os.path.isdir(workdir):
+    assert not os.path.isdir(os.path.join(workdir, 'checkpoints')) or case == 'eval without checkpoints'
