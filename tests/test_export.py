@@ -61,7 +61,6 @@ def _ttq_variables(name='resnet_tiny', shape=(2, 28, 28, 1)):
 
 
 def _export(tmp_path, packing, variables):
-  import ml_collections
   from configs import fashion_mnist
   config = fashion_mnist.get_config('smoke')
   path = str(tmp_path / f'model_{packing}.safetensors')
@@ -141,3 +140,23 @@ def test_resnet20_size_ratios(packing, goal):
   assert ternary_fp32 / packed >= goal
   total_fp32 = sum(x.size * 4 for x in jax.tree.leaves(variables))
   assert total_fp32 / sum(v.nbytes for v in tensors.values()) > 10  # FP stem/head/BN included
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('packing', ['2bit', 'base3'])
+def test_mode_export_then_eval_of_the_file_equals_the_checkpoint(smoke_config, tmp_path, packing, capsys):
+  from ttq_jax import evaluation, train
+  workdir = str(tmp_path)
+  train.train_and_evaluate(smoke_config, workdir)
+  from_ckpt = evaluation.evaluate_workdir(smoke_config, workdir)
+  smoke_config.export.packing = packing
+  summary = export.export_workdir(smoke_config, workdir)
+  printed = capsys.readouterr().out
+  assert 'x smaller' in printed and 'PreActBlock_2/TernaryConv_1' in printed
+  assert summary['ternary_compression'] > 10  # tiny layers: the shape/scale overhead shows
+  smoke_config.restore_from = summary['path']
+  from_file = evaluation.evaluate_workdir(smoke_config, workdir)
+  assert from_file['loss'] == pytest.approx(from_ckpt['loss'], rel=1e-6)
+  assert from_file['top1_accuracy'] == from_ckpt['top1_accuracy']
+  assert from_file['sparsity'] == pytest.approx(from_ckpt['sparsity'])
+  assert os.path.exists(os.path.join(workdir, 'eval', 'export_step_6.json'))

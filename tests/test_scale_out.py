@@ -5,7 +5,6 @@ import shutil
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from ttq_jax import input_pipeline

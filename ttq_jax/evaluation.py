@@ -13,7 +13,6 @@ from ttq_jax import checkpoint as ckpt
 from ttq_jax import config_check
 from ttq_jax import export
 from ttq_jax import input_pipeline
-from ttq_jax import quant as quant_lib
 from ttq_jax import sharding as sharding_lib
 from ttq_jax import train
 

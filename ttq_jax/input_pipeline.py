@@ -12,7 +12,7 @@ import dataclasses
 import gzip
 import os
 import struct
-from typing import Any, Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import grain
 import numpy as np

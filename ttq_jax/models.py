@@ -13,7 +13,6 @@ import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from ttq_jax.quant import QuantConfig, TernaryConv, TernaryDense

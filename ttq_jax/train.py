@@ -8,22 +8,24 @@ jitted once over a device mesh (batch sharded, state replicated and donated).
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
 import re
+import resource
 import signal
 import time
 from typing import Any, Callable
 
 import flax
 import flax.linen as nn
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from flax.training import train_state
 
 from ttq_jax import checkpoint as ckpt
@@ -378,7 +380,7 @@ def load_init_from(state: TrainState, config, workdir_from: str) -> TrainState:
   steps = mngr.all_steps()
   if not steps:
     raise ckpt.CheckpointError(f'init_from={workdir_from!r} has no checkpoint in {ckpt.checkpoint_dir(workdir_from)}')
-  restored = mngr.restore(max(steps), args=ocp_composite_state_only())['state']
+  restored = mngr.restore(max(steps), args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
   src_params = restored['params']
   src_stats = restored.get('batch_stats', {})
   copied, kept = [], []
@@ -405,11 +407,6 @@ def load_init_from(state: TrainState, config, workdir_from: str) -> TrainState:
   new = new.replace(opt_state=state.tx.init(new.params))
   shardings = jax.tree.map(lambda x: x.sharding, state)
   return jax.device_put(new, shardings)
-
-
-def ocp_composite_state_only():
-  import orbax.checkpoint as ocp
-  return ocp.args.Composite(state=ocp.args.StandardRestore())
 
 
 # --------------------------------------------------------------------------- the job
@@ -465,7 +462,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = os.path.abspath(workdir)
   config_check.prepare_workdir(config, workdir, write=False)  # refuse before touching anything
   setup_compilation_cache(config)
-  info = input_pipeline.dataset_info(config.data.name)
   mesh = sharding_lib.create_mesh(config.mesh_shape, config.mesh_axes)
   sharding_lib.check_batch_size(config.batch_size, mesh)
   sharding_lib.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
@@ -475,7 +471,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Data first: a missing dataset fails before anything is compiled or written.
   train_ds = input_pipeline.train_dataset(config.data, local_batch_size=local_batch, seed=config.seed,
                                           process_index=p_idx, process_count=n_proc)
-  read = __import__('grain').ReadOptions(num_threads=config.data.num_threads, prefetch_buffer_size=8)
+  read = grain.ReadOptions(num_threads=config.data.num_threads, prefetch_buffer_size=8)
   eval_batches = lambda: input_pipeline.eval_batches(config.data, global_batch_size=config.eval_batch_size,
                                                      process_index=p_idx, process_count=n_proc)
   clean_ds = input_pipeline.train_dataset(config.data, local_batch_size=local_batch, seed=config.seed + 7,
@@ -549,6 +545,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if step % config.log_every_steps == 0 or do_eval:
           row['steps_per_second'] = progress.rate(step)
           row['images_per_second'] = row['steps_per_second'] * config.batch_size
+          row['host_peak_rss_gib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
           row.update(flat_quant_scalars(quant_report(state, config)))
           if do_eval:
             if config.bn_recalibration_batches > 0:

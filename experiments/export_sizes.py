@@ -1,0 +1,77 @@
+r"""Export goals, measured: ternary-layer compression (2bit >= 15x, base3 >= 19x) and export / load time.
+
+    python experiments/export_sizes.py [--workdir WORKDIR]   # a trained TTQ workdir, or random ResNet-20
+
+Prints, for each packing: bytes of the ternary layers in float32 vs packed, the whole model (fp32 params
+and BN statistics vs the file), and the median wall time of export (pack + write) and load (read +
+validate + decode to dense kernels), both for ResNet-20.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import fashion_mnist  # noqa: E402
+from ttq_jax import export, models, train  # noqa: E402
+from ttq_jax.quant import QuantConfig  # noqa: E402
+
+
+def _variables(workdir):
+  config = fashion_mnist.get_config()
+  if workdir:
+    from ttq_jax import checkpoint as ckpt, sharding as sh
+    mesh = sh.create_mesh((1, 1), ('data', 'fsdp'))
+    state = train.create_train_state(config, train.create_model(config), mesh)
+    step, state, _ = ckpt.restore_latest(ckpt.create_manager(workdir, read_only=True), state)
+    return config, jax.device_get({'params': state.params, 'batch_stats': state.batch_stats}), f'{workdir} step {step}'
+  model = models.create_model('resnet20', num_classes=10, quant=QuantConfig())
+  return config, jax.device_get(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), train=False)), \
+      'random ResNet-20'
+
+
+def timed(fn, n=5):
+  times = []
+  for _ in range(n):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument('--workdir', default='')
+  args = p.parse_args()
+  config, variables, what = _variables(args.workdir)
+  q = train.quant_config(config)
+  fp32 = sum(np.asarray(x).size * 4 for x in jax.tree.leaves(variables))
+  print(f'{what}: {fp32:,} B of float32 parameters and BN statistics')
+  for packing in ('2bit', 'base3'):
+    path = os.path.join(tempfile.mkdtemp(), 'model.safetensors')
+
+    def do_export():
+      tensors = export.build_export(variables['params'], variables['batch_stats'], q, packing)
+      export.save(path, tensors, packing=packing, config=config, step=0)
+    t_export = timed(do_export)
+    t_load = timed(lambda: export.load(path))
+    _, _, report = export.read(path)
+    ternary_fp32 = sum(r['numel'] * 4 for r in report.values())
+    packed = sum(r['packed_bytes'] for r in report.values())
+    size = os.path.getsize(path)
+    print(f'{packing:>5}: ternary layers {ternary_fp32:,} B -> {packed:,} B ({ternary_fp32 / packed:.2f}x); '
+          f'file {size:,} B, whole model {fp32 / size:.2f}x smaller; export {t_export * 1000:.0f} ms, '
+          f'load {t_load * 1000:.0f} ms (median of 5)')
+
+
+if __name__ == '__main__':
+  main()

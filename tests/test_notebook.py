@@ -1,0 +1,25 @@
+"""The threshold-ablation notebook executes end to end in smoke mode (as a user would run it)."""
+
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_threshold_ablation_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
+  import sys
+  sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+  import run_notebook
+  monkeypatch.setenv('TTQ_BUDGET', 'smoke')
+  monkeypatch.setenv('TTQ_ABLATION_DIR', str(tmp_path))
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  nb = run_notebook.execute(os.path.join(ROOT, 'experiments', 'threshold_ablation.py'), timeout=600)
+  outputs = [o for cell in nb.cells if cell.cell_type == 'code' for o in cell.get('outputs', [])]
+  assert not [o for o in outputs if o.get('output_type') == 'error']
+  images = [o for o in outputs if 'image/png' in o.get('data', {})]
+  assert len(images) == 3  # accuracy vs sparsity, per-layer heat map, W_p/W_n over training
+  text = ''.join(o.get('text', '') for o in outputs if o.get('output_type') == 'stream')
+  assert 'full precision: top-1' in text and ' t  0.050' in text
+  assert len(os.listdir(tmp_path)) == 7  # fp + 3 t + 3 r
