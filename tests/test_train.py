@@ -78,22 +78,29 @@ def _state_and_batch(config, mesh_shape):
 
 @pytest.mark.parametrize('method', ['ttq', 'fp'])
 def test_data_parallel_step_on_8_devices_matches_1_device(smoke_config, method):
+  """Same global batch on 1, 8 and 4x2 devices: the first step's new params agree to float tolerance
+  (BN statistics over the global batch, gradients all-reduced); later losses agree closely too (a latent
+  weight within ~1e-7 of the threshold may flip on another reduction order, so only the loss is compared).
+  TTQ's +-1 kernels make pre-BN activations ~10x larger than FP's, and the BN backward's mean
+  subtractions then amplify reduction-order rounding to ~1e-3 relative; a sign or scale error is O(1)."""
   smoke_config.quant.method = method
   smoke_config.batch_size = 32
   results = []
   for mesh_shape in [(1, 1), (8, 1), (4, 2)]:
     programs, state, batches = _state_and_batch(smoke_config, mesh_shape)
-    losses = []
-    for b in batches:
+    state, m = programs.train(state, batches[0])
+    first = (float(m['train_loss']), jax.device_get(state.params), jax.device_get(state.batch_stats))
+    losses = [first[0]]
+    for b in batches[1:]:
       state, m = programs.train(state, b)
       losses.append(float(m['train_loss']))
-    results.append((losses, jax.device_get(state.params), jax.device_get(state.batch_stats)))
-  # Reductions run in another order on 8 devices, so a latent weight within ~1e-7 of the threshold
-  # can land on the other side: params agree to 1e-4 (a wrong scale or sign would be off by O(1)).
-  for losses, params, stats in results[1:]:
-    np.testing.assert_allclose(losses, results[0][0], rtol=2e-5)
-    for x, y in zip(jax.tree.leaves((params, stats)), jax.tree.leaves(results[0][1:])):
-      np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4)
+    results.append((losses, first))
+  rtol, atol = (1e-4, 1e-6) if method == 'fp' else (3e-3, 1e-4)
+  (ref_losses, (_, ref_params, ref_stats)) = results[0]
+  for losses, (_, params, stats) in results[1:]:
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
+    for x, y in zip(jax.tree.leaves((params, stats)), jax.tree.leaves((ref_params, ref_stats))):
+      np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
 
 
 def test_learning_rate_schedules(smoke_config):
