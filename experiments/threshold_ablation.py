@@ -56,7 +56,7 @@ def base_config():
   config.eval_every_steps = 0
   config.mesh_shape = (1, 1)
   if BUDGET == 'full':
-    config.num_epochs = 0.5       # ternary fine-tuning per point
+    config.num_epochs = 0.25      # ternary fine-tuning per point (117 steps)
     config.learning_rate = 0.02
   return config
 
@@ -70,7 +70,7 @@ print(f'budget {BUDGET}: {len(T_VALUES)} values of t, {len(R_VALUES)} of r, work
 fp_config = base_config()
 fp_config.quant.method = 'fp'
 if BUDGET == 'full':
-  fp_config.num_epochs = 1.5
+  fp_config.num_epochs = 1.0
   fp_config.learning_rate = 0.1
 fp_dir = os.path.join(WORKDIR, 'fp')
 fp_result = train.train_and_evaluate(fp_config, fp_dir)

@@ -21,8 +21,8 @@ def checkpoint_dir(workdir: str) -> str:
 def create_manager(workdir: str, *, max_to_keep: int | None = 3, save_interval_steps: int = 1,
                    read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=not read_only,
-      enable_async_checkpointing=not read_only, read_only=read_only)
+      max_to_keep=None if read_only else max_to_keep, save_interval_steps=0 if read_only else save_interval_steps,
+      create=not read_only, enable_async_checkpointing=not read_only, read_only=read_only)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=('state', 'data'))
 
 
