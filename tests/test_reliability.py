@@ -87,6 +87,9 @@ def test_killed_run_resumes_bit_for_bit(tmp_path, uninterrupted, smoke_config, s
     np.testing.assert_array_equal(x, y)
   ra, rb = _rows(uninterrupted), _rows(tmp_path)
   assert ra[12]['train_loss'] == rb[12]['train_loss'] and ra[12]['eval_loss'] == rb[12]['eval_loss']
+  with open(os.path.join(tmp_path, 'metrics.jsonl')) as f:  # redone steps are not logged twice
+    steps = [json.loads(l)['step'] for l in f]
+  assert steps == sorted(set(steps)) == sorted(ra)
 
 
 def _corrupt(step_dir, how):

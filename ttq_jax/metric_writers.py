@@ -23,13 +23,16 @@ def _plain(v: Any):
 class MetricWriter:
   """Writes one JSON object per logged step and TensorBoard scalars; a no-op on other processes."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
     self.enabled = enabled
     self._tb = None
     self._jsonl = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      path = os.path.join(workdir, 'metrics.jsonl')
+      if resume_step is not None and os.path.exists(path):
+        _drop_rows_after(path, resume_step)  # rows of steps that the resumed run will redo
+      self._jsonl = open(path, 'a')
       try:
         from tensorboardX import SummaryWriter
         self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
@@ -53,6 +56,21 @@ class MetricWriter:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+  with open(path) as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line)['step'] <= step:
+        keep.append(line if line.endswith('\n') else line + '\n')
+    except (ValueError, KeyError, TypeError):
+      continue  # a torn last line after a crash
+  with open(path + '.tmp', 'w') as f:
+    f.writelines(keep)
+  os.replace(path + '.tmp', path)
 
 
 def format_duration(seconds: float) -> str:

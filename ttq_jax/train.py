@@ -501,7 +501,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if config.init_from:
       state = load_init_from(state, config, config.init_from)
 
-  writer = metric_writers.MetricWriter(workdir, enabled=_is_primary())
+  writer = metric_writers.MetricWriter(workdir, enabled=_is_primary(), resume_step=start_step)
   progress = metric_writers.Progress(total, config.batch_size, start_step, enabled=_is_primary())
   if _is_primary() and start_step == 0:
     counts = quant_lib.count_params(jax.device_get(state.params), quant_config(config))
