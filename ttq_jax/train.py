@@ -326,7 +326,9 @@ def quant_report(state: TrainState, config) -> dict[str, Any]:
   """Per-layer sparsity and scales (host floats) for logging and eval JSON."""
   q = quant_config(config)
   params = jax.device_get(state.params)
-  return {'sparsity': quant_lib.layer_sparsity(params, q), 'scales': quant_lib.layer_scales(params, q),
+  weights = quant_lib.ternary_weights(params, q)  # thresholds computed once for both reports
+  return {'sparsity': {p: float(np.mean(np.asarray(c) == 0)) for p, (c, _, _) in weights.items()},
+          'scales': {p: (float(w_p), float(w_n)) for p, (_, w_p, w_n) in weights.items()},
           'param_counts': quant_lib.count_params(params, q)}
 
 
