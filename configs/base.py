@@ -62,6 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.log_every_steps = 50
   config.eval_every_steps = 0              # 0: evaluate at the end only
+  config.target_accuracy = 0.0             # > 0: report when eval top-1 first reaches it (time to target)
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3
   config.eval_step = -1                    # --mode eval/export: -1 = newest checkpoint
@@ -74,6 +75,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.export = ml_collections.ConfigDict()
   config.export.packing = '2bit'           # 2bit | base3
 
-  config.xla_cpu_ynn_fusion = 'auto'       # auto (off for the train step on CPU) | on | off
+  config.xla_cpu_ynn_fusion = 'auto'       # auto (per program, train.CPU_PROGRAM_OPTIONS) | on | off
   config.compilation_cache_dir = 'default'  # '' = off; default = ~/.cache/ttq_jax/xla
   return config

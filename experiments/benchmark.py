@@ -85,25 +85,37 @@ def median_ms(fn, steps: int, warmup: int) -> float:
   return 1000 * statistics.median(times)
 
 
-def interleaved_ms(fns: dict, steps: int, warmup: int) -> dict[str, float]:
-  """Round-robin timing: each round runs every fn once, so drift hits all of them alike."""
+def interleaved_ms(fns: dict, steps: int, warmup: int, block: int = 1) -> dict[str, float]:
+  """Round-robin timing: each round runs every fn once, so drift hits all of them alike.
+
+  With block > 1 each round runs every fn `block` times in a row and times only the last
+  `block - 1`, so no timed step directly follows another framework's step (PyTorch's OpenMP
+  threads spin-wait after each op and would bill the next JAX step on a 2-core machine).
+  """
   for fn in fns.values():
     for _ in range(warmup):
       fn()
   times = {k: [] for k in fns}
   for _ in range(steps):
     for k, fn in fns.items():
-      t = time.perf_counter()
-      fn()
-      times[k].append(time.perf_counter() - t)
+      for i in range(block):
+        t = time.perf_counter()
+        fn()
+        if block == 1 or i > 0:
+          times[k].append(time.perf_counter() - t)
   return {k: 1000 * statistics.median(v) for k, v in times.items()}
 
 
 # --------------------------------------------------------------------------- PyTorch reference
 
 
-def torch_resnet20_step(batch_size: int, image_shape, num_classes: int, channels_last: bool, device: str):
-  """A PyTorch eager pre-activation ResNet-20 (option-A shortcuts) train step (SGD + momentum)."""
+def torch_resnet20_step(batch_size: int, image_shape, num_classes: int, channels_last: bool, device: str,
+                        eval_batch_size: int = 0):
+  """A PyTorch eager pre-activation ResNet-20 (option-A shortcuts) train step (SGD + momentum).
+
+  With `eval_batch_size`, returns (train_step, eval_step): the eval step is the same net in eval mode
+  under `torch.inference_mode()` at that batch size (logits + top-1, as our eval step computes).
+  """
   import torch
   import torch.nn as tnn
   import torch.nn.functional as F
@@ -152,55 +164,70 @@ def torch_resnet20_step(batch_size: int, image_shape, num_classes: int, channels
     opt.step()
     if device == 'cuda':
       torch.cuda.synchronize()
-  return step
+  if not eval_batch_size:
+    return step
+  xe = torch.randn(eval_batch_size, image_shape[2], image_shape[0], image_shape[1], device=device).to(memory_format=fmt)
+  ye = torch.randint(0, num_classes, (eval_batch_size,), device=device)
+
+  def eval_step():
+    net.eval()
+    with torch.inference_mode():
+      logits = net(xe)
+      loss = F.cross_entropy(logits, ye, reduction='sum')
+      top5 = logits.topk(min(5, num_classes), dim=1).indices
+      correct1, correct5 = (top5[:, 0] == ye).sum(), (top5 == ye[:, None]).any(1).sum()
+    net.train()
+    return loss.item(), correct1.item(), correct5.item()  # .item() waits for the device
+  return step, eval_step
 
 
 # --------------------------------------------------------------------------- sections
 
 
 def bench_methods(args, mesh, results):
-  dataset = args.dataset
-  for method in args.methods.split(','):
-    config = make_config(args.model, dataset, method, args.batch_size, args.dtype)
-    runner = Runner(config, mesh)
-    eval_batch = synthetic_batch(config, args.eval_batch_size, mesh, with_mask=True)
-    train_ms = median_ms(runner.train_step, args.steps, args.warmup)
-    eval_fn = lambda: jax.block_until_ready(runner.programs.eval(runner.state, eval_batch))
-    eval_ms = median_ms(eval_fn, max(3, args.steps // 2), 2)
+  """Train and eval step of each method, timed interleaved (round robin) so ratios see one machine state."""
+  runners = {m: Runner(make_config(args.model, args.dataset, m, args.batch_size, args.dtype), mesh)
+             for m in args.methods.split(',')}
+  train_ms = interleaved_ms({m: r.train_step for m, r in runners.items()}, args.steps, args.warmup)
+  eval_ms = interleaved_ms({m: _jax_eval_fn(r, args.eval_batch_size, mesh) for m, r in runners.items()},
+                           max(3, args.steps // 2), 2)
+  for method, runner in runners.items():
     flops = runner.flops()
-    results[method] = {'train_step_ms_median': train_ms, 'eval_step_ms_median': eval_ms,
-                       'train_images_per_s': args.batch_size / train_ms * 1000,
-                       'eval_images_per_s': args.eval_batch_size / eval_ms * 1000,
-                       'train_gflops_per_s': flops / train_ms / 1e6, 'train_step_gflop': flops / 1e9}
-    print(f'{method:>4}: train {train_ms:8.1f} ms ({results[method]["train_images_per_s"]:7.0f} img/s, '
-          f'{results[method]["train_gflops_per_s"]:6.1f} GFLOP/s) | eval@{args.eval_batch_size} {eval_ms:8.1f} ms',
+    t, e = train_ms[method], eval_ms[method]
+    results[method] = {'train_step_ms_median': t, 'eval_step_ms_median': e,
+                       'train_images_per_s': args.batch_size / t * 1000,
+                       'eval_images_per_s': args.eval_batch_size / e * 1000,
+                       'train_gflops_per_s': flops / t / 1e6, 'train_step_gflop': flops / 1e9}
+    print(f'{method:>4}: train {t:8.1f} ms ({results[method]["train_images_per_s"]:7.0f} img/s, '
+          f'{results[method]["train_gflops_per_s"]:6.1f} GFLOP/s) | eval@{args.eval_batch_size} {e:8.1f} ms',
           flush=True)
   if 'fp' in results and 'ttq' in results:
     results['ratios'] = {'ttq_over_fp_train': results['ttq']['train_step_ms_median'] / results['fp']['train_step_ms_median'],
                          'ttq_over_fp_eval': results['ttq']['eval_step_ms_median'] / results['fp']['eval_step_ms_median']}
-    print(f'TTQ / FP step time: train {results["ratios"]["ttq_over_fp_train"]:.3f}, '
+    print(f'TTQ / FP step time (interleaved): train {results["ratios"]["ttq_over_fp_train"]:.3f}, '
           f'eval {results["ratios"]["ttq_over_fp_eval"]:.3f}')
 
 
 def bench_xla_options(args, mesh, results):
-  """The per-program CPU option: train/eval with our choice vs XLA's default, interleaved."""
+  """The per-program CPU options (`xla_cpu_ynn_fusion='auto'`) vs XLA's default ('on'), interleaved."""
   if jax.default_backend() != 'cpu':
     return
   ours = Runner(make_config(args.model, args.dataset, 'ttq', args.batch_size, args.dtype, 'auto'), mesh)
   default = Runner(make_config(args.model, args.dataset, 'ttq', args.batch_size, args.dtype, 'on'), mesh)
-  off = make_config(args.model, args.dataset, 'ttq', args.batch_size, args.dtype, 'off')
-  off_runner = Runner(off, mesh)
-  eb = synthetic_batch(ours.config, args.eval_batch_size, mesh, with_mask=True)
-  t = interleaved_ms({'train_ynn_off': ours.train_step, 'train_default': default.train_step}, args.steps, args.warmup)
-  e = interleaved_ms({'eval_default': lambda: jax.block_until_ready(ours.programs.eval(ours.state, eb)),
-                      'eval_ynn_off': lambda: jax.block_until_ready(off_runner.programs.eval(off_runner.state, eb))},
+  t = interleaved_ms({'train_ours': ours.train_step, 'train_default': default.train_step}, args.steps, args.warmup)
+  e = interleaved_ms({'eval_ours': _jax_eval_fn(ours, args.eval_batch_size, mesh),
+                      'eval_default': _jax_eval_fn(default, args.eval_batch_size, mesh)},
                      max(3, args.steps // 2), 2)
-  results['xla_cpu_options'] = {**t, **e, 'train_speedup': t['train_default'] / t['train_ynn_off'],
-                                'eval_speedup_if_off': e['eval_default'] / e['eval_ynn_off']}
-  print(f'CPU YNNPACK fusions off: train {t["train_default"]:.1f} -> {t["train_ynn_off"]:.1f} ms '
-        f'({results["xla_cpu_options"]["train_speedup"]:.2f}x); eval {e["eval_default"]:.1f} -> '
-        f'{e["eval_ynn_off"]:.1f} ms ({results["xla_cpu_options"]["eval_speedup_if_off"]:.2f}x) '
-        f'=> train compiles with them off, eval with the default')
+  m = interleaved_ms({'moments_ours': lambda: jax.block_until_ready(ours.programs.moments(ours.state, ours.batch)),
+                      'moments_default': lambda: jax.block_until_ready(default.programs.moments(default.state, default.batch))},
+                     max(3, args.steps // 2), 2)
+  res = {**t, **e, **m, 'options': {p: train.compiler_options(ours.config, p) for p in ('train', 'eval', 'moments')}}
+  for p in ('train', 'eval', 'moments'):
+    res[f'{p}_speedup'] = res[f'{p}_default'] / res[f'{p}_ours']
+  results['xla_cpu_options'] = res
+  print('CPU per-program options vs XLA default: ' + ', '.join(
+      f'{p} {res[f"{p}_default"]:.1f} -> {res[f"{p}_ours"]:.1f} ms ({res[f"{p}_speedup"]:.2f}x)'
+      for p in ('train', 'eval', 'moments')))
 
 
 def bench_torch(args, mesh, results):
@@ -208,18 +235,38 @@ def bench_torch(args, mesh, results):
   device = 'cuda' if jax.default_backend() == 'gpu' and torch.cuda.is_available() else 'cpu'
   info = input_pipeline.dataset_info(args.dataset)
   ours = Runner(make_config(args.model, args.dataset, 'ttq', args.batch_size, args.dtype), mesh)
-  fns = {'jax_ttq': ours.train_step,
-         'torch_fp_nchw': torch_resnet20_step(args.batch_size, info.image_shape, info.num_classes, False, device)}
+  torch_train, torch_eval = torch_resnet20_step(args.batch_size, info.image_shape, info.num_classes, False, device,
+                                                args.eval_batch_size)
+  fns = {'jax_ttq': ours.train_step, 'torch_fp_nchw': torch_train}
+  evals = {'jax_ttq_eval': _jax_eval_fn(ours, args.eval_batch_size, mesh), 'torch_fp_nchw_eval': torch_eval}
   if device == 'cpu':
-    fns['torch_fp_channels_last'] = torch_resnet20_step(args.batch_size, info.image_shape, info.num_classes, True, device)
-  t = interleaved_ms(fns, args.steps, args.warmup)
-  results['torch'] = {**t, 'device': device, 'torch_version': torch.__version__, 'torch_threads': torch.get_num_threads(),
-                      'jax_ttq_over_torch_nchw': t['jax_ttq'] / t['torch_fp_nchw']}
+    cl_train, cl_eval = torch_resnet20_step(args.batch_size, info.image_shape, info.num_classes, True, device,
+                                            args.eval_batch_size)
+    fns['torch_fp_channels_last'], evals['torch_fp_channels_last_eval'] = cl_train, cl_eval
+  # Blocks of 3 (the first of each untimed): see interleaved_ms.
+  t = interleaved_ms(fns, max(2, args.steps // 2), args.warmup, block=3)
+  e = interleaved_ms(evals, max(2, args.steps // 3), 2, block=3)
+  results['torch'] = {**t, **e, 'device': device, 'torch_version': torch.__version__,
+                      'torch_threads': torch.get_num_threads(), 'eval_batch_size': args.eval_batch_size,
+                      'jax_ttq_over_torch_nchw': t['jax_ttq'] / t['torch_fp_nchw'],
+                      'jax_ttq_eval_over_torch_nchw_eval': e['jax_ttq_eval'] / e['torch_fp_nchw_eval']}
   line = f'PyTorch {torch.__version__} ({device}) eager FP ResNet-20: NCHW {t["torch_fp_nchw"]:.1f} ms'
   if 'torch_fp_channels_last' in t:
     results['torch']['jax_ttq_over_torch_channels_last'] = t['jax_ttq'] / t['torch_fp_channels_last']
+    results['torch']['jax_ttq_eval_over_torch_channels_last_eval'] = (
+        e['jax_ttq_eval'] / e['torch_fp_channels_last_eval'])
     line += f', channels_last {t["torch_fp_channels_last"]:.1f} ms'
   print(f'{line} | JAX TTQ {t["jax_ttq"]:.1f} ms => JAX TTQ / torch NCHW = {results["torch"]["jax_ttq_over_torch_nchw"]:.2f}x')
+  line = f'eval at batch {args.eval_batch_size}: torch NCHW {e["torch_fp_nchw_eval"]:.1f} ms'
+  if 'torch_fp_channels_last_eval' in e:
+    line += f', channels_last {e["torch_fp_channels_last_eval"]:.1f} ms'
+  print(f'{line} | JAX TTQ {e["jax_ttq_eval"]:.1f} ms => JAX / torch NCHW = '
+        f'{results["torch"]["jax_ttq_eval_over_torch_nchw_eval"]:.2f}x')
+
+
+def _jax_eval_fn(runner: Runner, eval_batch_size: int, mesh):
+  batch = synthetic_batch(runner.config, eval_batch_size, mesh, with_mask=True)
+  return lambda: jax.block_until_ready(runner.programs.eval(runner.state, batch))
 
 
 def bench_pipeline(args, mesh, results):

@@ -36,7 +36,14 @@ def validate(config) -> None:
   """Raises ValueError naming the first bad value and what is allowed."""
   if config.model.name not in models.MODELS:
     raise ValueError(f'model.name={config.model.name!r} is unknown: allowed are {", ".join(sorted(models.MODELS))}')
-  input_pipeline.dataset_info(config.data.name)
+  info = input_pipeline.dataset_info(config.data.name)
+  min_size = models.MIN_IMAGE_SIZE.get(config.model.name, 0)
+  if min(info.image_shape[:2]) < min_size:
+    fits = [n for n in ('fashion_mnist', 'cifar10', 'imagenet2012')
+            if min(input_pipeline.dataset_info(n).image_shape[:2]) >= min_size]
+    raise ValueError(f'model.name={config.model.name!r} needs images of at least {min_size}x{min_size}, but '
+                     f'data.name={config.data.name!r} has {info.image_shape[0]}x{info.image_shape[1]}: '
+                     f'allowed datasets for it are {", ".join(fits)}')
   QuantConfig.from_mapping(config.quant)
   for key, allowed in CHOICES.items():
     value = _get(config, key)
@@ -53,6 +60,8 @@ def validate(config) -> None:
   if config.lr_schedule == 'piecewise' and len(config.lr_boundaries_epochs) != len(config.lr_values):
     raise ValueError(f'lr_boundaries_epochs={tuple(config.lr_boundaries_epochs)} and '
                      f'lr_values={tuple(config.lr_values)} must have the same length')
+  if not 0.0 <= config.target_accuracy <= 1.0:
+    raise ValueError(f'target_accuracy={config.target_accuracy!r} is out of range: allowed is 0 (off) to 1')
   if config.export.packing not in ('2bit', 'base3'):
     raise ValueError(f'export.packing={config.export.packing!r} is unknown: allowed are 2bit, base3')
 

@@ -171,6 +171,11 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+# Smallest square input a model can take: AlexNet's 12x12/4 VALID stem, two stride-2 pools and a 3x3/2
+# VALID pool leave no pixels below 44x44.
+MIN_IMAGE_SIZE = {'alexnet': 44, 'alexnet_tiny': 44}
+
+
 def create_model(name: str, *, num_classes: int, quant: QuantConfig, quantize_first_last: bool = False,
                  dtype: Any = jnp.float32) -> nn.Module:
   """Builds a model whose body layers quantize with `quant`; first/last full precision by default."""

@@ -240,14 +240,24 @@ def batch_moments_step(state: TrainState, batch, *, apply_fn, info, dtype):
 # --------------------------------------------------------------------------- compiled programs
 
 
+# XLA:CPU options per compiled program under `xla_cpu_ynn_fusion='auto'`, chosen by measurement
+# (experiments/benchmark.py, 2-core Xeon, XLA default vs YNNPACK fusions off, interleaved): train step
+# 1.7-2.1x faster off (ResNet-20); eval 1.26x (ResNet-20, batch 512), 1.5x (ResNet-20, batch 1000,
+# Fashion-MNIST; ResNet-18) and 1.06x (tiny AlexNet) faster off; BN re-estimation ('moments') 1.27x.
+_NO_YNN_FUSIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
+CPU_PROGRAM_OPTIONS: dict[str, dict[str, str] | None] = {
+    'train': _NO_YNN_FUSIONS, 'eval': _NO_YNN_FUSIONS, 'moments': _NO_YNN_FUSIONS}
+
+
 def compiler_options(config, program: str) -> dict[str, str] | None:
-  """Per-program XLA options: on CPU the train step compiles without YNNPACK fusions (measured
-  ~28% faster for ResNet-20 on a 2-core Xeon; it slows small-CNN eval, so eval keeps the default)."""
+  """Per-program XLA options: on CPU, `CPU_PROGRAM_OPTIONS` (measured); on GPU/TPU none (nothing measured
+  faster there). `xla_cpu_ynn_fusion='on'` keeps XLA's default for all programs, 'off' turns fusions off."""
   if jax.default_backend() != 'cpu' or config.xla_cpu_ynn_fusion == 'on':
     return None
-  if config.xla_cpu_ynn_fusion == 'off' or program == 'train':
-    return {'xla_cpu_experimental_ynn_fusion_type': ''}
-  return None
+  if config.xla_cpu_ynn_fusion == 'off':
+    return dict(_NO_YNN_FUSIONS)
+  options = CPU_PROGRAM_OPTIONS.get(program)
+  return dict(options) if options else None
 
 
 def compile_program(fn: Callable, args: tuple, *, in_shardings, out_shardings, donate: bool,
@@ -461,6 +471,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns the final eval metrics with the quantization report.
   """
   config_check.validate(config)
+  started = time.perf_counter()
   workdir = os.path.abspath(workdir)
   config_check.prepare_workdir(config, workdir, write=False)  # refuse before touching anything
   setup_compilation_cache(config)
@@ -526,6 +537,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   pending: list = []  # device metrics since the last log step (fetched only at log steps)
   data_state = iterator.get_state()
   last_eval: dict = {}
+  target: dict = {}  # the first eval at or above config.target_accuracy (step, seconds)
   step = start_step
   try:
     while step < total:
@@ -556,6 +568,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             last_eval = evaluate(programs, state, eval_batches(), quantized)
             row.update({f'eval_{k}': v for k, v in last_eval.items()})
             row['eval_seconds'] = time.perf_counter() - t0
+            if (config.target_accuracy > 0 and not target
+                and last_eval['top1_accuracy'] >= config.target_accuracy):
+              target = {'step': step, 'seconds': time.perf_counter() - started}
+              row['time_to_target_s'] = target['seconds']
+          row['elapsed_s'] = time.perf_counter() - started
           writer.write(step, row)
           progress.print(step, row)
       if do_ckpt:
@@ -574,7 +591,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if not last_eval:  # resumed at the end: evaluate what was restored
     last_eval = evaluate(programs, state, eval_batches(), step >= warmup_steps)
   report = quant_report(state, config)
-  result = {'step': step, **last_eval, **report}
+  result = {'step': step, **last_eval, **report, 'elapsed_s': time.perf_counter() - started}
+  if config.target_accuracy > 0:
+    result['target'] = {'accuracy': config.target_accuracy, **target}
   if _is_primary():
     print(format_eval_table(result, config))
   return result
@@ -599,6 +618,15 @@ def format_eval_table(result: dict, config) -> str:
            f'  test loss {result["loss"]:.4f} | top-1 {result["top1_accuracy"]:.2%}' +
            (f' | top-5 {result["top5_accuracy"]:.2%}' if 'top5_accuracy' in result else '') +
            f' | {result.get("num_examples", "?")} examples']
+  target = result.get('target')
+  if target:
+    if 'step' in target:
+      lines.append(f'  reached top-1 >= {target["accuracy"]:.2%} at step {target["step"]}, '
+                   f'{target["seconds"] / 60:.1f} min after start (this process)')
+    else:
+      lines.append(f'  did not reach top-1 >= {target["accuracy"]:.2%} in this process')
+  if 'elapsed_s' in result:
+    lines.append(f'  wall time {result["elapsed_s"] / 60:.1f} min (this process: compile, train, eval)')
   counts = result.get('param_counts')
   if counts:
     lines.append(f'  parameters: {counts["ternary"]:,} ternary, {counts["full_precision"]:,} full precision')
