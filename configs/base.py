@@ -54,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.grad_clip_norm = 0.0              # > 0: clip the global gradient norm
   config.scale_optimizer = 'adam'          # adam (own optimizer for w_p / w_n) | same
   config.scale_learning_rate = 1e-3        # follows the main schedule's shape
+  config.ternary_kernel_lr_multiplier = 1.0  # TTQ: x learning rate of the latent kernels (from the switch)
 
   config.fp_warmup_epochs = 0.0            # train full precision first, then ternarize (one run)
   config.init_from = ''                    # workdir of a full-precision run to fine-tune from

@@ -3,10 +3,15 @@ r"""Side-by-side speed and memory benchmark of ttq_jax (and, optionally, a PyTor
     python experiments/benchmark.py --model resnet20 --batch_size 128 --json OUT.json [--compare-torch]
         [--memory] [--pipeline] [--compile-cache] [--dtype bfloat16]
 
-Times, as medians of repeated steps after warm-up, the train step for fp and ttq (and twn with
---methods), the eval step at --eval_batch_size, the train step with and without the CPU XLA option we
-choose per program, and with --compare-torch a PyTorch eager ResNet-20 of the same shape, timed
-interleaved with ours (round robin) so both see the same machine state. Ratios are printed.
+Times, as medians of repeated steps after warm-up, interleaved round robin so every ratio sees one
+machine state:
+  - the train step and the eval step (at --eval_batch_size) of each method (fp, ttq; twn with --methods);
+  - on CPU, each program (train, eval, BN re-estimation) with our per-program XLA options vs XLA's default;
+  - --compare-torch: a PyTorch eager ResNet-20 of the same shape, train step and eval at --eval_batch_size;
+  - --pipeline: steps/s with the real Fashion-MNIST pipeline vs a device-resident batch;
+  - --memory: XLA's memory analysis of the train step (ResNet-20, ResNet-18, AlexNet; f32 and bf16);
+  - --compile-cache: start-to-first-step of a fresh process, cold vs warm persistent compilation cache.
+Ratios are printed; --json writes everything with the machine.
 """
 
 from __future__ import annotations

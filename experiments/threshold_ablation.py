@@ -54,6 +54,8 @@ def base_config():
   config.fp_warmup_epochs = 0.0
   config.log_every_steps = 2 if BUDGET == 'smoke' else 25
   config.eval_every_steps = 0
+  config.target_accuracy = 0.0
+  config.ternary_kernel_lr_multiplier = 1.0  # the paper's optimizer (the committed outputs used it)
   config.mesh_shape = (1, 1)
   if BUDGET == 'full':
     config.num_epochs = 0.25      # ternary fine-tuning per point (117 steps)

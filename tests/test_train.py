@@ -163,6 +163,7 @@ def test_first_update_uses_sgd_for_weights_and_adam_for_scales(smoke_config):
   c.nesterov = False
   c.lr_schedule = 'constant'
   c.learning_rate, c.weight_decay, c.scale_learning_rate = 0.05, 0.01, 0.002
+  c.ternary_kernel_lr_multiplier = 1.0  # (its own test below)
   params = {'TernaryConv_0': {'kernel': jnp.array([1.0, -2.0]), 'w_p': jnp.float32(1.0), 'w_n': jnp.float32(1.0),
                               'bias': jnp.array([0.5])}}
   grads = {'TernaryConv_0': {'kernel': jnp.array([0.1, 0.2]), 'w_p': jnp.float32(3.0), 'w_n': jnp.float32(-0.5),
@@ -178,6 +179,37 @@ def test_first_update_uses_sgd_for_weights_and_adam_for_scales(smoke_config):
   tx = train.create_optimizer(c, params)
   u = tx.update(grads, tx.init(params), params)[0]['TernaryConv_0']
   assert float(u['w_p']) == pytest.approx(-0.05 * (3.0 + 0.01))
+
+
+@pytest.mark.parametrize('multiplier', [3.0, 0.5])
+def test_ternary_kernel_lr_multiplier_scales_latent_kernel_updates_from_the_switch(smoke_config, multiplier):
+  """Before the FP->ternary switch every update is unchanged; from the switch on the latent kernels of
+  ternary layers (and only those) move `multiplier` times as far; 'fp' and 'twn' runs ignore it."""
+  c = smoke_config
+  c.lr_schedule, c.learning_rate, c.weight_decay = 'constant', 0.05, 1e-3
+  c.fp_warmup_epochs = 0.25  # smoke: 512 examples / batch 64 = 8 steps per epoch -> switch at step 2
+  params = {'TernaryConv_0': {'kernel': jnp.array([1.0, -2.0]), 'w_p': jnp.float32(1.0), 'w_n': jnp.float32(1.0)},
+            'Conv_0': {'kernel': jnp.array([0.3])}, 'BatchNorm_0': {'scale': jnp.array([1.0])}}
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 0.1), params)
+
+  def updates(m, method='ttq'):
+    c.ternary_kernel_lr_multiplier, c.quant.method = m, method
+    tx = train.create_optimizer(c, params)
+    opt_state, out = tx.init(params), []
+    for _ in range(4):
+      u, opt_state = tx.update(grads, opt_state, params)
+      out.append(u)
+    return out
+
+  base, scaled = updates(1.0), updates(multiplier)
+  for step, (u1, um) in enumerate(zip(base, scaled)):
+    factor = multiplier if step >= 2 else 1.0
+    np.testing.assert_allclose(um['TernaryConv_0']['kernel'], factor * u1['TernaryConv_0']['kernel'], rtol=1e-6)
+    for path in (('TernaryConv_0', 'w_p'), ('TernaryConv_0', 'w_n'), ('Conv_0', 'kernel'), ('BatchNorm_0', 'scale')):
+      np.testing.assert_allclose(um[path[0]][path[1]], u1[path[0]][path[1]], rtol=1e-6)
+  for method in ('fp', 'twn'):
+    plain, ignored = updates(1.0, method), updates(multiplier, method)
+    np.testing.assert_allclose(ignored[-1]['TernaryConv_0']['kernel'], plain[-1]['TernaryConv_0']['kernel'])
 
 
 def test_batch_moments_are_the_batch_statistics():
@@ -225,6 +257,17 @@ def test_workdir_guard(smoke_config, tmp_path):
     config_check.prepare_workdir(smoke_config, wd)
   smoke_config.allow_config_change = True
   config_check.prepare_workdir(smoke_config, wd)
+
+
+def test_workdir_guard_on_the_ternary_kernel_lr_multiplier():
+  """It changes a TTQ run's optimizer state, so a TTQ workdir refuses another value (a saved config
+  from before the key existed counts as 1.0); FP / TWN runs do not use it, so it is not compared."""
+  old = {'quant': {'method': 'ttq'}}  # written before the key existed
+  assert config_check.changed_guarded_fields(old, {'quant': {'method': 'ttq'}, 'ternary_kernel_lr_multiplier': 1.0}) == []
+  assert config_check.changed_guarded_fields(old, {'quant': {'method': 'ttq'}, 'ternary_kernel_lr_multiplier': 10.0}) == [
+      'ternary_kernel_lr_multiplier']
+  twn = {'quant': {'method': 'twn'}}
+  assert config_check.changed_guarded_fields(twn, {'quant': {'method': 'twn'}, 'ternary_kernel_lr_multiplier': 10.0}) == []
 
 
 @pytest.mark.slow

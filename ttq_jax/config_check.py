@@ -22,7 +22,7 @@ CHOICES = {
 POSITIVE_INTS = ('batch_size', 'eval_batch_size', 'log_every_steps', 'checkpoint_every_steps')
 # Fields that change what the model or data are: a workdir trained with other values is refused.
 GUARDED_PREFIXES = ('model.', 'quant.', 'data.name', 'data.limit_examples', 'dtype', 'seed', 'fp_warmup_epochs',
-                    'init_from')
+                    'init_from', 'ternary_kernel_lr_multiplier')
 
 
 def _get(config, dotted: str):
@@ -60,6 +60,8 @@ def validate(config) -> None:
   if config.lr_schedule == 'piecewise' and len(config.lr_boundaries_epochs) != len(config.lr_values):
     raise ValueError(f'lr_boundaries_epochs={tuple(config.lr_boundaries_epochs)} and '
                      f'lr_values={tuple(config.lr_values)} must have the same length')
+  if not config.ternary_kernel_lr_multiplier > 0:
+    raise ValueError(f'ternary_kernel_lr_multiplier={config.ternary_kernel_lr_multiplier!r} must be > 0')
   if not 0.0 <= config.target_accuracy <= 1.0:
     raise ValueError(f'target_accuracy={config.target_accuracy!r} is out of range: allowed is 0 (off) to 1')
   if config.export.packing not in ('2bit', 'base3'):
@@ -76,9 +78,15 @@ def flatten(d, prefix: str = '') -> dict:
   return out
 
 
+# Guarded keys added after workdirs already existed: a saved config without one ran with this value.
+VALUE_IF_ABSENT = {'ternary_kernel_lr_multiplier': 1.0}
+
+
 def changed_guarded_fields(saved: dict, current: dict) -> list[str]:
-  a, b = flatten(saved), flatten(current)
+  a, b = {**VALUE_IF_ABSENT, **flatten(saved)}, flatten(current)
   keys = sorted(set(a) | set(b))
+  if b.get('quant.method') != 'ttq':  # only TTQ runs use it (and only then is it in the optimizer state)
+    keys = [k for k in keys if k != 'ternary_kernel_lr_multiplier']
   return [k for k in keys if k.startswith(GUARDED_PREFIXES) and
           json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True)]
 

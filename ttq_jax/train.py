@@ -153,7 +153,25 @@ def create_optimizer(config, params) -> optax.GradientTransformation:
   if config.weight_decay > 0:
     chain.append(optax.add_decayed_weights(
         config.weight_decay, mask=weight_decay_mask(params, config.weight_decay_regex, config.decay_scales)))
-  return optax.chain(*chain, inner)
+  chain.append(inner)
+  multiplier = config.ternary_kernel_lr_multiplier
+  if multiplier != 1.0 and config.quant.method == 'ttq':
+    # TTQ's latent gradient is w_p * g (or w_n * g), and behind batch norm g ~ 1 / w_p, so the latent
+    # kernels of a ternary layer move ~mean|w| times slower than the same kernels in full precision
+    # (or TWN, whose STE gradient is g: no multiplier there). This restores their pace from the switch on.
+    start = int(config.fp_warmup_epochs * steps_per_epoch(config)) if not config.init_from else 0
+    chain.append(optax.masked(
+        optax.scale_by_schedule(lambda count: jnp.where(count >= start, multiplier, 1.0)),
+        ternary_kernel_mask(params)))
+  return optax.chain(*chain)
+
+
+def ternary_kernel_mask(params) -> Any:
+  """True for the latent kernels of ternary layers (modules auto-named `Ternary*`)."""
+  def is_ternary_kernel(path, _):
+    parts = _path_str(path).split('/')
+    return parts[-1] == 'kernel' and len(parts) > 1 and parts[-2].startswith('Ternary')
+  return jax.tree_util.tree_map_with_path(is_ternary_kernel, params)
 
 
 def init_variables(model: nn.Module, rng: jax.Array, image_shape) -> dict:
