@@ -260,8 +260,8 @@ def batch_moments_step(state: TrainState, batch, *, apply_fn, info, dtype):
 
 # XLA:CPU options per compiled program under `xla_cpu_ynn_fusion='auto'`, chosen by measurement
 # (experiments/benchmark.py, 2-core Xeon, XLA default vs YNNPACK fusions off, interleaved): train step
-# 1.7-2.1x faster off (ResNet-20); eval 1.26x (ResNet-20, batch 512), 1.5x (ResNet-20, batch 1000,
-# Fashion-MNIST; ResNet-18) and 1.06x (tiny AlexNet) faster off; BN re-estimation ('moments') 1.27x.
+# 1.7-2.5x faster off (ResNet-20); eval 1.23-1.26x (ResNet-20, batch 128/512), 1.5x (ResNet-20, batch 1000,
+# Fashion-MNIST; ResNet-18) and 1.06x (tiny AlexNet) faster off; BN re-estimation ('moments') 1.17-1.27x.
 _NO_YNN_FUSIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 CPU_PROGRAM_OPTIONS: dict[str, dict[str, str] | None] = {
     'train': _NO_YNN_FUSIONS, 'eval': _NO_YNN_FUSIONS, 'moments': _NO_YNN_FUSIONS}
