@@ -72,6 +72,14 @@ class Runner:
     self.state, m = self.programs.train(self.state, self.batch)
     jax.block_until_ready(m)
 
+  def eval_step_fn(self, eval_batch_size: int):
+    """The eval program on a resident batch of `eval_batch_size` (timed without the host)."""
+    batch = synthetic_batch(self.config, eval_batch_size, self.mesh, with_mask=True)
+    return lambda: jax.block_until_ready(self.programs.eval(self.state, batch))
+
+  def moments_step(self):
+    jax.block_until_ready(self.programs.moments(self.state, self.batch))
+
   def flops(self) -> float:
     compiled = self.programs._get('train', True, self.state, self.batch)
     cost = compiled.cost_analysis()
@@ -114,13 +122,11 @@ def interleaved_ms(fns: dict, steps: int, warmup: int, block: int = 1) -> dict[s
 # --------------------------------------------------------------------------- PyTorch reference
 
 
-def torch_resnet20_step(batch_size: int, image_shape, num_classes: int, channels_last: bool, device: str,
-                        eval_batch_size: int = 0):
-  """A PyTorch eager pre-activation ResNet-20 (option-A shortcuts) train step (SGD + momentum).
-
-  With `eval_batch_size`, returns (train_step, eval_step): the eval step is the same net in eval mode
-  under `torch.inference_mode()` at that batch size (logits + top-1, as our eval step computes).
-  """
+def torch_resnet20_steps(batch_size: int, image_shape, num_classes: int, channels_last: bool, device: str,
+                         eval_batch_size: int):
+  """(train_step, eval_step) of a PyTorch eager pre-activation ResNet-20 (option-A shortcuts): SGD with
+  momentum, and the same net in eval mode under `torch.inference_mode()` at `eval_batch_size` (summed
+  loss, top-1 and top-5 correct, as our eval step computes)."""
   import torch
   import torch.nn as tnn
   import torch.nn.functional as F
@@ -169,8 +175,6 @@ def torch_resnet20_step(batch_size: int, image_shape, num_classes: int, channels
     opt.step()
     if device == 'cuda':
       torch.cuda.synchronize()
-  if not eval_batch_size:
-    return step
   xe = torch.randn(eval_batch_size, image_shape[2], image_shape[0], image_shape[1], device=device).to(memory_format=fmt)
   ye = torch.randint(0, num_classes, (eval_batch_size,), device=device)
 
@@ -194,7 +198,7 @@ def bench_methods(args, mesh, results):
   runners = {m: Runner(make_config(args.model, args.dataset, m, args.batch_size, args.dtype), mesh)
              for m in args.methods.split(',')}
   train_ms = interleaved_ms({m: r.train_step for m, r in runners.items()}, args.steps, args.warmup)
-  eval_ms = interleaved_ms({m: _jax_eval_fn(r, args.eval_batch_size, mesh) for m, r in runners.items()},
+  eval_ms = interleaved_ms({m: r.eval_step_fn(args.eval_batch_size) for m, r in runners.items()},
                            max(3, args.steps // 2), 2)
   for method, runner in runners.items():
     flops = runner.flops()
@@ -220,11 +224,10 @@ def bench_xla_options(args, mesh, results):
   ours = Runner(make_config(args.model, args.dataset, 'ttq', args.batch_size, args.dtype, 'auto'), mesh)
   default = Runner(make_config(args.model, args.dataset, 'ttq', args.batch_size, args.dtype, 'on'), mesh)
   t = interleaved_ms({'train_ours': ours.train_step, 'train_default': default.train_step}, args.steps, args.warmup)
-  e = interleaved_ms({'eval_ours': _jax_eval_fn(ours, args.eval_batch_size, mesh),
-                      'eval_default': _jax_eval_fn(default, args.eval_batch_size, mesh)},
+  e = interleaved_ms({'eval_ours': ours.eval_step_fn(args.eval_batch_size),
+                      'eval_default': default.eval_step_fn(args.eval_batch_size)},
                      max(3, args.steps // 2), 2)
-  m = interleaved_ms({'moments_ours': lambda: jax.block_until_ready(ours.programs.moments(ours.state, ours.batch)),
-                      'moments_default': lambda: jax.block_until_ready(default.programs.moments(default.state, default.batch))},
+  m = interleaved_ms({'moments_ours': ours.moments_step, 'moments_default': default.moments_step},
                      max(3, args.steps // 2), 2)
   res = {**t, **e, **m, 'options': {p: train.compiler_options(ours.config, p) for p in ('train', 'eval', 'moments')}}
   for p in ('train', 'eval', 'moments'):
@@ -240,12 +243,12 @@ def bench_torch(args, mesh, results):
   device = 'cuda' if jax.default_backend() == 'gpu' and torch.cuda.is_available() else 'cpu'
   info = input_pipeline.dataset_info(args.dataset)
   ours = Runner(make_config(args.model, args.dataset, 'ttq', args.batch_size, args.dtype), mesh)
-  torch_train, torch_eval = torch_resnet20_step(args.batch_size, info.image_shape, info.num_classes, False, device,
+  torch_train, torch_eval = torch_resnet20_steps(args.batch_size, info.image_shape, info.num_classes, False, device,
                                                 args.eval_batch_size)
   fns = {'jax_ttq': ours.train_step, 'torch_fp_nchw': torch_train}
-  evals = {'jax_ttq_eval': _jax_eval_fn(ours, args.eval_batch_size, mesh), 'torch_fp_nchw_eval': torch_eval}
+  evals = {'jax_ttq_eval': ours.eval_step_fn(args.eval_batch_size), 'torch_fp_nchw_eval': torch_eval}
   if device == 'cpu':
-    cl_train, cl_eval = torch_resnet20_step(args.batch_size, info.image_shape, info.num_classes, True, device,
+    cl_train, cl_eval = torch_resnet20_steps(args.batch_size, info.image_shape, info.num_classes, True, device,
                                             args.eval_batch_size)
     fns['torch_fp_channels_last'], evals['torch_fp_channels_last_eval'] = cl_train, cl_eval
   # Blocks of 3 (the first of each untimed): see interleaved_ms.
@@ -267,11 +270,6 @@ def bench_torch(args, mesh, results):
     line += f', channels_last {e["torch_fp_channels_last_eval"]:.1f} ms'
   print(f'{line} | JAX TTQ {e["jax_ttq_eval"]:.1f} ms => JAX / torch NCHW = '
         f'{results["torch"]["jax_ttq_eval_over_torch_nchw_eval"]:.2f}x')
-
-
-def _jax_eval_fn(runner: Runner, eval_batch_size: int, mesh):
-  batch = synthetic_batch(runner.config, eval_batch_size, mesh, with_mask=True)
-  return lambda: jax.block_until_ready(runner.programs.eval(runner.state, batch))
 
 
 def bench_pipeline(args, mesh, results):

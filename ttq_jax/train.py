@@ -170,7 +170,7 @@ def ternary_kernel_mask(params) -> Any:
   """True for the latent kernels of ternary layers (modules auto-named `Ternary*`)."""
   def is_ternary_kernel(path, _):
     parts = _path_str(path).split('/')
-    return parts[-1] == 'kernel' and len(parts) > 1 and parts[-2].startswith('Ternary')
+    return parts[-1] == 'kernel' and len(parts) > 1 and quant_lib.is_ternary_layer(parts[-2])
   return jax.tree_util.tree_map_with_path(is_ternary_kernel, params)
 
 
@@ -384,7 +384,7 @@ def init_scales_from_kernels(params, config):
     for name, value in tree.items():
       if not isinstance(value, dict):
         continue
-      if name.startswith('Ternary') and 'w_p' in value:
+      if quant_lib.is_ternary_layer(name) and 'w_p' in value:
         kernel = value['kernel']
         if config.normalize_init:
           kernel = kernel / jnp.max(jnp.abs(kernel))

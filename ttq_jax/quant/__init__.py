@@ -15,6 +15,7 @@ from ttq_jax.quant.layers import TernaryConv
 from ttq_jax.quant.layers import TernaryDense
 from ttq_jax.quant.layers import threshold
 from ttq_jax.quant.report import count_params
+from ttq_jax.quant.report import is_ternary_layer
 from ttq_jax.quant.report import layer_scales
 from ttq_jax.quant.report import layer_sparsity
 from ttq_jax.quant.report import ternary_kernels

@@ -18,6 +18,11 @@ from ttq_jax.quant.config import QuantConfig
 from ttq_jax.quant.layers import effective_scales, threshold
 
 
+def is_ternary_layer(name: str) -> bool:
+  """Whether a params-tree module name is a ternary layer (Flax auto-names `TernaryConv_3`, ...)."""
+  return name.startswith('Ternary')
+
+
 def _ternary_modules(params: Mapping[str, Any], prefix: str = ''):
   """Yields (path, module_dict) of ternary layers in a nested params dict (depth first, sorted)."""
   for name in sorted(params):
@@ -25,7 +30,7 @@ def _ternary_modules(params: Mapping[str, Any], prefix: str = ''):
     if not isinstance(value, Mapping):
       continue
     path = f'{prefix}{name}'
-    if name.startswith('Ternary') and 'kernel' in value and not isinstance(value['kernel'], Mapping):
+    if is_ternary_layer(name) and 'kernel' in value and not isinstance(value['kernel'], Mapping):
       yield path, value
     else:
       yield from _ternary_modules(value, path + '/')
