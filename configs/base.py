@@ -57,7 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.ternary_kernel_lr_multiplier = 1.0  # TTQ: x learning rate of the latent kernels (from the switch)
 
   config.fp_warmup_epochs = 0.0            # train full precision first, then ternarize (one run)
-  config.init_from = ''                    # workdir of a full-precision run to fine-tune from
+  config.init_from = ''                    # workdir of a full-precision run to fine-tune from (fp_warmup_epochs = 0)
   config.normalize_init = False            # scale each quantized kernel to [-1, 1] at the switch
   config.bn_recalibration_batches = 0      # re-estimate BN statistics on N clean train batches
 
@@ -76,6 +76,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.export = ml_collections.ConfigDict()
   config.export.packing = '2bit'           # 2bit | base3
 
-  config.xla_cpu_ynn_fusion = 'auto'       # auto (per program, train.CPU_PROGRAM_OPTIONS) | on | off
+  config.xla_cpu_ynn_fusion = 'auto'       # auto (per program, programs.CPU_PROGRAM_OPTIONS) | on | off
   config.compilation_cache_dir = 'default'  # '' = off; default = ~/.cache/ttq_jax/xla
   return config

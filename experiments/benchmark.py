@@ -34,7 +34,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import base  # noqa: E402
-from ttq_jax import input_pipeline, sharding as sharding_lib, train  # noqa: E402
+from ttq_jax import input_pipeline, programs as programs_lib, sharding as sharding_lib, train  # noqa: E402
+from ttq_jax import state as state_lib  # noqa: E402
 
 IMAGE_SHAPES = {'cifar10': (32, 32, 3), 'fashion_mnist': (28, 28, 1), 'imagenet2012': (224, 224, 3)}
 
@@ -64,8 +65,8 @@ class Runner:
 
   def __init__(self, config, mesh):
     self.config, self.mesh = config, mesh
-    self.state = train.create_train_state(config, train.create_model(config), mesh)
-    self.programs = train.Programs(config, mesh, jax.tree.map(lambda x: x.sharding, self.state))
+    self.state = state_lib.create_train_state(config, state_lib.create_model(config), mesh)
+    self.programs = train.create_programs(config, mesh, self.state)
     self.batch = synthetic_batch(config, config.batch_size, mesh)
 
   def train_step(self):
@@ -81,7 +82,7 @@ class Runner:
     jax.block_until_ready(self.programs.moments(self.state, self.batch))
 
   def flops(self) -> float:
-    compiled = self.programs._get('train', True, self.state, self.batch)
+    compiled = self.programs.executable('train', self.state, self.batch)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float((cost or {}).get('flops', float('nan')))
@@ -229,7 +230,7 @@ def bench_xla_options(args, mesh, results):
                      max(3, args.steps // 2), 2)
   m = interleaved_ms({'moments_ours': ours.moments_step, 'moments_default': default.moments_step},
                      max(3, args.steps // 2), 2)
-  res = {**t, **e, **m, 'options': {p: train.compiler_options(ours.config, p) for p in ('train', 'eval', 'moments')}}
+  res = {**t, **e, **m, 'options': {p: programs_lib.compiler_options(ours.config, p) for p in ('train', 'eval', 'moments')}}
   for p in ('train', 'eval', 'moments'):
     res[f'{p}_speedup'] = res[f'{p}_default'] / res[f'{p}_ours']
   results['xla_cpu_options'] = res
@@ -281,7 +282,7 @@ def bench_pipeline(args, mesh, results):
   runner = Runner(config, mesh)
   ds = input_pipeline.train_dataset(config.data, local_batch_size=args.batch_size // jax.process_count(), seed=0)
   it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=config.data.num_threads, prefetch_buffer_size=8)))
-  prefetcher = train._Prefetcher(it, mesh, config.data.prefetch_batches)
+  prefetcher = input_pipeline.Prefetcher(it, mesh, config.data.prefetch_batches)
 
   def real():
     batch, _ = prefetcher.next()
@@ -321,14 +322,14 @@ def bench_memory(args, mesh, results):
   for model, dataset, per_device in MEMORY_SETTINGS:
     for dtype in ('float32', 'bfloat16'):
       config = make_config(model, dataset, 'ttq', per_device, dtype)
-      state = jax.eval_shape(lambda: train.create_train_state(config, train.create_model(config), one))
+      state = jax.eval_shape(lambda: state_lib.create_train_state(config, state_lib.create_model(config), one))
       shardings = jax.tree.map(lambda _: sharding_lib.replicated(one), state)
       state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state, shardings)
       info = input_pipeline.dataset_info(dataset)
       batch = {'image': jax.ShapeDtypeStruct((per_device, *info.image_shape), jnp.uint8),
                'label': jax.ShapeDtypeStruct((per_device,), jnp.int32)}
-      fn = lambda s, b: train.train_step(s, b, apply_fn=train.create_model(config).apply, info=info,
-                                         dtype=train.compute_dtype(config))
+      fn = lambda s, b: train.train_step(s, b, apply_fn=state_lib.create_model(config).apply, info=info,
+                                         dtype=state_lib.compute_dtype(config))
       t = time.perf_counter()
       compiled = jax.jit(fn, donate_argnums=(0,)).lower(state, batch).compile()
       mem = compiled.memory_analysis()
@@ -348,7 +349,7 @@ def bench_compile_cache(args, results):
   cache = tempfile.mkdtemp(prefix='ttq_cache_')
   code = ('import time; t=time.perf_counter(); import sys; sys.path.insert(0, %r);'
           'from experiments.benchmark import *; import jax;'
-          'c = make_config(%r, %r, "ttq", %d); c.compilation_cache_dir = %r; train.setup_compilation_cache(c);'
+          'c = make_config(%r, %r, "ttq", %d); c.compilation_cache_dir = %r; programs_lib.setup_compilation_cache(c);'
           'm = sharding_lib.create_mesh((-1, 1), ("data", "fsdp")); r = Runner(c, m); r.train_step();'
           'print(time.perf_counter() - t)') % (ROOT, args.model, args.dataset, args.batch_size, cache)
   times = []

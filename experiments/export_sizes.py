@@ -22,17 +22,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import fashion_mnist  # noqa: E402
-from ttq_jax import export, models, train  # noqa: E402
+from ttq_jax import export, export_format, models, state as state_lib  # noqa: E402
 from ttq_jax.quant import QuantConfig  # noqa: E402
 
 
 def _variables(workdir):
   config = fashion_mnist.get_config()
   if workdir:
-    from ttq_jax import checkpoint as ckpt, sharding as sh
-    mesh = sh.create_mesh((1, 1), ('data', 'fsdp'))
-    state = train.create_train_state(config, train.create_model(config), mesh)
-    step, state, _ = ckpt.restore_latest(ckpt.create_manager(workdir, read_only=True), state)
+    _, step, state, _ = state_lib.restore(config, workdir, mesh_shape=(1, 1))
     return config, jax.device_get({'params': state.params, 'batch_stats': state.batch_stats}), f'{workdir} step {step}'
   model = models.create_model('resnet20', num_classes=10, quant=QuantConfig())
   return config, jax.device_get(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), train=False)), \
@@ -53,18 +50,18 @@ def main():
   p.add_argument('--workdir', default='')
   args = p.parse_args()
   config, variables, what = _variables(args.workdir)
-  q = train.quant_config(config)
+  q = state_lib.quant_config(config)
   fp32 = sum(np.asarray(x).size * 4 for x in jax.tree.leaves(variables))
   print(f'{what}: {fp32:,} B of float32 parameters and BN statistics')
   for packing in ('2bit', 'base3'):
     path = os.path.join(tempfile.mkdtemp(), 'model.safetensors')
 
     def do_export():
-      tensors = export.build_export(variables['params'], variables['batch_stats'], q, packing)
-      export.save(path, tensors, packing=packing, config=config, step=0)
+      tensors = export_format.build_export(variables['params'], variables['batch_stats'], q, packing)
+      export_format.save(path, tensors, packing=packing, config=config, step=0)
     t_export = timed(do_export)
     t_load = timed(lambda: export.load(path))
-    _, _, report = export.read(path)
+    _, _, report = export_format.read(path)
     ternary_fp32 = sum(r['numel'] * 4 for r in report.values())
     packed = sum(r['packed_bytes'] for r in report.values())
     size = os.path.getsize(path)

@@ -1,9 +1,11 @@
-"""Test setup: 8 simulated CPU devices (before any JAX computation) and shared fixtures."""
+"""Test setup: 8 simulated CPU devices (before any JAX computation), shared fixtures and helpers."""
 
+import json
 import os
 import sys
 
 import jax
+import numpy as np
 
 jax.config.update('jax_num_cpu_devices', 8)
 import tempfile  # noqa: E402
@@ -18,6 +20,36 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 import pytest  # noqa: E402
+
+
+def metrics_rows(workdir) -> list[dict]:
+  """WORKDIR/metrics.jsonl as a list of dicts, in file order."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(l) for l in f]
+
+
+def restored(workdir, config, step=None):
+  """(step, host copy of the train state) of the newest (or `step`) checkpoint, on one device."""
+  from ttq_jax import state as state_lib
+  r = state_lib.restore(config, str(workdir), step=step, mesh_shape=(1, 1))
+  return r.step, jax.device_get(r.state)
+
+
+def scaled_allclose(actual, reference, tol, err_msg=''):
+  """Each pair of leaves agrees to `tol` times the reference leaf's largest magnitude.
+
+  Rounding of float32 sums (another reduction order on another device count, or another XLA kernel)
+  is relative to the magnitude of what is summed, not to each element: an element that happens to be
+  near 0 carries the same absolute error as its large neighbours. A wrong sign, a missing all-reduce
+  or a mis-scaled gradient is O(1) of the array's scale and fails any tol << 1.
+  """
+  actual, reference = jax.tree.leaves(actual), jax.tree.leaves(reference)
+  assert len(actual) == len(reference)
+  for i, (x, y) in enumerate(zip(actual, reference)):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    scale = float(np.max(np.abs(y))) if y.size else 0.0
+    np.testing.assert_allclose(x, y, rtol=0, atol=tol * scale, err_msg=f'{err_msg} leaf {i} (scale {scale:.3g})')
+
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ def _write_idx(path, array):
     f.write(header + array.astype(np.uint8).tobytes())
 
 
-def _fake_fashion_mnist(d, n=20, corrupt=None):
+def fake_fashion_mnist(d, n=20, corrupt=None):
   rng = np.random.default_rng(0)
   for split, (img, lab) in ip.FASHION_MNIST_FILES.items():
     _write_idx(os.path.join(d, img), rng.integers(0, 255, (n, 28, 28)))
@@ -42,7 +42,7 @@ def _fake_fashion_mnist(d, n=20, corrupt=None):
 
 
 def test_data_dir_is_searched_first(tmp_path):
-  _fake_fashion_mnist(tmp_path)
+  fake_fashion_mnist(tmp_path)
   images, _ = ip.load_fashion_mnist('train', str(tmp_path))
   assert images.shape == (20, 28, 28, 1)
 
@@ -57,7 +57,7 @@ def test_missing_files_error_says_where_it_looked(tmp_path, monkeypatch):
 
 
 def test_malformed_file_is_a_data_error(tmp_path):
-  _fake_fashion_mnist(tmp_path, corrupt='t10k-images-idx3-ubyte.gz')
+  fake_fashion_mnist(tmp_path, corrupt='t10k-images-idx3-ubyte.gz')
   with pytest.raises(ip.DataError, match='malformed IDX file .*t10k-images'):
     ip.load_fashion_mnist('test', str(tmp_path))
 
@@ -132,12 +132,53 @@ def test_tfds_pipelines_with_mock_data(name, size):
     assert has_zero_border.sum() >= 6
 
 
-def test_imagenet_train_crop_ranges():
+def _recording_resize(calls):
+  """Stands in for the resize: records the size asked for and returns an image whose pixels encode their
+  own row and column (channel 0: row % 256, 1: col % 256, 2: 16 * (row // 256) + col // 256)."""
+  def resize(image, height, width):
+    calls.append((height, width))
+    r, c = np.meshgrid(np.arange(height), np.arange(width), indexing='ij')
+    return np.stack([r % 256, c % 256, 16 * (r // 256) + c // 256], -1).astype(np.uint8)
+  return resize
+
+
+def _origin(crop):
+  """(row, col) of the crop's top-left pixel in the resized image, and whether it was flipped."""
+  decode = lambda p: (int(p[0]) + 256 * (int(p[2]) // 16), int(p[1]) + 256 * (int(p[2]) % 16))
+  (r0, c0), (_, c1) = decode(crop[0, 0]), decode(crop[0, 1])
+  return (r0, c0 - 223, True) if c1 < c0 else (r0, c0, False)
+
+
+def test_imagenet_train_crop_ranges(monkeypatch):
+  """TTQ's AlexNet augmentation: short side resized to U[224, 308], aspect jitter in [0.85, 1.15], a random
+  224x224 window inside the resized image, flipped half of the time."""
+  calls = []
+  monkeypatch.setattr(ip, '_pil_resize', _recording_resize(calls))
   rng = np.random.default_rng(0)
-  image = rng.integers(0, 255, (300, 400, 3)).astype(np.uint8)
-  for _ in range(5):
-    assert ip.imagenet_train_crop(image, rng).shape == (224, 224, 3)
-  small = rng.integers(0, 255, (10, 25, 3)).astype(np.uint8)
+  image = np.zeros((300, 400, 3), np.uint8)  # short side 300, aspect 4:3
+  origins = []
+  for _ in range(300):
+    crop = ip.imagenet_train_crop(image, rng)
+    assert crop.shape == (224, 224, 3)
+    origins.append(_origin(crop))
+  short = np.array([h for h, _ in calls])
+  aspect = np.array([w / h for h, w in calls]) / (400 / 300)
+  assert short.min() >= 224 and short.max() <= 308 and short.min() < 232 and short.max() > 300
+  assert aspect.min() >= 0.85 - 0.01 and aspect.max() <= 1.15 + 0.01 and aspect.min() < 0.87 and aspect.max() > 1.13
+  for (h, w), (y, x, _) in zip(calls, origins):
+    assert 0 <= y <= h - 224 and 0 <= x <= w - 224
+  assert 0.4 < np.mean([f for _, _, f in origins]) < 0.6
+  assert max(y for _, (y, _, _) in zip(calls, origins)) > 60  # windows cover the image, not only its corner
+
+
+def test_imagenet_eval_crop_is_the_center_of_the_short_side_256(monkeypatch):
+  calls = []
+  monkeypatch.setattr(ip, '_pil_resize', _recording_resize(calls))
+  crop = ip.imagenet_eval_crop(np.zeros((300, 400, 3), np.uint8))
+  assert calls == [(256, 341)] and crop.shape == (224, 224, 3)
+  assert _origin(crop) == ((256 - 224) // 2, (341 - 224) // 2, False)
+  small = np.random.default_rng(0).integers(0, 255, (10, 25, 3)).astype(np.uint8)
+  monkeypatch.undo()
   assert ip.imagenet_eval_crop(small).shape == (224, 224, 3)
 
 

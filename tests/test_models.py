@@ -63,11 +63,24 @@ def test_first_and_last_full_precision_by_default_and_switch():
 
 
 def test_batch_norm_and_biases_never_quantized():
-  p = _params('alexnet_tiny', (1, 224, 224, 3), 1000)
-  for path, _ in jax.tree_util.tree_flatten_with_path(p)[0]:
-    names = [k.key for k in path]
-    if any(n.startswith('BatchNorm') for n in names) or names[-1] == 'bias':
-      assert not any(n.startswith('Ternary') for n in names[:-1]) or names[-1] == 'bias'
+  """Even with the first and last layer ternary, only kernels are ternary: every BN parameter and every
+  bias stays out of the ternary set, and a ternary layer adds its bias in full precision."""
+  from ttq_jax.quant import TernaryDense, ternary_weights
+  model = models.create_model('resnet_tiny', num_classes=10, quant=TTQ, quantize_first_last=True)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), train=False)['params']
+  ternary = set(ternary_weights(params, TTQ))
+  assert ternary and all(p.endswith('/kernel') for p in ternary)
+  kept = [path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+          if path[-1].key == 'bias' or any(k.key.startswith('BatchNorm') for k in path)]
+  assert any(p[-1].key == 'bias' for p in kept) and any(p[-1].key == 'scale' for p in kept)
+  assert not ternary & {'/'.join(k.key for k in p) for p in kept}
+  assert count_params(params, TTQ)['ternary'] == sum(
+      int(np.prod(np.shape(params[p.split('/')[0]]['kernel']))) for p in ternary if p.count('/') == 1) + sum(
+      int(np.prod(np.shape(params[p.split('/')[0]][p.split('/')[1]]['kernel']))) for p in ternary if p.count('/') == 2)
+  layer = TernaryDense(2, quant=TTQ)
+  v = layer.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))
+  v = {'params': dict(v['params'], bias=jnp.array([0.123, -0.456]))}
+  np.testing.assert_array_equal(layer.apply(v, jnp.zeros((1, 3))), np.float32([[0.123, -0.456]]))
 
 
 @pytest.mark.parametrize('name,shape,classes', [

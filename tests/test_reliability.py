@@ -13,12 +13,11 @@ import jax
 import numpy as np
 import pytest
 
-from ttq_jax import checkpoint as ckpt
+from tests.conftest import ROOT, metrics_rows, restored
 from ttq_jax import evaluation
-from ttq_jax import sharding as sharding_lib
 from ttq_jax import train
+from ttq_jax.errors import CheckpointError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1', PYTHONUNBUFFERED='1')
 LONG = ['--config.num_train_steps=12', '--config.checkpoint_every_steps=3', '--config.compilation_cache_dir=']
 
@@ -31,15 +30,8 @@ def _run(cmd, timeout=300, env=ENV):
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _state(workdir, config):
-  mesh = sharding_lib.create_mesh((1, 1), ('data', 'fsdp'))
-  state = train.create_train_state(config, train.create_model(config), mesh)
-  return ckpt.restore_latest(ckpt.create_manager(str(workdir), read_only=True), state)
-
-
 def _rows(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return {r['step']: r for r in map(json.loads, f)}
+  return {r['step']: r for r in metrics_rows(workdir)}
 
 
 def _interrupt(workdir, sig):
@@ -81,9 +73,9 @@ def test_killed_run_resumes_bit_for_bit(tmp_path, uninterrupted, smoke_config, s
   r = _run(_cli(tmp_path, *LONG))
   assert r.returncode == 0, r.stderr[-2000:]
   smoke_config.num_train_steps = 12
-  (sa, a, _), (sb, b, _) = _state(uninterrupted, smoke_config), _state(tmp_path, smoke_config)
+  (sa, a), (sb, b) = restored(uninterrupted, smoke_config), restored(tmp_path, smoke_config)
   assert sa == sb == 12
-  for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
   ra, rb = _rows(uninterrupted), _rows(tmp_path)
   assert ra[12]['train_loss'] == rb[12]['train_loss'] and ra[12]['eval_loss'] == rb[12]['eval_loss']
@@ -129,7 +121,7 @@ def test_unreadable_newest_step_falls_back(tmp_path, finished, smoke_config, how
   out = train.train_and_evaluate(smoke_config, workdir)
   assert out['step'] == 6
   assert os.listdir(os.path.join(workdir, 'corrupt_checkpoints')) == ['step_6']
-  assert _state(workdir, smoke_config)[0] == 6
+  assert restored(workdir, smoke_config)[0] == 6
 
 
 @pytest.mark.slow
@@ -139,7 +131,7 @@ def test_no_readable_checkpoint_is_one_line_and_deletes_nothing(tmp_path, finish
   for s in ('3', '6'):
     _corrupt(os.path.join(workdir, 'checkpoints', s), 'missing metadata')
   before = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
-  with pytest.raises(ckpt.CheckpointError, match='no readable checkpoint') as e:
+  with pytest.raises(CheckpointError, match='no readable checkpoint') as e:
     train.train_and_evaluate(smoke_config, workdir)
   assert '\n' not in str(e.value)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == before
@@ -168,6 +160,8 @@ def _bad_cases(tmp_path):
       'unwritable workdir': ([], 'is not writable'),
       'eval without checkpoints': (['--mode=eval'], 'has no checkpoints to evaluate'),
       'missing config': (None, '--config is required'),
+      'init_from with warm-up': (['--config.init_from=/runs/fp', '--config.fp_warmup_epochs=1.0'],
+                                 "init_from='/runs/fp' and fp_warmup_epochs=1.0 are both set"),
   }, unwritable
 
 
@@ -175,16 +169,16 @@ def _bad_cases(tmp_path):
 @pytest.mark.parametrize('case', ['unknown key', 'wrong type', 't out of range', 'sparsity out of range',
                                   'unknown method', 'unknown model', 'unknown dataset', 'batch not divisible',
                                   'missing dataset', 'malformed dataset', 'unwritable workdir',
-                                  'eval without checkpoints', 'missing config'])
+                                  'eval without checkpoints', 'missing config', 'init_from with warm-up'])
 def test_bad_input_is_one_line_with_nonzero_exit(tmp_path, case):
   cases, unwritable = _bad_cases(tmp_path)
   extra, expected = cases[case]
   workdir = unwritable / 'sub' if case == 'unwritable workdir' else tmp_path / 'wd'
   if case == 'malformed dataset':
-    from tests.test_input_pipeline import _fake_fashion_mnist
+    from tests.test_input_pipeline import fake_fashion_mnist
     bad = tmp_path / 'bad'
     bad.mkdir()
-    _fake_fashion_mnist(bad, corrupt='train-images-idx3-ubyte.gz')
+    fake_fashion_mnist(bad, corrupt='train-images-idx3-ubyte.gz')
     extra = [f'--config.data.data_dir={bad}']
   if extra is None:
     cmd = [sys.executable, '-m', 'ttq_jax.main', '--workdir', str(workdir)]

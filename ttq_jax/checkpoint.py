@@ -1,17 +1,19 @@
-"""Orbax checkpoints of the train state and the input iterator, with fallback on corrupt steps."""
+"""Orbax checkpoints of the train state and the input iterator, with fallback on corrupt steps, and
+the warm start of a run from another run's checkpoint (`init_from`)."""
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Callable, Sequence
 
+import flax
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
-
-class CheckpointError(RuntimeError):
-  """No readable checkpoint (reported as one line)."""
+from ttq_jax.errors import CheckpointError
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -36,12 +38,32 @@ def abstract_like(state: Any) -> Any:
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
 
-def restore_latest(manager: ocp.CheckpointManager, target: Any, step: int | None = None):
+def _restore_step(manager, step: int, abstract, legacy: Sequence[Callable]):
+  args = lambda a: ocp.args.Composite(state=ocp.args.StandardRestore(a), data=ocp.args.JsonRestore())
+  try:
+    restored = manager.restore(step, args=args(abstract))
+    return restored['state'], restored['data']
+  except ValueError as e:
+    if 'tree structures do not match' not in str(e):
+      raise
+    for older_format in legacy:  # a checkpoint written by an earlier version of the state
+      older_abstract, convert = older_format(abstract)
+      try:
+        restored = manager.restore(step, args=args(older_abstract))
+      except ValueError:
+        continue
+      return convert(restored['state']), restored['data']
+    raise
+
+
+def restore_latest(manager: ocp.CheckpointManager, target: Any, step: int | None = None,
+                   legacy: Sequence[Callable] = ()):
   """Restores the newest readable step (or exactly `step`) into `target`'s structure/shardings.
 
   Returns (step, state, data_state) or None when the directory holds no checkpoint. Unreadable
   newer steps are skipped with a warning; when no step is readable raises CheckpointError and
-  deletes nothing.
+  deletes nothing. `legacy`: functions `abstract -> (abstract of an older state format, converter of
+  such a restored state to the current one)`, tried when the on-disk tree does not match `target`.
   """
   steps = sorted(manager.all_steps(), reverse=True)
   if not steps:
@@ -55,11 +77,10 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any, step: int | None
   errors = []
   for s in steps:
     try:
-      restored = manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                            data=ocp.args.JsonRestore()))
+      state, data = _restore_step(manager, s, abstract, legacy)
       if errors:
         logging.warning('restored step %d after skipping unreadable newer steps: %s', s, '; '.join(errors))
-      return s, restored['state'], dict(restored['data'] or {})
+      return s, state, dict(data or {})
     except Exception as e:  # orbax raises many types for truncated / missing files
       msg = f'step {s}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}'
       logging.warning('checkpoint %s is unreadable, trying an older one', msg)
@@ -92,3 +113,37 @@ def quarantine_newer(manager: ocp.CheckpointManager, workdir: str, step: int) ->
       multihost_utils.sync_global_devices('ttq_jax_quarantine')
     manager.reload()
   return moved
+
+
+def _copy_matching(dst, src, prefix: str, copied: list, kept: list):
+  """`dst` with every leaf that `src` has at the same path and shape replaced by `src`'s value."""
+  out = {}
+  for k, v in dst.items():
+    if isinstance(v, (dict, flax.core.FrozenDict)):
+      out[k] = _copy_matching(v, (src or {}).get(k, {}), f'{prefix}{k}/', copied, kept)
+    elif src is not None and k in src and np.shape(src[k]) == np.shape(v):
+      out[k] = jnp.asarray(src[k], v.dtype)
+      copied.append(prefix + k)
+    else:
+      out[k] = v
+      kept.append(prefix + k)
+  return out
+
+
+def load_init_from(state: Any, workdir_from: str) -> Any:
+  """Warm start (the paper's fine-tuning recipe): copies the params and BN statistics of the newest
+  checkpoint in `workdir_from` (an FP run of the same model) into `state` wherever path and shape
+  match, and starts a fresh optimizer state. The switch to ternary (scale init) is the caller's."""
+  mngr = create_manager(workdir_from, read_only=True)
+  steps = mngr.all_steps()
+  if not steps:
+    raise CheckpointError(f'init_from={workdir_from!r} has no checkpoint in {checkpoint_dir(workdir_from)}')
+  restored = mngr.restore(max(steps), args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+  copied, kept = [], []
+  params = _copy_matching(jax.device_get(state.params), restored['params'], '', copied, kept)
+  batch_stats = _copy_matching(jax.device_get(state.batch_stats), restored.get('batch_stats', {}), '', copied, kept)
+  logging.info('init_from %s: copied %d tensors, kept %d at init (%s)', workdir_from, len(copied), len(kept),
+               ', '.join(kept[:8]))
+  new = state.replace(params=params, batch_stats=batch_stats)
+  new = new.replace(opt_state=state.tx.init(new.params))
+  return jax.device_put(new, jax.tree.map(lambda x: x.sharding, state))

@@ -1,4 +1,8 @@
-"""Config validation and the workdir guard: every bad value is a one-line ValueError."""
+"""Config validation and the workdir guard: every bad value is a one-line ConfigError.
+
+The allowed values of each choice are the keys of the dispatch table that the code runs through,
+so nothing is allowed here that has no code behind it.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +10,27 @@ import json
 import os
 import tempfile
 
+from ttq_jax import export_format
+from ttq_jax import files
 from ttq_jax import input_pipeline
 from ttq_jax import models
+from ttq_jax import optim
+from ttq_jax import programs
+from ttq_jax import state as state_lib
+from ttq_jax.errors import ConfigError
 from ttq_jax.quant import QuantConfig
 
+# config key -> the dispatch table that owns its allowed values
 CHOICES = {
-    'quant.scale_init': ('constant', 'mean_abs'),
-    'dtype': ('float32', 'bfloat16'),
-    'optimizer': ('sgd', 'adam'),
-    'lr_schedule': ('cosine', 'piecewise', 'constant'),
-    'scale_optimizer': ('adam', 'same'),
-    'export.packing': ('2bit', 'base3'),
-    'xla_cpu_ynn_fusion': ('auto', 'on', 'off'),
+    'model.name': models.MODELS,
+    'data.name': input_pipeline.DATASETS,
+    'quant.scale_init': state_lib.SCALE_INITS,
+    'dtype': state_lib.DTYPES,
+    'optimizer': optim.OPTIMIZERS,
+    'lr_schedule': optim.SCHEDULES,
+    'scale_optimizer': optim.SCALE_OPTIMIZERS,
+    'export.packing': export_format.PACKINGS,
+    'xla_cpu_ynn_fusion': programs.YNN_FUSION_MODES,
 }
 POSITIVE_INTS = ('batch_size', 'eval_batch_size', 'log_every_steps', 'checkpoint_every_steps')
 # Fields that change what the model or data are: a workdir trained with other values is refused.
@@ -33,39 +46,44 @@ def _get(config, dotted: str):
 
 
 def validate(config) -> None:
-  """Raises ValueError naming the first bad value and what is allowed."""
-  if config.model.name not in models.MODELS:
-    raise ValueError(f'model.name={config.model.name!r} is unknown: allowed are {", ".join(sorted(models.MODELS))}')
+  """Raises ConfigError naming the first bad value and what is allowed."""
+  for key, table in CHOICES.items():
+    value = _get(config, key)
+    if value not in table:
+      raise ConfigError(f'{key}={value!r} is unknown: allowed are {", ".join(sorted(table))}')
   info = input_pipeline.dataset_info(config.data.name)
   min_size = models.MIN_IMAGE_SIZE.get(config.model.name, 0)
   if min(info.image_shape[:2]) < min_size:
-    fits = [n for n in ('fashion_mnist', 'cifar10', 'imagenet2012')
+    fits = [n for n in input_pipeline.DATASETS
             if min(input_pipeline.dataset_info(n).image_shape[:2]) >= min_size]
-    raise ValueError(f'model.name={config.model.name!r} needs images of at least {min_size}x{min_size}, but '
-                     f'data.name={config.data.name!r} has {info.image_shape[0]}x{info.image_shape[1]}: '
-                     f'allowed datasets for it are {", ".join(fits)}')
-  QuantConfig.from_mapping(config.quant)
-  for key, allowed in CHOICES.items():
-    value = _get(config, key)
-    if value not in allowed:
-      raise ValueError(f'{key}={value!r} is unknown: allowed are {", ".join(allowed)}')
+    raise ConfigError(f'model.name={config.model.name!r} needs images of at least {min_size}x{min_size}, but '
+                      f'data.name={config.data.name!r} has {info.image_shape[0]}x{info.image_shape[1]}: '
+                      f'allowed datasets for it are {", ".join(fits)}')
+  try:
+    QuantConfig.from_mapping(config.quant)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   for key in POSITIVE_INTS:
     if int(_get(config, key)) <= 0:
-      raise ValueError(f'{key}={_get(config, key)!r} must be a positive integer')
+      raise ConfigError(f'{key}={_get(config, key)!r} must be a positive integer')
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
-    raise ValueError(f'num_epochs={config.num_epochs!r} must be > 0 (or set num_train_steps > 0)')
+    raise ConfigError(f'num_epochs={config.num_epochs!r} must be > 0 (or set num_train_steps > 0)')
   if config.learning_rate < 0 or config.scale_learning_rate < 0:
-    raise ValueError(f'learning_rate={config.learning_rate!r} / scale_learning_rate={config.scale_learning_rate!r} '
-                     'must be >= 0')
+    raise ConfigError(f'learning_rate={config.learning_rate!r} / scale_learning_rate={config.scale_learning_rate!r} '
+                      'must be >= 0')
   if config.lr_schedule == 'piecewise' and len(config.lr_boundaries_epochs) != len(config.lr_values):
-    raise ValueError(f'lr_boundaries_epochs={tuple(config.lr_boundaries_epochs)} and '
-                     f'lr_values={tuple(config.lr_values)} must have the same length')
+    raise ConfigError(f'lr_boundaries_epochs={tuple(config.lr_boundaries_epochs)} and '
+                      f'lr_values={tuple(config.lr_values)} must have the same length')
   if not config.ternary_kernel_lr_multiplier > 0:
-    raise ValueError(f'ternary_kernel_lr_multiplier={config.ternary_kernel_lr_multiplier!r} must be > 0')
+    raise ConfigError(f'ternary_kernel_lr_multiplier={config.ternary_kernel_lr_multiplier!r} must be > 0')
   if not 0.0 <= config.target_accuracy <= 1.0:
-    raise ValueError(f'target_accuracy={config.target_accuracy!r} is out of range: allowed is 0 (off) to 1')
-  if config.export.packing not in ('2bit', 'base3'):
-    raise ValueError(f'export.packing={config.export.packing!r} is unknown: allowed are 2bit, base3')
+    raise ConfigError(f'target_accuracy={config.target_accuracy!r} is out of range: allowed is 0 (off) to 1')
+  if config.init_from and config.fp_warmup_epochs > 0 and config.quant.method != 'fp':
+    raise ConfigError(f'init_from={config.init_from!r} and fp_warmup_epochs={config.fp_warmup_epochs!r} are both set: '
+                      'init_from is the full-precision warm start, so set fp_warmup_epochs=0 (or drop init_from)')
+  if config.scale_optimizer == 'adam' and config.learning_rate == 0:
+    raise ConfigError("learning_rate=0 with scale_optimizer='adam': the scales' schedule is the weights' schedule "
+                      'rescaled to scale_learning_rate, so learning_rate must be > 0')
 
 
 def flatten(d, prefix: str = '') -> dict:
@@ -98,7 +116,7 @@ def prepare_workdir(config, workdir: str, write: bool = True) -> None:
     with tempfile.NamedTemporaryFile(dir=workdir, prefix='.write_test'):
       pass
   except OSError as e:
-    raise ValueError(f'workdir={workdir!r} is not writable: {e.strerror or e}') from None
+    raise ConfigError(f'workdir={workdir!r} is not writable: {e.strerror or e}') from None
   path = os.path.join(workdir, 'config.json')
   current = json.loads(config.to_json_best_effort())
   if os.path.exists(path):
@@ -111,8 +129,8 @@ def prepare_workdir(config, workdir: str, write: bool = True) -> None:
       changed = changed_guarded_fields(saved, current)
       if changed and not config.allow_config_change:
         details = ', '.join(f'{k}: {flatten(saved).get(k)!r} -> {flatten(current).get(k)!r}' for k in changed[:6])
-        raise ValueError(f'workdir {workdir} holds a run with a different model/data config ({details}); '
-                         'use a new --workdir or pass --config.allow_config_change=true')
+        raise ConfigError(f'workdir {workdir} holds a run with a different model/data config ({details}); '
+                          'use a new --workdir or pass --config.allow_config_change=true')
   if write:
     write_config(config, workdir)
 
@@ -121,7 +139,4 @@ def write_config(config, workdir: str) -> None:
   """Saves the run's config as WORKDIR/config.json (atomically, process 0 only)."""
   import jax
   if jax.process_index() == 0:
-    path = os.path.join(workdir, 'config.json')
-    with open(path + '.tmp', 'w') as f:
-      json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)
-    os.replace(path + '.tmp', path)
+    files.write_json(os.path.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))

@@ -1,66 +1,164 @@
-"""`--mode eval`: restore a checkpoint (or load an export) and evaluate it on the test split."""
+"""Evaluation: the eval and BN-moments steps, evaluating a stream of batches, BN re-estimation, and
+`--mode eval` (a workdir's checkpoint or a packed export, on the test split)."""
 
 from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 from ttq_jax import checkpoint as ckpt
 from ttq_jax import config_check
-from ttq_jax import export
+from ttq_jax import export_format
+from ttq_jax import files
 from ttq_jax import input_pipeline
+from ttq_jax import models
+from ttq_jax import programs as programs_lib
+from ttq_jax import reports
 from ttq_jax import sharding as sharding_lib
-from ttq_jax import train
+from ttq_jax import state as state_lib
+from ttq_jax import steps
+
+TOP_K = 5  # top-5 accuracy is reported for datasets with more than 5 classes
+
+
+# --------------------------------------------------------------------------- per-batch maths
+
+
+def cross_entropy(logits, labels, num_classes: int):
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), jax.nn.one_hot(labels, num_classes))
+
+
+def topk_correct(logits, labels, k: int):
+  """1.0 where the label is among the k highest logits."""
+  if k == 1:
+    return (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+  return (jnp.sum(logits > label_logit, axis=-1) < k).astype(jnp.float32)
+
+
+def reports_top_k(num_classes: int) -> bool:
+  return num_classes > TOP_K
+
+
+def eval_step(state, batch, *, apply_fn, info, dtype):
+  """Sums of loss / correct over the valid (mask = 1) rows of one global batch."""
+  images = input_pipeline.normalize(batch['image'], info, dtype)
+  logits = apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, images, train=False)
+  mask = batch['mask']
+  out = {'loss': jnp.sum(cross_entropy(logits, batch['label'], info.num_classes) * mask),
+         'top1_correct': jnp.sum(topk_correct(logits, batch['label'], 1) * mask),
+         'count': jnp.sum(mask)}
+  if reports_top_k(info.num_classes):
+    out[f'top{TOP_K}_correct'] = jnp.sum(topk_correct(logits, batch['label'], TOP_K) * mask)
+  return out
+
+
+def batch_moments_step(state, batch, *, apply_fn, info, dtype):
+  """This batch's BN mean/var for every BN layer (train-mode forward from zero statistics)."""
+  images = input_pipeline.normalize(batch['image'], info, dtype)
+  zeros = jax.tree.map(jnp.zeros_like, state.batch_stats)
+  _, updates = apply_fn({'params': state.params, 'batch_stats': zeros}, images, train=True, mutable=['batch_stats'])
+  # Flax: ra = momentum * ra + (1 - momentum) * batch_value, so from ra = 0 we get the batch value back.
+  return jax.tree.map(lambda x: x / (1.0 - models.BN_MOMENTUM), updates['batch_stats'])
+
+
+STEPS = {'eval': programs_lib.Step(eval_step), 'moments': programs_lib.Step(batch_moments_step)}
+
+
+# --------------------------------------------------------------------------- over a stream of batches
+
+
+def evaluate(programs: programs_lib.Programs, state, batches, quantized: bool = True) -> dict[str, float]:
+  """Loss / top-1 / top-5 over all batches (each a process-local dict with a `mask`)."""
+  totals = None
+  for local in batches:
+    out = programs.eval(state, sharding_lib.global_batch(local, programs.mesh), quantized)
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  totals = jax.device_get(totals)
+  count = float(totals['count'])
+  result = {'loss': float(totals['loss']) / count, 'top1_accuracy': float(totals['top1_correct']) / count}
+  if f'top{TOP_K}_correct' in totals:
+    result[f'top{TOP_K}_accuracy'] = float(totals[f'top{TOP_K}_correct']) / count
+  result['num_examples'] = int(count)
+  return result
+
+
+def recalibrate_batch_stats(programs: programs_lib.Programs, state, batches, quantized: bool = True):
+  """Replaces BN running statistics by the average batch statistics of the current (ternary)
+  weights over clean training batches (the running averages lag the final ternary weights)."""
+  total, n = None, 0
+  for local in batches:
+    moments = programs.moments(state, sharding_lib.global_batch(local, programs.mesh), quantized)
+    total = moments if total is None else jax.tree.map(jnp.add, total, moments)
+    n += 1
+  if n == 0:
+    return state
+  return state.replace(batch_stats=jax.tree.map(lambda x: x / n, total))
+
+
+def eval_batches(config):
+  """This process's part of every global batch of the test split."""
+  return input_pipeline.eval_batches(config.data, global_batch_size=config.eval_batch_size,
+                                     process_index=jax.process_index(), process_count=jax.process_count())
+
+
+# --------------------------------------------------------------------------- --mode eval
 
 
 def _params_bytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def evaluate_workdir(config, workdir: str) -> dict:
-  """Evaluates the newest (or `eval_step`) checkpoint; writes WORKDIR/eval/step_<N>.json."""
+def _check_export_matches(config, metadata: dict) -> None:
+  saved = json.loads(metadata['config'])
+  for key in ('model', 'data'):
+    if saved[key]['name'] != config[key]['name']:
+      raise config_check.ConfigError(
+          f'restore_from={config.restore_from!r} holds {key}.name={saved[key]["name"]!r} but the config says '
+          f'{config[key]["name"]!r}: pass the config the export was made with')
+
+
+def _from_export(config, mesh):
+  """(step, state, report) of a packed export: ternary layers run as plain convs with dense kernels."""
+  variables, metadata, layers = export_format.read(config.restore_from)
+  _check_export_matches(config, metadata)
+  state = jax.device_put(state_lib.TrainState.create(
+      apply_fn=None, params=variables['params'], tx=optax.identity(), batch_stats=variables.get('batch_stats', {})),
+      sharding_lib.replicated(mesh))
+  ternary = sum(r['numel'] for r in layers.values())
+  report = {'sparsity': {k.removeprefix('params/'): r['sparsity'] for k, r in layers.items()},
+            'scales': {k.removeprefix('params/'): (r['w_p'], r['w_n']) for k, r in layers.items()},
+            'param_counts': {'ternary': ternary,
+                             'full_precision': sum(int(np.size(x)) for x in jax.tree.leaves(variables['params'])) - ternary}}
+  return int(metadata.get('step', -1)), state, report
+
+
+def evaluate_workdir(config, workdir: str) -> dict[str, Any]:
+  """`--mode eval`: evaluates the newest (or `eval_step`) checkpoint of `workdir`, or the export named by
+  `restore_from`, on the test split; writes WORKDIR/eval/step_<N>.json (export_step_<N>.json)."""
   config_check.validate(config)
   workdir = os.path.abspath(workdir)
-  train.setup_compilation_cache(config)
-  mesh = sharding_lib.create_mesh(config.mesh_shape, config.mesh_axes)
-  sharding_lib.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
-  if config.restore_from:  # a packed export: its ternary layers run as plain convs with dense kernels
-    variables, metadata, layers = export.read(config.restore_from)
-    saved = json.loads(metadata['config'])
-    for key in ('model', 'data'):
-      if saved[key]['name'] != config[key]['name']:
-        raise ValueError(f'restore_from={config.restore_from!r} holds {key}.name={saved[key]["name"]!r} but the '
-                         f'config says {config[key]["name"]!r}: pass the config the export was made with')
-    step, source, quantized = int(metadata.get('step', -1)), config.restore_from, False
-    state = jax.device_put(train.TrainState.create(
-        apply_fn=None, params=variables['params'], tx=optax.identity(),
-        batch_stats=variables.get('batch_stats', {}), rng=jax.random.PRNGKey(0)), sharding_lib.replicated(mesh))
-    report = {'sparsity': {k.removeprefix('params/'): r['sparsity'] for k, r in layers.items()},
-              'scales': {k.removeprefix('params/'): (r['w_p'], r['w_n']) for k, r in layers.items()},
-              'param_counts': {'ternary': sum(r['numel'] for r in layers.values()),
-                               'full_precision': sum(int(np.size(x)) for x in jax.tree.leaves(variables['params']))
-                               - sum(r['numel'] for r in layers.values())}}
+  programs_lib.setup_compilation_cache(config)
+  if config.restore_from:
+    mesh = sharding_lib.create_mesh(config.mesh_shape, config.mesh_axes)
+    sharding_lib.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
+    step, state, report = _from_export(config, mesh)
+    source, quantized = config.restore_from, False
   else:
-    state = train.create_train_state(config, train.create_model(config), mesh)
     if not os.path.isdir(ckpt.checkpoint_dir(workdir)):
       raise ckpt.CheckpointError(f'workdir {workdir} has no checkpoints to evaluate (no {ckpt.checkpoint_dir(workdir)})')
-    manager = ckpt.create_manager(workdir, read_only=True)
-    restored = ckpt.restore_latest(manager, state, None if config.eval_step < 0 else config.eval_step)
-    if restored is None:
-      raise ckpt.CheckpointError(f'workdir {workdir} has no checkpoints to evaluate')
-    step, state, _ = restored
-    source = 'checkpoint'
-    warmup = int(config.fp_warmup_epochs * train.steps_per_epoch(config))
-    quantized = config.quant.method != 'fp' and step >= warmup
-    report = train.quant_report(state, config)
-  programs = train.Programs(config, mesh, jax.tree.map(lambda x: x.sharding, state))
-  metrics = train.evaluate(programs, state, input_pipeline.eval_batches(
-      config.data, global_batch_size=config.eval_batch_size, process_index=jax.process_index(),
-      process_count=jax.process_count()), quantized)
+    mesh, step, state, _ = state_lib.restore(config, workdir, step=None if config.eval_step < 0 else config.eval_step)
+    sharding_lib.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
+    source, quantized = 'checkpoint', steps.is_ternary_at(config, step)
+    report = reports.quant_report(state, config, quantized=quantized)
+  programs = programs_lib.Programs(config, mesh, state_lib.state_shardings(state), STEPS)
+  metrics = evaluate(programs, state, eval_batches(config), quantized)
   result = {'step': int(step), 'source': source, **metrics,
             'sparsity': report['sparsity'],
             'w_p': {k: v[0] for k, v in report['scales'].items()},
@@ -68,13 +166,9 @@ def evaluate_workdir(config, workdir: str) -> dict:
             'param_counts': report['param_counts'],
             'params_bytes_fp32': _params_bytes(jax.device_get(state.params)) + _params_bytes(jax.device_get(state.batch_stats))}
   if jax.process_index() == 0:
-    out_dir = os.path.join(workdir, 'eval')
-    os.makedirs(out_dir, exist_ok=True)
     name = f'step_{int(step)}.json' if source == 'checkpoint' else f'export_step_{int(step)}.json'
-    path = os.path.join(out_dir, name)
-    with open(path + '.tmp', 'w') as f:
-      json.dump(result, f, indent=2, sort_keys=True)
-    os.replace(path + '.tmp', path)
-    print(train.format_eval_table({**result, 'scales': report['scales']}, config))
+    path = os.path.join(workdir, 'eval', name)
+    files.write_json(path, result)
+    print(reports.format_eval_table({**result, 'scales': report['scales']}, config))
     print(f'  wrote {path}')
   return result

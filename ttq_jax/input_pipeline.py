@@ -17,15 +17,18 @@ from typing import Iterator, Sequence
 import grain
 import numpy as np
 
+from ttq_jax import sharding as sharding_lib
+from ttq_jax.errors import ConfigError, DataError
+
 FASHION_MNIST_FILES = {
     'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
     'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
 }
 DEBIAN_FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
-
-
-class DataError(ValueError):
-  """Missing or malformed dataset files (reported as one line)."""
+# Random streams derived from config.seed: the shuffle uses the seed itself, augmentation seed + 1,
+# and the un-augmented stream for BN re-estimation shuffles with seed + 7 (other batches than training).
+AUGMENT_SEED_OFFSET = 1
+CLEAN_STREAM_SEED_OFFSET = 7
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +52,7 @@ DATASETS = {
 
 def dataset_info(name: str) -> DatasetInfo:
   if name not in DATASETS:
-    raise ValueError(f'data.name={name!r} is unknown: allowed are {", ".join(sorted(DATASETS))}')
+    raise ConfigError(f'data.name={name!r} is unknown: allowed are {", ".join(sorted(DATASETS))}')
   return DATASETS[name]
 
 
@@ -250,7 +253,7 @@ def train_dataset(data_config, *, local_batch_size: int, seed: int, process_inde
   if name == 'imagenet2012':
     size = info.image_shape[0]
     if augment:  # per example, keyed by its global position
-      crop = lambda ex: imagenet_train_crop(ex['image'], np.random.default_rng([seed + 1, ex['position']]), size)
+      crop = lambda ex: imagenet_train_crop(ex['image'], np.random.default_rng([seed + AUGMENT_SEED_OFFSET, ex['position']]), size)
     else:
       crop = lambda ex: imagenet_eval_crop(ex['image'], size)
     ds = ds.map(lambda ex: dict(ex, image=crop(ex)))
@@ -263,7 +266,7 @@ def train_dataset(data_config, *, local_batch_size: int, seed: int, process_inde
     def crop_flip(batch, rng):  # the rng of batch k is the same on every process: draw globally, use our rows
       return dict(batch, image=random_crop_flip(batch['image'], rng, pad, flip, rows=slice(lo, hi),
                                                 global_size=global_batch))
-    ds = ds.random_map(crop_flip, seed=seed + 1)
+    ds = ds.random_map(crop_flip, seed=seed + AUGMENT_SEED_OFFSET)
   return ds
 
 
@@ -287,5 +290,30 @@ def eval_batches(data_config, *, split: str = 'test', global_batch_size: int, pr
     yield batch
 
 
-def num_eval_batches(n: int, global_batch_size: int) -> int:
-  return -(-n // global_batch_size)
+def clean_train_batches(data_config, *, num_batches: int, local_batch_size: int, seed: int, process_index: int = 0,
+                        process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """`num_batches` un-augmented training batches from their own shuffle (for BN re-estimation)."""
+  ds = train_dataset(data_config, local_batch_size=local_batch_size, seed=seed + CLEAN_STREAM_SEED_OFFSET,
+                     process_index=process_index, process_count=process_count, augment=False)
+  return (ds[i] for i in range(num_batches))
+
+
+class Prefetcher:
+  """Pulls host batches from a grain iterator and puts `depth` of them on the devices ahead of
+  use; remembers the iterator state that follows each batch (saved with checkpoints)."""
+
+  def __init__(self, iterator, mesh, depth: int):
+    self.iterator, self.mesh, self.depth = iterator, mesh, max(1, depth)
+    self.queue: list = []
+
+  def _fill(self):
+    while len(self.queue) < self.depth:
+      local = next(self.iterator)
+      self.queue.append((sharding_lib.global_batch(local, self.mesh), self.iterator.get_state()))
+
+  def next(self):
+    """(the next global batch on the devices, the iterator state after it)."""
+    self._fill()
+    batch, state = self.queue.pop(0)
+    self._fill()
+    return batch, state

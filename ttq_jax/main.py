@@ -11,9 +11,12 @@ from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
+from ttq_jax import errors
+from ttq_jax import runner  # light: the modes import JAX when they run
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and exports.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'export'], 'What to do with the workdir.')
+flags.DEFINE_enum('mode', 'train', list(runner.MODES), 'What to do with the workdir.')
 flags.DEFINE_string('coordinator_address', None, 'Multi-host: HOST:PORT of process 0 (jax.distributed).')
 flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
 flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
@@ -48,11 +51,10 @@ def main(argv):
             f'({str(e).splitlines()[0]})')
   if not FLAGS.workdir:
     _fail('--workdir is required')
-  from ttq_jax import runner  # heavy imports after flag checks
   try:
     runner.run(config, FLAGS.workdir, FLAGS.mode, coordinator_address=FLAGS.coordinator_address,
                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  except runner.USER_ERRORS as e:
+  except errors.USER_ERRORS as e:  # anything else is a bug and keeps its traceback
     _fail(str(e))
 
 

@@ -11,6 +11,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ttq_jax import files
+
 
 def _plain(v: Any):
   if isinstance(v, (np.generic, np.ndarray)) and np.ndim(v) == 0:
@@ -68,9 +70,7 @@ def _drop_rows_after(path: str, step: int) -> None:
         keep.append(line if line.endswith('\n') else line + '\n')
     except (ValueError, KeyError, TypeError):
       continue  # a torn last line after a crash
-  with open(path + '.tmp', 'w') as f:
-    f.writelines(keep)
-  os.replace(path + '.tmp', path)
+  files.write_text(path, ''.join(keep))
 
 
 def format_duration(seconds: float) -> str:
@@ -93,9 +93,6 @@ class Progress:
   def rate(self, step: int) -> float:
     dt = time.perf_counter() - self._t0
     return (step - self._s0) / dt if dt > 0 and step > self._s0 else float('nan')
-
-  def restart_clock(self, step: int) -> None:
-    self._t0, self._s0 = time.perf_counter(), step
 
   def line(self, step: int, metrics: Mapping[str, Any]) -> str:
     rate = self.rate(step)

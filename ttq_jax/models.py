@@ -9,12 +9,14 @@ one model with a different layer. Batch norm and biases are never quantized.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ttq_jax.errors import ConfigError
 from ttq_jax.quant import QuantConfig, TernaryConv, TernaryDense
 
 ModuleDef = Any
@@ -54,7 +56,6 @@ class CifarPreActResNet(nn.Module):
   num_blocks: int
   num_classes: int
   conv: ModuleDef = TernaryConv
-  dense: ModuleDef = TernaryDense
   stem_conv: ModuleDef = TernaryConv
   head_dense: ModuleDef = TernaryDense
   widths: Sequence[int] = (16, 32, 64)
@@ -100,7 +101,6 @@ class ResNet(nn.Module):
   stage_sizes: Sequence[int]
   num_classes: int
   conv: ModuleDef = TernaryConv
-  dense: ModuleDef = TernaryDense
   stem_conv: ModuleDef = TernaryConv
   head_dense: ModuleDef = TernaryDense
   width: int = 64
@@ -180,11 +180,13 @@ def create_model(name: str, *, num_classes: int, quant: QuantConfig, quantize_fi
                  dtype: Any = jnp.float32) -> nn.Module:
   """Builds a model whose body layers quantize with `quant`; first/last full precision by default."""
   if name not in MODELS:
-    raise ValueError(f'model.name={name!r} is unknown: allowed are {", ".join(sorted(MODELS))}')
+    raise ConfigError(f'model.name={name!r} is unknown: allowed are {", ".join(sorted(MODELS))}')
   conv = functools.partial(TernaryConv, quant=quant)
   dense = functools.partial(TernaryDense, quant=quant)
   # Full-precision edges are plain nn.Conv / nn.Dense (same maths as the 'fp' ternary layers), so
   # their params are named Conv_0 / Dense_0 and the reporting helpers never count them as ternary.
   stem, head = (conv, dense) if quantize_first_last else (nn.Conv, nn.Dense)
-  return MODELS[name](num_classes=num_classes, conv=conv, dense=dense, stem_conv=stem, head_dense=head,
-                      dtype=dtype)
+  layers = {'conv': conv, 'dense': dense, 'stem_conv': stem, 'head_dense': head}
+  ctor = MODELS[name]
+  fields = {f.name for f in dataclasses.fields(ctor.func if isinstance(ctor, functools.partial) else ctor)}
+  return ctor(num_classes=num_classes, dtype=dtype, **{k: v for k, v in layers.items() if k in fields})

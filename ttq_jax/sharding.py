@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ttq_jax.errors import ConfigError
+
 FSDP_MIN_SIZE = 2**18  # parameters smaller than this stay replicated
 
 
@@ -24,16 +26,16 @@ def create_mesh(shape: Sequence[int], axes: Sequence[str], devices=None) -> Mesh
   devices = jax.devices() if devices is None else devices
   shape = list(shape)
   if len(shape) != len(axes):
-    raise ValueError(f'mesh_shape={tuple(shape)} and mesh_axes={tuple(axes)} differ in length')
+    raise ConfigError(f'mesh_shape={tuple(shape)} and mesh_axes={tuple(axes)} differ in length')
   known = int(np.prod([s for s in shape if s != -1]))
   if shape.count(-1) > 1 or known <= 0 or len(devices) % known:
-    raise ValueError(f'mesh_shape={tuple(shape)} does not fit {len(devices)} devices: '
-                     'use positive sizes whose product divides the device count, with at most one -1')
+    raise ConfigError(f'mesh_shape={tuple(shape)} does not fit {len(devices)} devices: '
+                      'use positive sizes whose product divides the device count, with at most one -1')
   if -1 not in shape and known < len(devices) and jax.process_count() == 1:
     devices = devices[:known]  # a smaller explicit mesh: the first devices of this host
   shape = [len(devices) // known if s == -1 else s for s in shape]
   if int(np.prod(shape)) != len(devices):
-    raise ValueError(f'mesh_shape={tuple(shape)} uses {int(np.prod(shape))} of {len(devices)} devices')
+    raise ConfigError(f'mesh_shape={tuple(shape)} uses {int(np.prod(shape))} of {len(devices)} devices')
   return jax.make_mesh(tuple(shape), tuple(axes), axis_types=(jax.sharding.AxisType.Auto,) * len(axes),
                        devices=devices)
 
@@ -67,8 +69,8 @@ def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
 def check_batch_size(batch_size: int, mesh: Mesh, name: str = 'batch_size') -> None:
   n = mesh.devices.size
   if batch_size <= 0 or batch_size % n or batch_size % jax.process_count():
-    raise ValueError(f'{name}={batch_size} is not divisible by the {n} devices '
-                     f'({jax.process_count()} processes): use a positive multiple of {n}')
+    raise ConfigError(f'{name}={batch_size} is not divisible by the {n} devices '
+                      f'({jax.process_count()} processes): use a positive multiple of {n}')
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

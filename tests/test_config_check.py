@@ -1,0 +1,90 @@
+"""Config validation: choices come from the dispatch tables, bad values are one-line ConfigErrors,
+and the workdir guard refuses a changed model/data config."""
+
+import pytest
+
+from ttq_jax import config_check
+from ttq_jax import export_format
+from ttq_jax import optim
+from ttq_jax import programs
+from ttq_jax import state as state_lib
+from ttq_jax.errors import ConfigError
+
+
+def test_choices_are_the_dispatch_tables():
+  """Allowed values are exactly the keys the code dispatches through (nothing allowed without code)."""
+  assert config_check.CHOICES['lr_schedule'] is optim.SCHEDULES
+  assert config_check.CHOICES['optimizer'] is optim.OPTIMIZERS
+  assert config_check.CHOICES['scale_optimizer'] is optim.SCALE_OPTIMIZERS
+  assert config_check.CHOICES['quant.scale_init'] is state_lib.SCALE_INITS
+  assert config_check.CHOICES['dtype'] is state_lib.DTYPES
+  assert config_check.CHOICES['export.packing'] is export_format.PACKINGS
+  assert config_check.CHOICES['xla_cpu_ynn_fusion'] is programs.YNN_FUSION_MODES
+
+
+@pytest.mark.parametrize('key', sorted(config_check.CHOICES))
+def test_every_allowed_value_validates_and_an_unknown_one_is_named(smoke_config, key):
+  table = config_check.CHOICES[key]
+  section, _, leaf = key.rpartition('.')
+  target = smoke_config[section] if section else smoke_config
+  for value in table:
+    if key == 'model.name' and value.startswith('alexnet'):
+      continue  # needs larger images than Fashion-MNIST (its own test)
+    target[leaf] = value
+    config_check.validate(smoke_config)
+  target[leaf] = 'nope'
+  with pytest.raises(ConfigError, match=f"{key}='nope' is unknown: allowed are {', '.join(sorted(table))}$"):
+    config_check.validate(smoke_config)
+
+
+@pytest.mark.parametrize('overrides,message', [
+    ({'init_from': '/runs/fp', 'fp_warmup_epochs': 1.0}, "init_from='/runs/fp' and fp_warmup_epochs=1.0 are both set"),
+    ({'learning_rate': 0.0}, 'learning_rate=0 with scale_optimizer=.adam.'),
+    ({'ternary_kernel_lr_multiplier': 0.0}, 'ternary_kernel_lr_multiplier=0.0 must be > 0'),
+    ({'batch_size': 0}, 'batch_size=0 must be a positive integer'),
+    ({'lr_schedule': 'piecewise', 'lr_values': (0.1, 0.01)}, r'lr_boundaries_epochs=\(0.0,\) and lr_values'),
+])
+def test_bad_combinations_are_one_line_errors(smoke_config, overrides, message):
+  for k, v in overrides.items():
+    smoke_config[k] = v
+  with pytest.raises(ConfigError, match=message) as e:
+    config_check.validate(smoke_config)
+  assert '\n' not in str(e.value)
+
+
+def test_quant_errors_become_config_errors(smoke_config):
+  smoke_config.quant.t = 1.5
+  with pytest.raises(ConfigError, match='quant.t=1.5 is out of range'):
+    config_check.validate(smoke_config)
+
+
+def test_init_from_without_warmup_and_fp_runs_with_both_are_fine(smoke_config):
+  smoke_config.init_from, smoke_config.fp_warmup_epochs = '/runs/fp', 0.0
+  config_check.validate(smoke_config)
+  smoke_config.quant.method, smoke_config.fp_warmup_epochs = 'fp', 1.0  # no ternary phase: nothing to refuse
+  config_check.validate(smoke_config)
+
+
+def test_workdir_guard(smoke_config, tmp_path):
+  wd = str(tmp_path)
+  config_check.prepare_workdir(smoke_config, wd)
+  smoke_config.learning_rate = 0.5
+  smoke_config.num_train_steps = 99
+  config_check.prepare_workdir(smoke_config, wd)  # schedule changes are fine
+  smoke_config.model.name = 'resnet20'
+  smoke_config.quant.method = 'twn'
+  with pytest.raises(ConfigError, match="model.name: 'resnet_tiny' -> 'resnet20', quant.method: 'ttq' -> 'twn'"):
+    config_check.prepare_workdir(smoke_config, wd)
+  smoke_config.allow_config_change = True
+  config_check.prepare_workdir(smoke_config, wd)
+
+
+def test_workdir_guard_on_the_ternary_kernel_lr_multiplier():
+  """It changes a TTQ run's optimizer state, so a TTQ workdir refuses another value (a saved config
+  from before the key existed counts as 1.0); FP / TWN runs do not use it, so it is not compared."""
+  old = {'quant': {'method': 'ttq'}}  # written before the key existed
+  assert config_check.changed_guarded_fields(old, {'quant': {'method': 'ttq'}, 'ternary_kernel_lr_multiplier': 1.0}) == []
+  assert config_check.changed_guarded_fields(old, {'quant': {'method': 'ttq'}, 'ternary_kernel_lr_multiplier': 10.0}) == [
+      'ternary_kernel_lr_multiplier']
+  twn = {'quant': {'method': 'twn'}}
+  assert config_check.changed_guarded_fields(twn, {'quant': {'method': 'twn'}, 'ternary_kernel_lr_multiplier': 10.0}) == []

@@ -1,0 +1,40 @@
+"""Modes: one shape for train / eval / export, dispatched from one table; bugs keep their traceback."""
+
+import inspect
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+from ttq_jax import errors
+from ttq_jax import runner
+
+
+@pytest.mark.parametrize('mode', sorted(runner.MODES))
+def test_every_mode_takes_config_and_workdir(mode):
+  params = list(inspect.signature(runner.mode_fn(mode)).parameters)
+  assert params[:2] == ['config', 'workdir']
+
+
+def test_unknown_mode_names_the_allowed_ones():
+  with pytest.raises(errors.ConfigError, match="mode='serve' is unknown: allowed are train, eval, export"):
+    runner.mode_fn('serve')
+
+
+def test_user_errors_are_ours_and_bugs_are_not():
+  assert KeyError not in errors.USER_ERRORS and TypeError not in errors.USER_ERRORS
+  assert all(issubclass(e, Exception) for e in errors.USER_ERRORS)
+
+
+@pytest.mark.slow
+def test_a_bug_prints_its_traceback(tmp_path):
+  """A config file without a key the code reads is a programming error, not bad user input: traceback,
+  exit status 1, no one-line `error:`."""
+  config = tmp_path / 'broken.py'
+  config.write_text('from configs import fashion_mnist\n\n\ndef get_config():\n'
+                    "  c = fashion_mnist.get_config('smoke')\n  del c['export']\n  return c\n")
+  r = subprocess.run([sys.executable, '-m', 'ttq_jax.main', '--config', str(config), '--workdir', str(tmp_path / 'w')],
+                     cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 1 and 'Traceback' in r.stderr, r.stderr[-2000:]
+  assert not any(l.startswith('error:') for l in r.stderr.splitlines())

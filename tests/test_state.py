@@ -1,0 +1,90 @@
+"""Train state: the switch to ternary by hand, the warm start (init_from) end to end, the restore helper."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.conftest import metrics_rows, restored
+from tests.test_train import programs_state_batches
+from ttq_jax import checkpoint as ckpt
+from ttq_jax import state as state_lib
+from ttq_jax import train
+from ttq_jax.errors import CheckpointError
+
+PARAMS = {'TernaryConv_0': {'kernel': jnp.array([1.0, -0.4, 0.02, -2.0]), 'w_p': jnp.float32(0.3),
+                            'w_n': jnp.float32(0.7)},
+          'Conv_0': {'kernel': jnp.array([5.0, -5.0])}}
+
+
+@pytest.mark.parametrize('scale_init,normalize,kernel,w_p,w_n', [
+    # delta = 0.05 * max|w| = 0.1: positive set {1.0}, negative set {-0.4, -2.0}
+    ('constant', False, [1.0, -0.4, 0.02, -2.0], 1.0, 1.0),
+    ('mean_abs', False, [1.0, -0.4, 0.02, -2.0], 1.0, 1.2),
+    ('constant', True, [0.5, -0.2, 0.01, -1.0], 1.0, 1.0),
+    ('mean_abs', True, [0.5, -0.2, 0.01, -1.0], 0.5, 0.6),  # the same sets on the normalised kernel
+])
+def test_start_ternary_by_hand(smoke_config, scale_init, normalize, kernel, w_p, w_n):
+  smoke_config.quant.scale_init, smoke_config.normalize_init = scale_init, normalize
+  out = state_lib.start_ternary(PARAMS, smoke_config)
+  np.testing.assert_allclose(out['TernaryConv_0']['kernel'], kernel, rtol=1e-6)
+  assert float(out['TernaryConv_0']['w_p']) == pytest.approx(w_p) and float(out['TernaryConv_0']['w_n']) == pytest.approx(w_n)
+  np.testing.assert_array_equal(out['Conv_0']['kernel'], PARAMS['Conv_0']['kernel'])  # full precision: untouched
+  assert float(PARAMS['TernaryConv_0']['w_p']) == pytest.approx(0.3)  # the input is not modified
+
+
+def test_restore_of_an_empty_workdir_is_a_checkpoint_error(smoke_config, tmp_path):
+  with pytest.raises(CheckpointError, match='has no checkpoints'):
+    state_lib.restore(smoke_config, str(tmp_path))
+
+
+@pytest.mark.slow
+def test_init_from_full_precision_run(smoke_config, tmp_path):
+  """A TTQ run with init_from starts from the FP run's weights and BN statistics, switched to ternary
+  (scales by `quant.scale_init`) before its first step: its first logged loss is that model's loss."""
+  fp_dir = str(tmp_path / 'fp')
+  fp = smoke_config.copy_and_resolve_references()
+  fp.quant.method = 'fp'
+  train.train_and_evaluate(fp, fp_dir)
+  _, fp_state = restored(fp_dir, fp)
+  c = smoke_config
+  c.init_from, c.normalize_init, c.quant.scale_init = fp_dir, True, 'mean_abs'
+  # the pieces: copied weights and statistics, then the switch
+  _, state, _ = programs_state_batches(c, (1, 1), n=0)
+  state = jax.device_get(ckpt.load_init_from(state, fp_dir))
+  src = fp_state.params['PreActBlock_1']['TernaryConv_0']['kernel']
+  np.testing.assert_array_equal(state.params['PreActBlock_1']['TernaryConv_0']['kernel'], src)
+  np.testing.assert_array_equal(state.params['Conv_0']['kernel'], fp_state.params['Conv_0']['kernel'])
+  np.testing.assert_array_equal(state.batch_stats['BatchNorm_0']['mean'], fp_state.batch_stats['BatchNorm_0']['mean'])
+  switched = state_lib.start_ternary(state.params, c)
+  np.testing.assert_allclose(switched['PreActBlock_1']['TernaryConv_0']['kernel'], src / np.abs(src).max(), rtol=1e-6)
+  assert 0.0 < float(switched['PreActBlock_1']['TernaryConv_0']['w_p']) < 1.0  # mean |w| of a [-1, 1] kernel
+  # the run: step 1's loss is the switched model's loss on batch 0 (and not the unswitched one's)
+  programs, fresh, batches = programs_state_batches(c, (1, 1), n=1)
+  loaded = ckpt.load_init_from(fresh, fp_dir)
+  switched = jax.device_put(state_lib.start_ternary(loaded.params, c), state_lib.state_shardings(loaded.params))
+  expected = programs.train(loaded.replace(params=switched), batches[0])[1]
+  programs, fresh, _ = programs_state_batches(c, (1, 1), n=0)  # (programs are compiled for their state's tx)
+  unswitched = programs.train(ckpt.load_init_from(fresh, fp_dir), batches[0])[1]
+  c.num_train_steps, c.log_every_steps = 2, 1
+  train.train_and_evaluate(c, str(tmp_path / 'ttq'))
+  first = metrics_rows(str(tmp_path / 'ttq'))[0]
+  assert first['step'] == 1 and first['train_loss'] == pytest.approx(float(expected['train_loss']), rel=1e-6)
+  assert first['train_loss'] != pytest.approx(float(unswitched['train_loss']), rel=1e-3)
+
+
+def test_checkpoints_written_with_the_unused_rng_still_restore(smoke_config, tmp_path):
+  """Before 0.2 the state also held an rng key nothing read: such checkpoints restore, the key dropped."""
+  class OldTrainState(state_lib.TrainState):  # the state class as it was
+    rng: jax.Array
+
+  _, state = state_lib.create_mesh_and_state(smoke_config)
+  fields = {f: getattr(state, f) for f in state_lib.TrainState.__dataclass_fields__}
+  manager = ckpt.create_manager(str(tmp_path))
+  ckpt.save(manager, 5, OldTrainState(**fields, rng=jax.random.PRNGKey(3)), {'next_index': 5}, force=True)
+  manager.wait_until_finished()
+  manager.close()
+  step, got = restored(tmp_path, smoke_config)
+  assert step == 5 and not hasattr(got, 'rng')
+  for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(jax.device_get(state))):
+    np.testing.assert_array_equal(x, y)

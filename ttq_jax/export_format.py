@@ -1,0 +1,198 @@
+"""The packed ternary file format `ttq-safetensors-v1` (spec: docs/export_format.md): codes, packing,
+writing and reading. The export job (`--mode export`) is `ttq_jax.export`.
+
+Each ternary kernel is stored as 2-bit codes (4 per byte) or base-3 digits (5 per byte) plus its
+shape and two float32 scales: the "nearly 16x smaller" model the TTQ paper promises (Sec. 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from ttq_jax import files
+from ttq_jax import quant as quant_lib
+from ttq_jax.errors import ExportError
+
+FORMAT = 'ttq-safetensors-v1'
+_POW3 = np.array([1, 3, 9, 27, 81], np.uint8)
+_SHIFT2 = np.array([0, 2, 4, 6], np.uint8)
+SUFFIXES = ('/codes', '/shape', '/w_p', '/w_n')
+
+
+# --------------------------------------------------------------------------- codes
+
+
+def codes_from_ternary(signs: np.ndarray) -> np.ndarray:
+  """{-1, 0, +1} -> codes {2, 0, 1} (uint8, C order, flattened)."""
+  s = np.asarray(signs).reshape(-1)
+  return np.where(s > 0, 1, np.where(s < 0, 2, 0)).astype(np.uint8)
+
+
+def _pack_2bit(groups: np.ndarray) -> np.ndarray:
+  return np.bitwise_or.reduce(groups << _SHIFT2, axis=1).astype(np.uint8)
+
+
+def _unpack_2bit(data: np.ndarray, name: str) -> np.ndarray:
+  codes = (data[:, None] >> _SHIFT2) & 3
+  if (codes == 3).any():
+    raise ExportError(f'{name}: invalid code 3 in 2bit data at element {int(np.argmax(codes.reshape(-1) == 3))}')
+  return codes
+
+
+def _pack_base3(groups: np.ndarray) -> np.ndarray:
+  return (groups * _POW3).sum(axis=1, dtype=np.uint16).astype(np.uint8)
+
+
+def _unpack_base3(data: np.ndarray, name: str) -> np.ndarray:
+  if (data > 242).any():
+    raise ExportError(f'{name}: byte {int(data.max())} > 242 is not 5 base-3 digits (at byte {int(np.argmax(data > 242))})')
+  return (data[:, None] // _POW3) % 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Packing:
+  per_byte: int
+  pack: Callable[[np.ndarray], np.ndarray]          # [bytes, per_byte] codes -> [bytes] uint8
+  unpack: Callable[[np.ndarray, str], np.ndarray]   # [bytes] uint8 -> [bytes, per_byte] codes (validated)
+
+
+# '2bit': element i at bits 2(i%4).. of byte i//4; 'base3': digit i%5 (base 3) of byte i//5.
+PACKINGS: dict[str, Packing] = {'2bit': Packing(4, _pack_2bit, _unpack_2bit),
+                                'base3': Packing(5, _pack_base3, _unpack_base3)}
+
+
+def check_packing(packing: str) -> Packing:
+  if packing not in PACKINGS:
+    raise ExportError(f'export.packing={packing!r} is unknown: allowed are {", ".join(PACKINGS)}')
+  return PACKINGS[packing]
+
+
+def pack(codes: np.ndarray, packing: str) -> np.ndarray:
+  """Packs codes in {0, 1, 2} with `PACKINGS[packing]` (the last byte zero-padded)."""
+  per = check_packing(packing).per_byte
+  codes = np.asarray(codes, np.uint8).reshape(-1)
+  padded = np.zeros(-(-codes.size // per) * per, np.uint8)
+  padded[:codes.size] = codes
+  return PACKINGS[packing].pack(padded.reshape(-1, per))
+
+
+def unpack(data: np.ndarray, n: int, packing: str, name: str = 'codes') -> np.ndarray:
+  """Inverse of `pack` for the first n elements; rejects invalid codes (3 in 2bit, byte > 242 in base3)."""
+  data = np.asarray(data, np.uint8).reshape(-1)
+  spec = check_packing(packing)
+  if data.size != -(-n // spec.per_byte):
+    raise ExportError(f'{name}: {data.size} bytes do not hold {n} elements in {packing} '
+                      f'(expected {-(-n // spec.per_byte)} bytes)')
+  flat = spec.unpack(data, name).reshape(-1)
+  if flat[n:].any():
+    raise ExportError(f'{name}: padding elements after element {n} are not 0')
+  return flat[:n].astype(np.uint8)
+
+
+def dense_from_codes(codes: np.ndarray, shape, w_p: float, w_n: float) -> np.ndarray:
+  """Code 0 -> 0, 1 -> +w_p, 2 -> -w_n, reshaped (C order), float32."""
+  w_p, w_n = np.float32(w_p), np.float32(w_n)
+  return np.where(codes == 1, w_p, np.where(codes == 2, -w_n, np.float32(0))).astype(np.float32).reshape(shape)
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def _flatten(tree, prefix: str) -> dict[str, np.ndarray]:
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    out[prefix + '/'.join(str(k.key) for k in path)] = np.asarray(leaf)
+  return out
+
+
+def export_tensors(params, batch_stats, quant) -> dict[str, np.ndarray]:
+  """({name: array} of every variable stored as is, {kernel path: (signs, w_p, w_n)} of the ternary ones)."""
+  ternary = {f'params/{p}': v for p, v in quant_lib.ternary_weights(params, quant).items()}
+  tensors = {}
+  for name, value in {**_flatten(params, 'params/'), **_flatten(batch_stats, 'batch_stats/')}.items():
+    layer = name.rsplit('/', 1)[0]
+    if name in ternary:
+      continue
+    if f'{layer}/kernel' in ternary and name.rsplit('/', 1)[1] in ('w_p', 'w_n'):
+      continue  # stored with the kernel's codes
+    tensors[name] = value
+  return tensors, {p: tuple(np.asarray(x) for x in v) for p, v in ternary.items()}
+
+
+def build_export(params, batch_stats, quant, packing: str) -> dict[str, np.ndarray]:
+  tensors, ternary = export_tensors(params, batch_stats, quant)
+  for path, (signs, w_p, w_n) in ternary.items():
+    tensors[f'{path}/codes'] = pack(codes_from_ternary(signs), packing)
+    tensors[f'{path}/shape'] = np.asarray(signs.shape, np.int64)
+    tensors[f'{path}/w_p'] = np.asarray(w_p, np.float32).reshape(())
+    tensors[f'{path}/w_n'] = np.asarray(w_n, np.float32).reshape(())
+  return tensors
+
+
+def save(path: str, tensors: dict[str, np.ndarray], *, packing: str, config, step: int) -> None:
+  """Writes atomically (temp file + rename): a failed export leaves nothing behind."""
+  from safetensors.numpy import save_file
+  check_packing(packing)
+  metadata = {'format': FORMAT, 'packing': packing, 'step': str(int(step)),
+              'config': config.to_json_best_effort() if hasattr(config, 'to_json_best_effort') else json.dumps(config)}
+  with files.atomic_path(path) as tmp:
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=metadata)
+
+
+def _set(tree: dict, path: str, value) -> None:
+  keys = path.split('/')
+  for k in keys[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[keys[-1]] = value
+
+
+def read(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+  """Reads and validates an export. Returns (variables with dense ternary kernels, metadata, report)
+  where report = {kernel path: {'sparsity', 'w_p', 'w_n', 'numel', 'packed_bytes'}}."""
+  from safetensors import safe_open
+  try:
+    with safe_open(path, framework='numpy') as f:
+      metadata = dict(f.metadata() or {})
+      tensors = {k: f.get_tensor(k) for k in f.keys()}
+  except FileNotFoundError:
+    raise ExportError(f'{path}: no such export file') from None
+  except Exception as e:  # truncated or tampered header / data
+    raise ExportError(f'{path}: not a readable safetensors file ({type(e).__name__}: {str(e)[:160]})') from None
+  if metadata.get('format') != FORMAT:
+    raise ExportError(f'{path}: __metadata__ format={metadata.get("format")!r} is unknown: allowed is {FORMAT}')
+  packing = metadata.get('packing')
+  if packing not in PACKINGS:
+    raise ExportError(f'{path}: __metadata__ packing={packing!r} is unknown: allowed are {", ".join(PACKINGS)}')
+  variables: dict = {}
+  report = {}
+  kernels = sorted(k[:-len('/codes')] for k in tensors if k.endswith('/codes'))
+  used = set()
+  for kp in kernels:
+    for suffix in SUFFIXES:
+      if kp + suffix not in tensors:
+        raise ExportError(f'{path}: tensor {kp + suffix} is missing')
+      used.add(kp + suffix)
+    codes, shape = tensors[kp + '/codes'], tensors[kp + '/shape']
+    if codes.dtype != np.uint8 or codes.ndim != 1:
+      raise ExportError(f'{path}: tensor {kp}/codes must be uint8 1-D, got {codes.dtype} {codes.shape}')
+    if shape.dtype != np.int64 or shape.ndim != 1 or (shape < 0).any():
+      raise ExportError(f'{path}: tensor {kp}/shape must be non-negative int64 1-D, got {shape.dtype} {shape.tolist()}')
+    for s in ('/w_p', '/w_n'):
+      t = tensors[kp + s]
+      if t.dtype != np.float32 or t.size != 1:
+        raise ExportError(f'{path}: tensor {kp}{s} must be a float32 scalar, got {t.dtype} {t.shape}')
+    n = int(np.prod(shape))
+    decoded = unpack(codes, n, packing, name=f'{path}: tensor {kp}/codes')
+    w_p, w_n = float(tensors[kp + '/w_p'].reshape(())), float(tensors[kp + '/w_n'].reshape(()))
+    _set(variables, kp, dense_from_codes(decoded, tuple(int(s) for s in shape), w_p, w_n))
+    report[kp] = {'sparsity': float(np.mean(decoded == 0)) if n else 0.0, 'w_p': w_p, 'w_n': w_n, 'numel': n,
+                  'packed_bytes': int(codes.nbytes + shape.nbytes + 8)}
+  for name, value in tensors.items():
+    if name not in used:
+      _set(variables, name, value)
+  return variables, metadata, report

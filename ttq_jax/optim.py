@@ -1,0 +1,154 @@
+"""Optimizer, learning-rate schedules and the parameter masks that say what each setting applies to.
+
+Each choice a config can make is a dispatch table here (`SCHEDULES`, `OPTIMIZERS`,
+`SCALE_OPTIMIZERS`): the code dispatches through the table and `config_check` reads its allowed
+values from it, so a value is allowed exactly when code stands behind it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ttq_jax import quant as quant_lib
+from ttq_jax import steps
+
+SCALE_NAMES = ('w_p', 'w_n')
+
+
+# --------------------------------------------------------------------------- learning-rate schedules
+
+
+def _cosine(config, factor: float, decay_steps: int, spe: int) -> optax.Schedule:
+  del spe
+  return optax.cosine_decay_schedule(config.learning_rate * factor, max(1, decay_steps))
+
+
+def _constant(config, factor: float, decay_steps: int, spe: int) -> optax.Schedule:
+  del decay_steps, spe
+  return optax.constant_schedule(config.learning_rate * factor)
+
+
+def _piecewise(config, factor: float, decay_steps: int, spe: int) -> optax.Schedule:
+  """The rate becomes `lr_values[i]` (times `factor`) at epoch `lr_boundaries_epochs[i]`."""
+  del decay_steps
+  warmup = int(config.warmup_epochs * spe)
+  boundaries = [int(e * spe) - warmup for e in config.lr_boundaries_epochs]
+  values = [config.learning_rate] + list(config.lr_values)
+
+  def schedule(step):
+    rate = jnp.asarray(values[0], jnp.float32)
+    for b, v in zip(boundaries, values[1:]):
+      rate = jnp.where(step >= b, v, rate)
+    return rate * factor
+  return schedule
+
+
+# name -> (config, factor on the config's rates, steps after warm-up, steps per epoch) -> the schedule
+# after the warm-up
+SCHEDULES: dict[str, Callable[..., optax.Schedule]] = {
+    'cosine': _cosine, 'piecewise': _piecewise, 'constant': _constant}
+
+
+def create_learning_rate_fn(config, base_learning_rate: float | None = None) -> optax.Schedule:
+  """Linear warm-up, then `SCHEDULES[config.lr_schedule]`; `base_learning_rate` rescales the shape
+  (the scales' own optimizer follows the weights' schedule at its own base rate)."""
+  spe = steps.steps_per_epoch(config)
+  total = steps.total_steps(config)
+  lr = config.learning_rate
+  factor = 1.0 if base_learning_rate is None else base_learning_rate / lr
+  warmup = int(config.warmup_epochs * spe)
+  main = SCHEDULES[config.lr_schedule](config, factor, total - warmup, spe)
+  if warmup <= 0:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, lr * factor, warmup), main], [warmup])
+
+
+# --------------------------------------------------------------------------- optimizers
+
+
+def _sgd(config, learning_rate) -> optax.GradientTransformation:
+  return optax.sgd(learning_rate, momentum=config.momentum or None, nesterov=config.nesterov)
+
+
+def _adam(config, learning_rate) -> optax.GradientTransformation:
+  return optax.adam(learning_rate, eps=config.adam_eps)
+
+
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {'sgd': _sgd, 'adam': _adam}
+
+
+def _weights_optimizer(config) -> optax.GradientTransformation:
+  return OPTIMIZERS[config.optimizer](config, create_learning_rate_fn(config))
+
+
+# How TTQ's w_p / w_n are trained: 'adam' (their own Adam at scale_learning_rate, on the weights'
+# schedule shape) or 'same' (the weights' optimizer, as the official code).
+SCALE_OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    'adam': lambda config: optax.adam(create_learning_rate_fn(config, config.scale_learning_rate)),
+    'same': _weights_optimizer,
+}
+
+
+# --------------------------------------------------------------------------- parameter masks
+
+
+def path_str(path) -> str:
+  """A tree path as the slash-joined Flax name, e.g. `PreActBlock_0/TernaryConv_1/kernel`."""
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+
+
+def _is_scale(path) -> bool:
+  return path_str(path).rsplit('/', 1)[-1] in SCALE_NAMES
+
+
+def param_labels(params) -> Any:
+  """'scale' for TTQ's w_p / w_n, 'weight' for everything else."""
+  return jax.tree_util.tree_map_with_path(lambda p, _: 'scale' if _is_scale(p) else 'weight', params)
+
+
+def weight_decay_mask(params, regex: str, decay_scales: bool) -> Any:
+  """True for params whose path matches `regex`; w_p / w_n follow `decay_scales` instead."""
+  pattern = re.compile(regex)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: decay_scales if _is_scale(p) else bool(pattern.search(path_str(p))), params)
+
+
+def ternary_kernel_mask(params) -> Any:
+  """True for the latent kernels of ternary layers (`quant.is_ternary_layer`)."""
+  def is_ternary_kernel(path, _):
+    parts = path_str(path).split('/')
+    return parts[-1] == 'kernel' and len(parts) > 1 and quant_lib.is_ternary_layer(parts[-2])
+  return jax.tree_util.tree_map_with_path(is_ternary_kernel, params)
+
+
+def create_optimizer(config, params) -> optax.GradientTransformation:
+  """Weights: `OPTIMIZERS[config.optimizer]`; w_p / w_n: `SCALE_OPTIMIZERS[config.scale_optimizer]`.
+
+  Weight decay is L2 added to the gradient (as the official code's regularizer), on params whose
+  path matches `weight_decay_regex` (latent kernels by default) and on the scales if `decay_scales`.
+  """
+  inner = optax.multi_transform(
+      {'weight': _weights_optimizer(config), 'scale': SCALE_OPTIMIZERS[config.scale_optimizer](config)},
+      param_labels(params))
+  chain = []
+  if config.grad_clip_norm > 0:
+    chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
+  if config.weight_decay > 0:
+    chain.append(optax.add_decayed_weights(
+        config.weight_decay, mask=weight_decay_mask(params, config.weight_decay_regex, config.decay_scales)))
+  chain.append(inner)
+  multiplier = config.ternary_kernel_lr_multiplier
+  if multiplier != 1.0 and config.quant.method == 'ttq':
+    # TTQ's latent gradient is w_p * g (or w_n * g), and behind batch norm g ~ 1 / w_p, so the latent
+    # kernels of a ternary layer move ~mean|w| times slower than the same kernels in full precision
+    # (or TWN, whose STE gradient is g: no multiplier there). This restores their pace from the switch on.
+    start = steps.ternary_start_step(config)
+    chain.append(optax.masked(
+        optax.scale_by_schedule(lambda count: jnp.where(count >= start, multiplier, 1.0)),
+        ternary_kernel_mask(params)))
+  return optax.chain(*chain)

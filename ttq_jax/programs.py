@@ -1,0 +1,117 @@
+"""The compiled programs of a run: each step function jitted once over the mesh (batch sharded, state
+replicated or FSDP-sharded, the state donated where a step returns a new one), with per-program XLA
+options, and JAX's persistent compilation cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from typing import Any, Callable, Mapping
+
+import jax
+import flax.linen as nn
+
+from ttq_jax import input_pipeline
+from ttq_jax import sharding as sharding_lib
+from ttq_jax import state as state_lib
+
+
+# XLA:CPU options per compiled program under `xla_cpu_ynn_fusion='auto'`, chosen by measurement
+# (experiments/benchmark.py, 2-core Xeon, XLA default vs YNNPACK fusions off, interleaved): train step
+# 1.7-2.5x faster off (ResNet-20); eval 1.23-1.26x (ResNet-20, batch 128/512), 1.5x (ResNet-20, batch 1000,
+# Fashion-MNIST; ResNet-18) and 1.06x (tiny AlexNet) faster off; BN re-estimation ('moments') 1.17-1.27x.
+_NO_YNN_FUSIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
+CPU_PROGRAM_OPTIONS: dict[str, dict[str, str] | None] = {
+    'train': _NO_YNN_FUSIONS, 'eval': _NO_YNN_FUSIONS, 'moments': _NO_YNN_FUSIONS}
+
+# config.xla_cpu_ynn_fusion -> program name -> XLA options on CPU (None: XLA's default)
+YNN_FUSION_MODES: dict[str, Callable[[str], dict[str, str] | None]] = {
+    'auto': lambda program: CPU_PROGRAM_OPTIONS.get(program),
+    'on': lambda program: None,
+    'off': lambda program: _NO_YNN_FUSIONS,
+}
+
+
+def compiler_options(config, program: str) -> dict[str, str] | None:
+  """Per-program XLA options: on CPU `YNN_FUSION_MODES[config.xla_cpu_ynn_fusion]` ('auto': the measured
+  `CPU_PROGRAM_OPTIONS`); on GPU/TPU none (nothing measured faster there)."""
+  if jax.default_backend() != 'cpu':
+    return None
+  options = YNN_FUSION_MODES[config.xla_cpu_ynn_fusion](program)
+  return dict(options) if options else None
+
+
+def compile_program(fn: Callable, args: tuple, *, in_shardings, out_shardings, donate: bool,
+                    options: dict | None):
+  jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
+                   donate_argnums=(0,) if donate else ())
+  return jitted.lower(*args).compile(compiler_options=options) if options else jitted.lower(*args).compile()
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+  """A step function `fn(state, batch, *, apply_fn, info, dtype)`; `updates_state`: it returns
+  `(new_state, metrics)` and its input state is donated, else it returns metrics only."""
+  fn: Callable
+  updates_state: bool = False
+
+
+class Programs:
+  """The jitted-once programs of a run (one per step name and phase), compiled for the shapes they
+  first see. `quantized=False` runs the full-precision twin of the model (the FP warm-up)."""
+
+  def __init__(self, config, mesh, state_shardings, steps: Mapping[str, Step],
+               models: Mapping[bool, nn.Module] | None = None):
+    self.config, self.mesh, self.state_shardings, self.steps = config, mesh, state_shardings, dict(steps)
+    self.info = input_pipeline.dataset_info(config.data.name)
+    self.dtype = state_lib.compute_dtype(config)
+    self.models = dict(models) if models else {
+        True: state_lib.create_model(config, quantized=True), False: state_lib.create_model(config, quantized=False)}
+    self._compiled: dict = {}
+
+  def executable(self, name: str, state, batch, quantized: bool = True):
+    """The compiled program for step `name` (compiling it for these shapes the first time)."""
+    key = (name, quantized)
+    if key not in self._compiled:
+      if name not in self.steps:
+        raise KeyError(f'no step {name!r} in these programs: {sorted(self.steps)}')
+      step = self.steps[name]
+      fn = functools.partial(step.fn, apply_fn=self.models[quantized].apply, info=self.info, dtype=self.dtype)
+      rep = sharding_lib.replicated(self.mesh)
+      batch_sh = {k: sharding_lib.batch_sharding(self.mesh) for k in batch}
+      self._compiled[key] = compile_program(
+          fn, (state, batch), in_shardings=(self.state_shardings, batch_sh),
+          out_shardings=(self.state_shardings, rep) if step.updates_state else rep,
+          donate=step.updates_state, options=compiler_options(self.config, name))
+    return self._compiled[key]
+
+  def run(self, name: str, state, batch, quantized: bool = True) -> Any:
+    return self.executable(name, state, batch, quantized)(state, batch)
+
+  def train(self, state, batch, quantized: bool = True):
+    return self.run('train', state, batch, quantized)
+
+  def eval(self, state, batch, quantized: bool = True):
+    return self.run('eval', state, batch, quantized)
+
+  def moments(self, state, batch, quantized: bool = True):
+    return self.run('moments', state, batch, quantized)
+
+
+def setup_compilation_cache(config) -> None:
+  """JAX's persistent compilation cache (repeated runs stop paying seconds per compile)."""
+  d = config.compilation_cache_dir
+  if not d:
+    return
+  if d == 'default':
+    d = os.path.join(os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')), 'ttq_jax', 'xla')
+  try:
+    os.makedirs(d, exist_ok=True)
+  except OSError:
+    logging.warning('compilation cache dir %s is not writable; cache off', d)
+    return
+  jax.config.update('jax_compilation_cache_dir', d)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)

@@ -1,0 +1,53 @@
+"""Steps, epochs and phases of a run, computed in one place (big_vision's `u.steps` idea).
+
+Everything that needs "how many steps", "which step is epoch e" or "from which step is the model
+ternary" asks here: the optimizer's schedules and multiplier, the training loop, `--mode eval`
+and `--mode export`.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ttq_jax import input_pipeline
+
+
+def steps_per_epoch(config) -> int:
+  """Global batches per pass over the (possibly limited) training split."""
+  n = input_pipeline.dataset_info(config.data.name).train_size
+  if config.data.limit_examples:
+    n = min(n, config.data.limit_examples)
+  return max(1, n // config.batch_size)
+
+
+def epochs_to_steps(config, epochs: float) -> int:
+  """The step at which `epochs` epochs are done (rounded down)."""
+  return int(epochs * steps_per_epoch(config))
+
+
+def total_steps(config) -> int:
+  if config.num_train_steps > 0:
+    return int(config.num_train_steps)
+  return max(1, int(math.ceil(config.num_epochs * steps_per_epoch(config))))
+
+
+def ternary_start_step(config) -> int:
+  """The first step that trains (and evaluates) the ternary model.
+
+  0 for full-precision runs (nothing changes) and for runs that start from an FP checkpoint
+  (`init_from`: the warm start happened in another run); otherwise the end of the in-run FP warm-up
+  (`fp_warmup_epochs`). `config_check` refuses `init_from` together with `fp_warmup_epochs > 0`.
+  """
+  if config.quant.method == 'fp' or config.init_from:
+    return 0
+  return epochs_to_steps(config, config.fp_warmup_epochs)
+
+
+def is_ternary_at(config, step: int) -> bool:
+  """Whether the parameters after `step` steps (a checkpoint's step) are a trained ternary model.
+
+  With an in-run warm-up ending at W, steps 1..W train full precision and the switch (scale init)
+  happens before step W + 1, so a checkpoint at W is still the full-precision model.
+  """
+  start = ternary_start_step(config)
+  return config.quant.method != 'fp' and (step > start or start == 0)
