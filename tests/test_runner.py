@@ -38,3 +38,18 @@ def test_a_bug_prints_its_traceback(tmp_path):
                      cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert r.returncode == 1 and 'Traceback' in r.stderr, r.stderr[-2000:]
   assert not any(l.startswith('error:') for l in r.stderr.splitlines())
+
+
+@pytest.mark.parametrize('pathname,shown', [
+    ('{pkg}train.py', True),
+    ('/home/me/ttq_jax/.venv/lib/python3.11/site-packages/orbax/checkpoint/manager.py', False),  # checkout named ttq_jax
+    ('/usr/lib/python3/dist-packages/jax/_src/xla_bridge.py', False),
+])
+def test_console_filter_keeps_our_info_lines_only(pathname, shown):
+  import logging
+  from ttq_jax import main
+  f = main.QuietLibraries()
+  record = logging.LogRecord('x', logging.INFO, pathname.format(pkg=f.PACKAGE_DIR), 1, 'msg', None, None)
+  assert f.filter(record) is shown
+  record.levelno = logging.WARNING  # warnings of every library are shown
+  assert f.filter(record)

@@ -4,6 +4,7 @@ r"""Command line: train, evaluate or export a ternary network from a config file
 """
 
 import logging
+import os
 import sys
 
 from absl import app
@@ -20,6 +21,7 @@ flags.DEFINE_enum('mode', 'train', list(runner.MODES), 'What to do with the work
 flags.DEFINE_string('coordinator_address', None, 'Multi-host: HOST:PORT of process 0 (jax.distributed).')
 flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
 flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
+flags.DEFINE_bool('log_libraries', False, "Also show the libraries' INFO logging (orbax, grain, jax, ...).")
 config_flags.DEFINE_config_file('config', None, 'Config file (PATH[:ARG]).', lock_config=True)
 
 
@@ -28,16 +30,21 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
-class _QuietLibraries(logging.Filter):
-  """Keeps INFO lines of ttq_jax; libraries (orbax, grain, jax, ...) only from WARNING up."""
+class QuietLibraries(logging.Filter):
+  """Keeps every record logged from a file of the ttq_jax package; libraries (orbax, grain, jax, ...) only
+  from WARNING up. Decided by the file's place, not by its name: a checkout folder named `ttq_jax` with
+  a virtual environment inside must not let the libraries' INFO lines through."""
+
+  PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
   def filter(self, record):
-    return record.levelno >= logging.WARNING or 'ttq_jax' in record.pathname
+    return record.levelno >= logging.WARNING or os.path.abspath(record.pathname).startswith(self.PACKAGE_DIR)
 
 
 def main(argv):
-  for handler in logging.getLogger().handlers + logging.getLogger('absl').handlers:
-    handler.addFilter(_QuietLibraries())
+  if not FLAGS.log_libraries:
+    for handler in logging.getLogger().handlers + logging.getLogger('absl').handlers:
+      handler.addFilter(QuietLibraries())
   if len(argv) > 1:
     _fail(f'unexpected arguments {argv[1:]}')
   config = FLAGS.config
