@@ -31,9 +31,12 @@ def _nbytes(tree) -> int:
   return int(sum(np.asarray(x).size * 4 for x in jax.tree.leaves(tree)))  # as float32
 
 
-def _check_exportable(config, step: int) -> None:
+def _check_method(config) -> None:
   if config.quant.method == 'fp':
     raise ExportError('quant.method=fp has no ternary layers to pack: export a ttq or twn run')
+
+
+def _check_step(config, step: int) -> None:
   if not steps.is_ternary_at(config, step):
     start = steps.ternary_start_step(config)
     raise ExportError(
@@ -46,11 +49,10 @@ def export_workdir(config, workdir: str) -> dict[str, Any]:
   """Exports the newest (or `eval_step`) checkpoint to WORKDIR/export/model.safetensors."""
   config_check.validate(config)
   packing = config.export.packing
-  if config.quant.method == 'fp':
-    _check_exportable(config, 0)
+  _check_method(config)
   workdir = os.path.abspath(workdir)
   _, step, state, _ = state_lib.restore(config, workdir, step=None if config.eval_step < 0 else config.eval_step)
-  _check_exportable(config, step)
+  _check_step(config, step)
   params, batch_stats = jax.device_get((state.params, state.batch_stats))
   tensors = export_format.build_export(params, batch_stats, state_lib.quant_config(config), packing)
   path = os.path.join(workdir, 'export', 'model.safetensors')

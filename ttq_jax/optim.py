@@ -23,21 +23,20 @@ SCALE_NAMES = ('w_p', 'w_n')
 # --------------------------------------------------------------------------- learning-rate schedules
 
 
-def _cosine(config, factor: float, decay_steps: int, spe: int) -> optax.Schedule:
-  del spe
+def _cosine(config, factor: float, decay_steps: int) -> optax.Schedule:
   return optax.cosine_decay_schedule(config.learning_rate * factor, max(1, decay_steps))
 
 
-def _constant(config, factor: float, decay_steps: int, spe: int) -> optax.Schedule:
-  del decay_steps, spe
+def _constant(config, factor: float, decay_steps: int) -> optax.Schedule:
+  del decay_steps
   return optax.constant_schedule(config.learning_rate * factor)
 
 
-def _piecewise(config, factor: float, decay_steps: int, spe: int) -> optax.Schedule:
+def _piecewise(config, factor: float, decay_steps: int) -> optax.Schedule:
   """The rate becomes `lr_values[i]` (times `factor`) at epoch `lr_boundaries_epochs[i]`."""
   del decay_steps
-  warmup = int(config.warmup_epochs * spe)
-  boundaries = [int(e * spe) - warmup for e in config.lr_boundaries_epochs]
+  warmup = steps.epochs_to_steps(config, config.warmup_epochs)
+  boundaries = [steps.epochs_to_steps(config, e) - warmup for e in config.lr_boundaries_epochs]
   values = [config.learning_rate] + list(config.lr_values)
 
   def schedule(step):
@@ -48,8 +47,7 @@ def _piecewise(config, factor: float, decay_steps: int, spe: int) -> optax.Sched
   return schedule
 
 
-# name -> (config, factor on the config's rates, steps after warm-up, steps per epoch) -> the schedule
-# after the warm-up
+# name -> (config, factor on the config's rates, steps after the warm-up) -> the schedule after the warm-up
 SCHEDULES: dict[str, Callable[..., optax.Schedule]] = {
     'cosine': _cosine, 'piecewise': _piecewise, 'constant': _constant}
 
@@ -57,12 +55,11 @@ SCHEDULES: dict[str, Callable[..., optax.Schedule]] = {
 def create_learning_rate_fn(config, base_learning_rate: float | None = None) -> optax.Schedule:
   """Linear warm-up, then `SCHEDULES[config.lr_schedule]`; `base_learning_rate` rescales the shape
   (the scales' own optimizer follows the weights' schedule at its own base rate)."""
-  spe = steps.steps_per_epoch(config)
   total = steps.total_steps(config)
   lr = config.learning_rate
   factor = 1.0 if base_learning_rate is None else base_learning_rate / lr
-  warmup = int(config.warmup_epochs * spe)
-  main = SCHEDULES[config.lr_schedule](config, factor, total - warmup, spe)
+  warmup = steps.epochs_to_steps(config, config.warmup_epochs)
+  main = SCHEDULES[config.lr_schedule](config, factor, total - warmup)
   if warmup <= 0:
     return main
   return optax.join_schedules([optax.linear_schedule(0.0, lr * factor, warmup), main], [warmup])
