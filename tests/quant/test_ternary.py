@@ -153,9 +153,31 @@ def test_twn_matches_formula():
     (lambda: quant.delta_from_max(jnp.ones(3), 1.0), 't=1.0'),
     (lambda: quant.delta_from_max(jnp.ones(3), -0.1), 't=-0.1'),
     (lambda: quant.delta_from_sparsity(jnp.ones(3), 1.5), 'sparsity=1.5'),
-    (lambda: quant.ternarize(jnp.ones(3), jnp.ones(2), F32(1.0), F32(0.1)), 'w_p must be a scalar'),
-    (lambda: quant.ternarize(jnp.ones(3), F32(1.0), jnp.ones((1,)), F32(0.1)), 'w_n must be a scalar'),
+    (lambda: quant.ternarize(jnp.ones(3), jnp.ones(2), F32(1.0), F32(0.1)), 'w_p must be a scalar or broadcast'),
+    (lambda: quant.ternarize(jnp.ones(3), F32(1.0), jnp.ones((2, 3)), F32(0.1)), 'w_n must be a scalar or broadcast'),
 ])
 def test_bad_input_is_a_clear_value_error(fn, bad):
   with pytest.raises(ValueError, match=bad):
     fn()
+
+
+def test_per_channel_scales_by_hand():
+  """Scales of shape (1, C) (one per output column): the forward picks each column's scale, and the scale
+  gradients are the per-column sums over I_p and -sums over I_n."""
+  w = jnp.array([[1.0, -1.0, 0.05], [-2.0, 0.5, 3.0]], F32)  # codes [[+, -, 0], [-, +, +]] at delta 0.1
+  w_p, w_n = jnp.array([[1.0, 2.0, 3.0]], F32), jnp.array([[0.5, 1.5, 2.5]], F32)
+  g = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], F32)
+  np.testing.assert_array_equal(quant.ternarize(w, w_p, w_n, F32(0.1)), [[1.0, -1.5, 0.0], [-0.5, 2.0, 3.0]])
+  dw, dw_p, dw_n, _ = _grads(w, w_p, w_n, F32(0.1), g)
+  np.testing.assert_allclose(dw_p, [[1.0, 5.0, 6.0]])
+  np.testing.assert_allclose(dw_n, [[-4.0, -2.0, 0.0]])
+  np.testing.assert_allclose(dw, [[1.0, 3.0, 3.0], [2.0, 10.0, 18.0]])
+  assert dw_p.shape == w_p.shape == dw_n.shape
+
+
+@pytest.mark.parametrize('x_shape,shape,expected', [
+    ((2, 3), (), 21.0), ((2, 3), (1, 3), [[5.0, 7.0, 9.0]]), ((2, 3), (3,), [5.0, 7.0, 9.0]),
+    ((2, 3), (2, 1), [[6.0], [15.0]]), ((2, 3), (2, 3), [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])])
+def test_sum_to_shape_is_the_adjoint_of_broadcasting(x_shape, shape, expected):
+  x = jnp.arange(1.0, 7.0).reshape(x_shape)
+  np.testing.assert_allclose(quant.sum_to_shape(x, shape), expected)

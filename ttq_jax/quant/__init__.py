@@ -1,7 +1,9 @@
-"""Ternary quantization (TTQ, Zhu et al. ICLR 2017; TWN, Li & Liu 2016): maths, layers, reports."""
+"""Ternary quantization (TTQ, Zhu et al. ICLR 2017; TWN, Li & Liu 2016): maths, the ternary weight type,
+layers, `quantize(model, rules)` for any Flax model, reports."""
 
 from ttq_jax.quant._ternary import delta_from_max
 from ttq_jax.quant._ternary import delta_from_sparsity
+from ttq_jax.quant._ternary import sum_to_shape
 from ttq_jax.quant._ternary import ternarize
 from ttq_jax.quant._ternary import ternarize_bwd
 from ttq_jax.quant._ternary import ternarize_fwd
@@ -13,10 +15,14 @@ from ttq_jax.quant.config import THRESHOLDS
 from ttq_jax.quant.layers import quantize_kernel
 from ttq_jax.quant.layers import TernaryConv
 from ttq_jax.quant.layers import TernaryDense
-from ttq_jax.quant.layers import threshold
 from ttq_jax.quant.report import count_params
 from ttq_jax.quant.report import is_ternary_layer
 from ttq_jax.quant.report import layer_scales
 from ttq_jax.quant.report import layer_sparsity
 from ttq_jax.quant.report import ternary_kernels
 from ttq_jax.quant.report import ternary_weights
+from ttq_jax.quant.rules import Rule
+from ttq_jax.quant.rules import quantize
+from ttq_jax.quant.rules import selected_layers
+from ttq_jax.quant.weights import TernaryWeights
+from ttq_jax.quant.weights import threshold

@@ -24,6 +24,21 @@ def _check_scalar(name: str, x) -> None:
     raise ValueError(f'{name} must be a scalar (0-d array), got shape {jnp.shape(x)}')
 
 
+def _check_scale(name: str, x, w_shape) -> None:
+  """A scale is a scalar (per tensor) or broadcasts to the kernel (e.g. one value per output channel)."""
+  shape = jnp.shape(x)
+  if len(shape) > len(w_shape) or any(s not in (1, d) for s, d in zip(shape[::-1], w_shape[::-1])):
+    raise ValueError(f'{name} must be a scalar or broadcast to the weights\' shape {tuple(w_shape)}, got shape {shape}')
+
+
+def sum_to_shape(x: jax.Array, shape) -> jax.Array:
+  """Sums `x` over the axes that `shape` broadcasts along (the adjoint of broadcasting to x.shape)."""
+  lead = x.ndim - len(shape)
+  x = jnp.sum(x, axis=tuple(range(lead))) if lead else x
+  axes = tuple(i for i, s in enumerate(shape) if s == 1 and x.shape[i] != 1)
+  return (jnp.sum(x, axis=axes, keepdims=True) if axes else x).reshape(shape)
+
+
 def check_unit_interval(name: str, value: float) -> None:
   """Raises ValueError unless 0 <= value < 1 (for `t` and `sparsity`)."""
   if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 <= value < 1.0:
@@ -33,7 +48,8 @@ def check_unit_interval(name: str, value: float) -> None:
 # --------------------------------------------------------------------------- TTQ ternarize
 
 
-def _masks(w, delta):
+def ternary_masks(w, delta):
+  """(w > delta, w < -delta): the index sets I_p and I_n of the paper; the one place codes are decided."""
   positive = w > delta
   negative = w < -delta
   return positive, negative
@@ -41,7 +57,7 @@ def _masks(w, delta):
 
 def ternarize_fwd(w, w_p, w_n, delta):
   """Forward rule of TTQ (paper Eq. 6); returns (wt, residuals)."""
-  positive, negative = _masks(w, delta)
+  positive, negative = ternary_masks(w, delta)
   w_p_c = w_p.astype(w.dtype)
   w_n_c = w_n.astype(w.dtype)
   zero = jnp.zeros((), w.dtype)
@@ -52,12 +68,13 @@ def ternarize_fwd(w, w_p, w_n, delta):
 def ternarize_bwd(residuals, g):
   """Backward rule of TTQ (paper Eqs. 7-8, with the W_n sign corrected)."""
   w, w_p, w_n, delta = residuals
-  positive, negative = _masks(w, delta)
+  positive, negative = ternary_masks(w, delta)
   g32 = g.astype(jnp.float32)
   zero = jnp.zeros((), jnp.float32)
-  # Scale gradients: sums over the positive / negative index sets, accumulated in float32.
-  dw_p = jnp.sum(jnp.where(positive, g32, zero)).astype(w_p.dtype)
-  dw_n = -jnp.sum(jnp.where(negative, g32, zero)).astype(w_n.dtype)
+  # Scale gradients: sums over the positive / negative index sets (per output channel for per-channel
+  # scales), accumulated in float32.
+  dw_p = sum_to_shape(jnp.where(positive, g32, zero), w_p.shape).astype(w_p.dtype)
+  dw_n = -sum_to_shape(jnp.where(negative, g32, zero), w_n.shape).astype(w_n.dtype)
   # Latent weights: straight-through estimator scaled by the scale of the set they fall in.
   factor = jnp.where(positive, w_p.astype(g32.dtype), jnp.where(negative, w_n.astype(g32.dtype), 1.0))
   dw = (factor * g32).astype(w.dtype)
@@ -78,14 +95,16 @@ def ternarize(w: jax.Array, w_p: jax.Array, w_n: jax.Array, delta: jax.Array) ->
 
   Args:
     w: latent full-precision weights, any shape and float dtype.
-    w_p, w_n: 0-d positive / negative scales (trained); cotangents keep their dtype.
+    w_p, w_n: positive / negative scales (trained): 0-d (per tensor, the paper) or broadcastable to `w`
+      (e.g. shape (1, ..., 1, C): one per output channel; their gradients are then per-channel sums).
+      Cotangents keep their dtype and shape.
     delta: 0-d threshold (no gradient flows to it).
 
   Returns:
     An array of `w`'s shape and dtype with values in {+w_p, 0, -w_n}.
   """
-  _check_scalar('w_p', w_p)
-  _check_scalar('w_n', w_n)
+  _check_scale('w_p', w_p, jnp.shape(w))
+  _check_scale('w_n', w_n, jnp.shape(w))
   _check_scalar('delta', delta)
   w_p = jnp.asarray(w_p)
   w_n = jnp.asarray(w_n)

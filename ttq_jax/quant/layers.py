@@ -13,24 +13,12 @@ import jax.numpy as jnp
 
 from ttq_jax.quant import _ternary
 from ttq_jax.quant.config import QuantConfig
+from ttq_jax.quant.weights import effective_scales, threshold
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
 FP = QuantConfig(method='fp')
-
-
-def threshold(kernel: jax.Array, quant: QuantConfig) -> jax.Array:
-  """The layer's delta under its config (no gradient)."""
-  if quant.threshold == 'max':
-    return _ternary.delta_from_max(kernel, quant.t)
-  return _ternary.delta_from_sparsity(kernel, quant.sparsity)
-
-
-def effective_scales(w_p: jax.Array, w_n: jax.Array, quant: QuantConfig) -> tuple[jax.Array, jax.Array]:
-  if quant.positive_scales:
-    return jnp.abs(w_p), jnp.abs(w_n)
-  return w_p, w_n
 
 
 def quantize_kernel(kernel: jax.Array, w_p: jax.Array | None, w_n: jax.Array | None,
@@ -54,8 +42,9 @@ class _TernaryKernelMixin:
     if quant.method == 'ttq':
       w_p = self.param('w_p', nn.initializers.constant(quant.w_p_init), (), param_dtype)
       w_n = self.param('w_n', nn.initializers.constant(quant.w_n_init), (), param_dtype)
-    # Quantize in the compute dtype: the ternary kernel in bf16 holds w_p/w_n rounded once.
-    return quantize_kernel(kernel.astype(dtype), w_p, w_n, quant)
+    # Decide the codes on the float32 latent kernel (as reports and export do: `TernaryWeights`), then
+    # compute in `dtype`: a bf16 ternary kernel holds w_p / w_n rounded once.
+    return quantize_kernel(kernel, w_p, w_n, quant).astype(dtype)
 
 
 class TernaryDense(nn.Module, _TernaryKernelMixin):

@@ -13,9 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ttq_jax.quant import _ternary
 from ttq_jax.quant.config import QuantConfig
-from ttq_jax.quant.layers import effective_scales, threshold
+from ttq_jax.quant.weights import TernaryWeights
 
 
 def is_ternary_layer(name: str) -> bool:
@@ -37,7 +36,7 @@ def _ternary_modules(params: Mapping[str, Any], prefix: str = ''):
 
 
 def ternary_weights(params: Mapping[str, Any], quant: QuantConfig) -> dict[str, tuple[jax.Array, jax.Array, jax.Array]]:
-  """{kernel path: (codes int8 in {-1, 0, +1}, w_p, w_n)} for every ternary layer.
+  """{kernel path: (codes int8 in {-1, 0, +1}, w_p, w_n)} for every ternary layer (`TernaryWeights`).
 
   The ternary kernel is `where(codes > 0, w_p, where(codes < 0, -w_n, 0))`.
   """
@@ -45,16 +44,8 @@ def ternary_weights(params: Mapping[str, Any], quant: QuantConfig) -> dict[str, 
     return {}
   out = {}
   for path, module in _ternary_modules(params):
-    kernel = jnp.asarray(module['kernel'])
-    if quant.method == 'twn':
-      delta, alpha = _ternary.twn_threshold_and_scale(kernel)
-      w_p = w_n = alpha
-      codes = jnp.where(jnp.abs(kernel) > delta, jnp.sign(kernel), 0).astype(jnp.int8)
-    else:
-      w_p, w_n = effective_scales(jnp.asarray(module['w_p']), jnp.asarray(module['w_n']), quant)
-      delta = threshold(kernel, quant)
-      codes = jnp.where(kernel > delta, 1, jnp.where(kernel < -delta, -1, 0)).astype(jnp.int8)
-    out[f'{path}/kernel'] = (codes, jnp.asarray(w_p, jnp.float32), jnp.asarray(w_n, jnp.float32))
+    tw = TernaryWeights.from_latent(module['kernel'], module.get('w_p'), module.get('w_n'), quant)
+    out[f'{path}/kernel'] = (tw.codes, tw.w_p, tw.w_n)
   return out
 
 

@@ -1,0 +1,201 @@
+"""TTQ for any Flax model: `quantize(model, rules)` ternarizes the kernels of the layers that path rules
+select, without touching the model's code (the qwix idea, with the paper's trained quantizer).
+
+    model = quantize(MyViT(), [Rule(module_path=r'.*(attention|mlp)/.*'), Rule(module_path='head', method='fp')])
+    variables = model.init(rng, x)     # the plain model's variables + `w_p` / `w_n` beside each ternary kernel
+
+A layer is selected by its module path (slash-joined names, as in the params tree, e.g.
+`encoder/block_0/attention/query`): the first rule whose `module_path` regex matches the whole path
+decides, a layer that no rule matches stays full precision. Layers with a `kernel` parameter can be
+ternary: `nn.Dense`, `nn.DenseGeneral` (and so `nn.MultiHeadDotProductAttention`), `nn.Conv` (1-D to
+3-D, any padding, dilation and feature groups), `nn.ConvTranspose` and `nn.Einsum`. An `nn.Embed` table
+selected by a rule is refused (an embedding lookup is not a matrix product; quantizing it is not the
+paper's method). Biases and normalisation parameters are never quantized.
+
+How: during the model's `__call__`, a Flax method interceptor gives each selected layer a `param`
+that returns the ternary kernel (`ternarize`, the paper's custom_vjp) computed from the float32
+latent kernel and the layer's own `w_p` / `w_n`; everything else about the layer is unchanged. So
+the params tree is the plain model's tree plus the scales, and a full-precision checkpoint of the
+plain model loads into it as it is (the paper's fine-tuning recipe).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import re
+import warnings
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ttq_jax.quant import _ternary
+from ttq_jax.quant.config import QuantConfig
+from ttq_jax.quant.weights import effective_scales, threshold
+
+SCALE_GRANULARITIES = ('tensor', 'channel')
+# Layers whose `kernel` parameter is their weight matrix (output features on the kernel's last axes,
+# except for Einsum, whose output axes the equation names).
+KERNEL_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose, nn.Einsum)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Rule(QuantConfig):
+  """Which layers (`module_path`, a regex over the whole slash-joined module path) and how (the
+  `QuantConfig` fields: method, threshold, t, sparsity, w_p_init, w_n_init, positive_scales).
+
+  scale_granularity: 'tensor' (one w_p and one w_n per layer, the paper) or 'channel' (one per output
+    feature: the kernel's output axes, flattened for DenseGeneral / Einsum with several; an extension
+    beyond the paper). The threshold stays per tensor.
+  """
+
+  module_path: str = '.*'
+  scale_granularity: str = 'tensor'
+
+  def __post_init__(self):
+    super().__post_init__()
+    try:
+      re.compile(self.module_path)
+    except re.error as e:
+      raise ValueError(f'Rule.module_path={self.module_path!r} is not a regex: {e}') from None
+    if self.scale_granularity not in SCALE_GRANULARITIES:
+      raise ValueError(f'Rule.scale_granularity={self.scale_granularity!r} is unknown: allowed are '
+                       f'{", ".join(SCALE_GRANULARITIES)}')
+
+  def matches(self, path: str) -> bool:
+    return re.fullmatch(self.module_path, path) is not None
+
+
+def first_rule(rules: Sequence[Rule], path: str) -> Rule | None:
+  return next((r for r in rules if r.matches(path)), None)
+
+
+def output_axes(module: nn.Module, kernel_ndim: int) -> tuple[int, ...]:
+  """The kernel axes that index output features."""
+  if isinstance(module, nn.Einsum):
+    inputs, output = module.einsum_str.replace(' ', '').split('->')
+    kernel_letters = inputs.split(',')[1]
+    return tuple(i for i, c in enumerate(kernel_letters) if c in output)
+  if isinstance(module, nn.DenseGeneral):
+    features = module.features if isinstance(module.features, Sequence) else (module.features,)
+    return tuple(range(kernel_ndim - len(features), kernel_ndim))
+  return (kernel_ndim - 1,)
+
+
+def scale_shapes(module: nn.Module, kernel_shape, rule: Rule) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(stored shape of w_p / w_n, the shape they broadcast with against the kernel)."""
+  if rule.scale_granularity == 'tensor':
+    return (), ()
+  axes = output_axes(module, len(kernel_shape))
+  broadcast = tuple(d if i in axes else 1 for i, d in enumerate(kernel_shape))
+  return (int(np.prod([kernel_shape[i] for i in axes])),), broadcast
+
+
+def ternary_kernel(kernel: jax.Array, w_p, w_n, rule: Rule) -> jax.Array:
+  """The kernel a selected layer computes with: decided on the float32 latent kernel (TernaryWeights)."""
+  latent = kernel.astype(jnp.float32)
+  if rule.method == 'twn':
+    return _ternary.twn_ternarize(latent).astype(kernel.dtype)
+  w_p, w_n = effective_scales(w_p, w_n, rule)
+  return _ternary.ternarize(latent, w_p, w_n, threshold(latent, rule)).astype(kernel.dtype)
+
+
+# --------------------------------------------------------------------------- the interceptor
+
+_ACTIVE = contextvars.ContextVar('ttq_quantize_active', default=None)
+
+
+class _Session:
+  """The rules of one call of a quantized model and the layers they selected in it."""
+
+  def __init__(self, rules: Sequence[Rule]):
+    self.rules, self.selected = tuple(rules), {}
+
+  def intercept(self, next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != '__call__' or module.scope is None:
+      return next_fun(*args, **kwargs)
+    path = '/'.join(module.scope.path)
+    rule = first_rule(self.rules, path)
+    if rule is None or not isinstance(module, (nn.Embed,) + KERNEL_LAYERS):
+      return next_fun(*args, **kwargs)  # not selected, or a container: its layers are looked at one by one
+    if isinstance(module, nn.Embed):
+      raise ValueError(f'Rule(module_path={rule.module_path!r}) selects the nn.Embed at {path!r}: embedding tables '
+                       f'cannot be ternary; layers with a kernel can: {", ".join(c.__name__ for c in KERNEL_LAYERS)}')
+    self.selected[path] = rule
+    if rule.method == 'fp':
+      return next_fun(*args, **kwargs)
+    real_param = module.param
+
+    def param(name, init_fn, *init_args, **init_kwargs):
+      value = real_param(name, init_fn, *init_args, **init_kwargs)
+      if name != 'kernel':
+        return value
+      w_p = w_n = None
+      if rule.method == 'ttq':
+        stored, broadcast = scale_shapes(module, value.shape, rule)
+        w_p = real_param('w_p', nn.initializers.constant(rule.w_p_init), stored, jnp.float32).reshape(broadcast)
+        w_n = real_param('w_n', nn.initializers.constant(rule.w_n_init), stored, jnp.float32).reshape(broadcast)
+      return ternary_kernel(value, w_p, w_n, rule)
+
+    object.__setattr__(module, 'param', param)  # this instance only, for this call
+    try:
+      return next_fun(*args, **kwargs)
+    finally:
+      object.__delattr__(module, 'param')
+
+
+def _quantized_call(self, *args, **kwargs):
+  if _ACTIVE.get() is not None:  # nested in another quantized model's call: its rules already apply
+    return super(type(self), self).__call__(*args, **kwargs)
+  session = _Session(type(self).ttq_rules)
+  token = _ACTIVE.set(session)
+  try:
+    with nn.intercept_methods(session.intercept):
+      out = super(type(self), self).__call__(*args, **kwargs)
+  finally:
+    _ACTIVE.reset(token)
+  if self.is_initializing():
+    unused = [r.module_path for r in session.rules if r not in session.selected.values()]
+    if unused:
+      warnings.warn(f'quantize: rules that selected no layer: {", ".join(repr(u) for u in unused)} '
+                    f'(layer paths: {", ".join(sorted(session.selected)) or "none selected"})', stacklevel=2)
+  return out
+
+
+def quantize(model: nn.Module, rules: Sequence[Rule]) -> nn.Module:
+  """A Flax module that computes what `model` computes, with the kernels of the layers that `rules`
+  select ternarized by the paper's quantizer (per-layer `w_p` / `w_n`, trained). See the module doc."""
+  rules = tuple(rules)
+  for r in rules:
+    if not isinstance(r, Rule):
+      raise TypeError(f'quantize: rules must be ttq_jax.quant.Rule, got {type(r).__name__}')
+  base = type(model)
+  cls = type(f'Quantized{base.__name__}', (base,), {'__call__': _quantized_call, 'ttq_rules': rules,
+                                                     '__module__': base.__module__})
+  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.init and f.name not in ('parent', 'name')}
+  return cls(**fields)
+
+
+def selected_layers(model: nn.Module, *example_args, **example_kwargs) -> dict[str, Rule]:
+  """{module path: rule} of the layers a quantized model's rules select (rule method 'fp' included),
+  found structurally by tracing its init (`jax.eval_shape`: nothing is computed)."""
+  rules = getattr(type(model), 'ttq_rules', None)
+  if rules is None:
+    raise TypeError(f'selected_layers: {type(model).__name__} is not a quantize()d model')
+  session = _Session(rules)
+
+  def init():
+    token = _ACTIVE.set(session)  # the model's own call then runs inside this session
+    try:
+      with nn.intercept_methods(session.intercept):
+        return model.init(jax.random.PRNGKey(0), *example_args, **example_kwargs)
+    finally:
+      _ACTIVE.reset(token)
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    jax.eval_shape(init)
+  return dict(session.selected)

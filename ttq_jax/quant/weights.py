@@ -1,0 +1,83 @@
+"""`TernaryWeights`: the one value type of a ternary kernel (codes + two scales), with its conversions.
+
+    TernaryWeights.from_latent(kernel, w_p, w_n, quant)   # the forward pass's decision, in float32
+    weights.dense()                                        # the kernel the forward pass computes with
+    weights.pack('2bit') / TernaryWeights.unpack(...)      # bytes for export (ttq_jax.quant.packing)
+
+Codes are decided by `_ternary.ternary_masks` on the float32 latent kernel, the same function the
+forward quantizer (`ternarize`) uses, so what is reported and exported is what the network computed
+with, also when the model computes in bfloat16.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ttq_jax.quant import _ternary
+from ttq_jax.quant import packing as packing_lib
+from ttq_jax.quant.config import QuantConfig
+
+
+def threshold(kernel: jax.Array, quant: QuantConfig) -> jax.Array:
+  """The layer's delta under its config (no gradient)."""
+  if quant.threshold == 'max':
+    return _ternary.delta_from_max(kernel, quant.t)
+  return _ternary.delta_from_sparsity(kernel, quant.sparsity)
+
+
+def effective_scales(w_p: jax.Array, w_n: jax.Array, quant: QuantConfig) -> tuple[jax.Array, jax.Array]:
+  if quant.positive_scales:
+    return jnp.abs(w_p), jnp.abs(w_n)
+  return w_p, w_n
+
+
+@flax.struct.dataclass
+class TernaryWeights:
+  """codes: int8 in {-1, 0, +1} of the kernel's shape; w_p / w_n: float32 scales, scalar (per tensor) or
+  broadcastable to the codes (per output channel). The kernel is where(codes > 0, w_p, where(codes < 0, -w_n, 0))."""
+  codes: jax.Array
+  w_p: jax.Array
+  w_n: jax.Array
+
+  @classmethod
+  def from_latent(cls, kernel: jax.Array, w_p: jax.Array | None, w_n: jax.Array | None,
+                  quant: QuantConfig) -> 'TernaryWeights':
+    """The ternary weights a latent kernel stands for under `quant` ('ttq': trained w_p / w_n; 'twn': its
+    computed alpha twice, w_p / w_n ignored). Decisions are taken in float32."""
+    kernel = jnp.asarray(kernel, jnp.float32)
+    if quant.method == 'twn':
+      delta, alpha = _ternary.twn_threshold_and_scale(kernel)
+      positive, negative = kernel > delta, kernel < -delta
+      w_p = w_n = alpha
+    elif quant.method == 'ttq':
+      positive, negative = _ternary.ternary_masks(kernel, threshold(kernel, quant))
+      w_p, w_n = effective_scales(jnp.asarray(w_p), jnp.asarray(w_n), quant)
+    else:
+      raise ValueError(f"quant.method={quant.method!r} has no ternary weights: allowed are 'ttq', 'twn'")
+    codes = jnp.where(positive, 1, jnp.where(negative, -1, 0)).astype(jnp.int8)
+    return cls(codes, jnp.asarray(w_p, jnp.float32), jnp.asarray(w_n, jnp.float32))
+
+  def dense(self, dtype: Any = jnp.float32) -> jax.Array:
+    """The kernel as the forward pass uses it (scales rounded once to `dtype`)."""
+    w_p, w_n = jnp.asarray(self.w_p, dtype), jnp.asarray(self.w_n, dtype)
+    return jnp.where(self.codes > 0, w_p, jnp.where(self.codes < 0, -w_n, jnp.zeros((), dtype)))
+
+  @property
+  def sparsity(self) -> float:
+    return float(jnp.mean(self.codes == 0))
+
+  def pack(self, packing: str) -> np.ndarray:
+    """The codes as bytes (`ttq_jax.quant.packing.PACKINGS[packing]`, C order)."""
+    return packing_lib.pack(packing_lib.codes_from_ternary(np.asarray(self.codes)), packing)
+
+  @classmethod
+  def unpack(cls, data: np.ndarray, shape, w_p, w_n, packing: str, name: str = 'codes') -> 'TernaryWeights':
+    """Inverse of `pack` (validating the bytes); `w_p` / `w_n` as stored beside them."""
+    codes = packing_lib.unpack(data, int(np.prod(shape)), packing, name)
+    signs = np.where(codes == 1, 1, np.where(codes == 2, -1, 0)).astype(np.int8).reshape(tuple(shape))
+    return cls(jnp.asarray(signs), jnp.asarray(w_p, jnp.float32), jnp.asarray(w_n, jnp.float32))
