@@ -22,18 +22,20 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import fashion_mnist  # noqa: E402
-from ttq_jax import export, export_format, models, state as state_lib  # noqa: E402
-from ttq_jax.quant import QuantConfig  # noqa: E402
+from ttq_jax import export, export_format, state as state_lib  # noqa: E402
 
 
 def _variables(workdir):
+  """(config, variables, the model's ternary layers, what it is)."""
   config = fashion_mnist.get_config()
   if workdir:
     _, step, state, _ = state_lib.restore(config, workdir, mesh_shape=(1, 1))
-    return config, jax.device_get({'params': state.params, 'batch_stats': state.batch_stats}), f'{workdir} step {step}'
-  model = models.create_model('resnet20', num_classes=10, quant=QuantConfig())
-  return config, jax.device_get(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), train=False)), \
-      'random ResNet-20'
+    return (config, jax.device_get({'params': state.params, 'batch_stats': state.batch_stats}), state.ternary,
+            f'{workdir} step {step}')
+  model = state_lib.create_model(config)
+  layers = state_lib.ternary_layers(model, (28, 28, 1))
+  return (config, jax.device_get(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), train=False)), layers,
+          'random ResNet-20')
 
 
 def timed(fn, n=5):
@@ -49,15 +51,14 @@ def main():
   p = argparse.ArgumentParser()
   p.add_argument('--workdir', default='')
   args = p.parse_args()
-  config, variables, what = _variables(args.workdir)
-  q = state_lib.quant_config(config)
+  config, variables, layers, what = _variables(args.workdir)
   fp32 = sum(np.asarray(x).size * 4 for x in jax.tree.leaves(variables))
   print(f'{what}: {fp32:,} B of float32 parameters and BN statistics')
   for packing in ('2bit', 'base3'):
     path = os.path.join(tempfile.mkdtemp(), 'model.safetensors')
 
     def do_export():
-      tensors = export_format.build_export(variables['params'], variables['batch_stats'], q, packing)
+      tensors = export_format.build_export(variables['params'], variables['batch_stats'], layers, packing)
       export_format.save(path, tensors, packing=packing, config=config, step=0)
     t_export = timed(do_export)
     t_load = timed(lambda: export.load(path))

@@ -9,7 +9,7 @@ from ttq_jax import config_check
 from ttq_jax import train
 
 ROWS = ['resnet20_cifar10', 'resnet32_cifar10', 'resnet44_cifar10', 'resnet56_cifar10', 'alexnet_imagenet',
-        'resnet18_imagenet', 'fashion_mnist']
+        'resnet18_imagenet', 'fashion_mnist', 'vit_fashion_mnist']
 
 
 def _config(name, arg=''):

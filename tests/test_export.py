@@ -22,7 +22,7 @@ def test_export_load_gives_the_same_logits(tmp_path, packing):
   x = jax.random.normal(jax.random.PRNGKey(1), (4, 28, 28, 1))
   np.testing.assert_array_equal(loaded_model.apply(loaded, x, train=False), model.apply(variables, x, train=False))
   _, metadata, report = export_format.read(path)
-  assert metadata['format'] == 'ttq-safetensors-v1' and metadata['packing'] == packing
+  assert metadata['format'] == 'ttq-safetensors-v2' and metadata['packing'] == packing
   assert set(report) == {f'params/{k}' for k in ('PreActBlock_0/TernaryConv_0/kernel',
                                                  'PreActBlock_0/TernaryConv_1/kernel',
                                                  'PreActBlock_1/TernaryConv_0/kernel',
@@ -65,3 +65,24 @@ def test_export_of_a_warmup_checkpoint_is_refused(smoke_config, tmp_path):
   assert evaluation.evaluate_workdir(smoke_config, workdir)['sparsity'] == {}  # evaluated as the FP model it is
   smoke_config.eval_step = 6
   assert export.export_workdir(smoke_config, workdir)['step'] == 6
+
+
+@pytest.mark.slow
+def test_a_vit_ternary_by_rules_trains_exports_and_reloads(tmp_path):
+  """The ViT is plain Flax; its attention and MLP projections are ternary by rule. Its checkpoint exports
+  (DenseGeneral kernels with several axes included), and the export evaluates as the checkpoint does."""
+  from configs import vit_fashion_mnist
+  config = vit_fashion_mnist.get_config('smoke')
+  config.mesh_shape, config.compilation_cache_dir = (1, 1), ''
+  workdir = str(tmp_path)
+  result = train.train_and_evaluate(config, workdir)
+  assert sorted(p.rsplit('/', 1)[0] for p in result['sparsity']) == [
+      'block_0/attn/key', 'block_0/attn/out', 'block_0/attn/query', 'block_0/attn/value', 'block_0/mlp_in',
+      'block_0/mlp_out']
+  from_ckpt = evaluation.evaluate_workdir(config, workdir)
+  summary = export.export_workdir(config, workdir)
+  assert summary['layers']['params/block_0/attn/query/kernel']['numel'] == 16 * 2 * 8
+  config.restore_from = summary['path']
+  from_file = evaluation.evaluate_workdir(config, workdir)
+  assert from_file['loss'] == pytest.approx(from_ckpt['loss'], rel=1e-6)
+  assert from_file['top1_accuracy'] == from_ckpt['top1_accuracy']

@@ -10,6 +10,7 @@ from safetensors.numpy import save_file
 
 from ttq_jax import export_format
 from ttq_jax import models
+from ttq_jax import quant
 from ttq_jax.quant import QuantConfig
 
 TTQ = QuantConfig()
@@ -60,11 +61,16 @@ def ttq_variables(name='resnet_tiny', shape=(2, 28, 28, 1)):
   return model, variables
 
 
+def layers_of(name='resnet_tiny', shape=(2, 28, 28, 1)):
+  """The ternary layers of a built-in model, found in its module tree."""
+  return quant.ternary_layers(models.create_model(name, num_classes=10, quant=TTQ), jnp.zeros(shape), train=False)
+
+
 def write_export(tmp_path, packing, variables):
   from configs import fashion_mnist
   config = fashion_mnist.get_config('smoke')
   path = str(tmp_path / f'model_{packing}.safetensors')
-  tensors = export_format.build_export(variables['params'], variables['batch_stats'], TTQ, packing)
+  tensors = export_format.build_export(variables['params'], variables['batch_stats'], layers_of(), packing)
   export_format.save(path, tensors, packing=packing, config=config, step=6)
   return path
 
@@ -117,9 +123,54 @@ def test_unknown_packing_writes_nothing(tmp_path):
 def test_resnet20_size_ratios(packing, goal):
   model = models.create_model('resnet20', num_classes=10, quant=TTQ)
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
-  tensors = export_format.build_export(variables['params'], variables['batch_stats'], TTQ, packing)
+  tensors = export_format.build_export(variables['params'], variables['batch_stats'],
+                                       layers_of('resnet20', (1, 32, 32, 3)), packing)
   ternary_fp32 = 267_264 * 4
   packed = sum(v.nbytes for k, v in tensors.items() if k.endswith(export_format.SUFFIXES))
   assert ternary_fp32 / packed >= goal
   total_fp32 = sum(x.size * 4 for x in jax.tree.leaves(variables))
   assert total_fp32 / sum(v.nbytes for v in tensors.values()) > 10  # FP stem/head/BN included
+
+
+def test_per_channel_scales_round_trip(tmp_path):
+  """Format v2: a quantize()d model with per-channel scales (DenseGeneral with two output axes, a conv)
+  exports codes + one scale per output feature + `scale_shape`; reading rebuilds the kernels it computed with."""
+  import flax.linen as nn
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Conv(6, (3, 3), name='conv')(x)
+      return nn.DenseGeneral((2, 3), name='proj')(x.reshape(x.shape[0], -1))
+
+  model = quant.quantize(Net(), [quant.Rule(module_path='conv|proj', scale_granularity='channel')])
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 5, 2))
+  params = model.init(jax.random.PRNGKey(0), x)['params']
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, v: v * jnp.linspace(0.5, 2.0, v.size).reshape(v.shape) if p[-1].key in ('w_p', 'w_n') else v, params)
+  layers = quant.ternary_layers(model, x)
+  assert [(l.path, l.scale_shape) for l in layers] == [('conv', (1, 1, 1, 6)), ('proj', (1, 2, 3))]
+  path = str(tmp_path / 'm.safetensors')
+  tensors = export_format.build_export(params, {}, layers, '2bit')
+  assert tensors['params/proj/kernel/w_p'].shape == (6,) and tensors['params/proj/kernel/scale_shape'].tolist() == [1, 2, 3]
+  export_format.save(path, tensors, packing='2bit', config={'model': {}}, step=1)
+  variables, metadata, report = export_format.read(path)
+  assert metadata['format'] == 'ttq-safetensors-v2' and report['params/conv/kernel']['per_channel']
+  np.testing.assert_allclose(Net().apply(variables, x), model.apply({'params': params}, x), rtol=1e-6, atol=1e-6)
+  from ttq_jax import export
+  plain, loaded = export.load(path, model=model)  # a user model: pass it (quantized or not)
+  assert type(plain) is Net
+  np.testing.assert_allclose(plain.apply(loaded, x), model.apply({'params': params}, x), rtol=1e-6, atol=1e-6)
+
+
+def test_v1_files_still_read_and_cannot_hold_per_channel_scales(tmp_path):
+  _, variables = ttq_variables()
+  path = write_export(tmp_path, '2bit', variables)
+  _rewrite(path, lambda m, t: m.update(format='ttq-safetensors-v1'))
+  v1, metadata, _ = export_format.read(path)  # files written before v2 (per-tensor scales)
+  v2, _, _ = export_format.read(write_export(tmp_path / 'b', '2bit', variables))
+  for x, y in zip(jax.tree.leaves(v1), jax.tree.leaves(v2)):
+    np.testing.assert_array_equal(x, y)
+  _rewrite(path, lambda m, t: t.update({K + '/scale_shape': np.array([1, 1, 1, 8], np.int64)}))
+  with pytest.raises(export_format.ExportError, match='scale_shape .per-channel scales. needs format ttq-safetensors-v2'):
+    export_format.read(path)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ttq_jax import models
+from ttq_jax import quant
 from ttq_jax.quant import QuantConfig, count_params
 
 TTQ = QuantConfig()
@@ -14,6 +15,12 @@ TTQ = QuantConfig()
 def _params(name, shape, num_classes, quant=TTQ, **kw):
   model = models.create_model(name, num_classes=num_classes, quant=quant, **kw)
   return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape), train=False))['params']
+
+
+def _layers(name, shape, num_classes, q=TTQ, **kw):
+  """The model's ternary layers, found in its module tree."""
+  model = models.create_model(name, num_classes=num_classes, quant=q, **kw)
+  return quant.ternary_layers(model, jnp.zeros(shape), train=False)
 
 
 def _n(tree):
@@ -32,7 +39,7 @@ def test_cifar_resnet_parameter_counts(name, n):
   fp = _params(name, (1, 32, 32, 3), 10, QuantConfig(method='fp'))
   assert _n(fp) == _resnet_cifar_count(n)
   ttq = _params(name, (1, 32, 32, 3), 10)
-  counts = count_params(ttq, TTQ)
+  counts = count_params(ttq, _layers(name, (1, 32, 32, 3), 10))
   # every conv but the first is ternary; the last dense stays full precision; +2 scales per layer
   assert counts['ternary'] == _resnet_cifar_count(n) - 9 * 3 * 16 - 2 * _bn(n) - 650
   assert _n(ttq) == _n(fp) + 2 * (6 * n)
@@ -59,7 +66,8 @@ def test_first_and_last_full_precision_by_default_and_switch():
   assert 'Conv_0' in p and 'Dense_0' in p and 'w_p' not in p['Conv_0']
   q = _params('resnet_tiny', (1, 28, 28, 1), 10, quantize_first_last=True)
   assert 'Conv_0' not in q and 'w_p' in q['TernaryConv_0'] and 'w_p' in q['TernaryDense_0']
-  assert count_params(q, TTQ)['ternary'] == count_params(p, TTQ)['ternary'] + 9 * 4 + 8 * 10
+  ternary = lambda params, **kw: count_params(params, _layers('resnet_tiny', (1, 28, 28, 1), 10, **kw))['ternary']
+  assert ternary(q, quantize_first_last=True) == ternary(p) + 9 * 4 + 8 * 10
 
 
 def test_batch_norm_and_biases_never_quantized():
@@ -68,13 +76,14 @@ def test_batch_norm_and_biases_never_quantized():
   from ttq_jax.quant import TernaryDense, ternary_weights
   model = models.create_model('resnet_tiny', num_classes=10, quant=TTQ, quantize_first_last=True)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), train=False)['params']
-  ternary = set(ternary_weights(params, TTQ))
+  layers = quant.ternary_layers(model, jnp.zeros((1, 28, 28, 1)), train=False)
+  ternary = set(ternary_weights(params, layers))
   assert ternary and all(p.endswith('/kernel') for p in ternary)
   kept = [path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
           if path[-1].key == 'bias' or any(k.key.startswith('BatchNorm') for k in path)]
   assert any(p[-1].key == 'bias' for p in kept) and any(p[-1].key == 'scale' for p in kept)
   assert not ternary & {'/'.join(k.key for k in p) for p in kept}
-  assert count_params(params, TTQ)['ternary'] == sum(
+  assert count_params(params, layers)['ternary'] == sum(
       int(np.prod(np.shape(params[p.split('/')[0]]['kernel']))) for p in ternary if p.count('/') == 1) + sum(
       int(np.prod(np.shape(params[p.split('/')[0]][p.split('/')[1]]['kernel']))) for p in ternary if p.count('/') == 2)
   layer = TernaryDense(2, quant=TTQ)

@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 
 from ttq_jax import optim
+from ttq_jax.quant import QuantConfig, TernaryLayer
+
+CONV = (TernaryLayer('TernaryConv_0', QuantConfig()),)  # the one ternary layer of the hand-made params
 
 
 def test_learning_rate_schedules(smoke_config):
@@ -94,9 +97,11 @@ def test_masks_name_what_each_setting_applies_to():
   assert decay['TernaryConv_0'] == {'kernel': True, 'w_p': False, 'w_n': False, 'bias': False}
   assert decay['Conv_0']['kernel'] and not decay['BatchNorm_0']['scale']
   assert optim.weight_decay_mask(params, r'kernel$', decay_scales=True)['Block']['TernaryDense_3']['w_p']
-  ternary = optim.ternary_kernel_mask(params)
-  assert ternary['TernaryConv_0']['kernel'] and ternary['Block']['TernaryDense_3']['kernel']
-  assert not ternary['Conv_0']['kernel'] and not ternary['TernaryConv_0']['bias']
+  layers = (TernaryLayer('Block/TernaryDense_3', QuantConfig()), TernaryLayer('Conv_0', QuantConfig()))
+  ternary = optim.ternary_kernel_mask(params, layers)  # the layers found in the module tree, not names
+  assert ternary['Conv_0']['kernel'] and ternary['Block']['TernaryDense_3']['kernel']
+  assert not ternary['TernaryConv_0']['kernel'] and not ternary['TernaryConv_0']['bias']
+  assert not optim.ternary_kernel_mask(params, layers, method='twn')['Conv_0']['kernel']
 
 
 @pytest.mark.parametrize('multiplier', [3.0, 0.5])
@@ -112,7 +117,7 @@ def test_ternary_kernel_lr_multiplier_scales_latent_kernel_updates_from_the_swit
 
   def updates(m, method='ttq'):
     c.ternary_kernel_lr_multiplier, c.quant.method = m, method
-    tx = optim.create_optimizer(c, params)
+    tx = optim.create_optimizer(c, params, (TernaryLayer('TernaryConv_0', QuantConfig(method=method)),))
     opt_state, out = tx.init(params), []
     for _ in range(4):
       u, opt_state = tx.update(grads, opt_state, params)

@@ -11,6 +11,7 @@ from ttq_jax import checkpoint as ckpt
 from ttq_jax import state as state_lib
 from ttq_jax import train
 from ttq_jax.errors import CheckpointError
+from ttq_jax.quant import QuantConfig, TernaryLayer
 
 PARAMS = {'TernaryConv_0': {'kernel': jnp.array([1.0, -0.4, 0.02, -2.0]), 'w_p': jnp.float32(0.3),
                             'w_n': jnp.float32(0.7)},
@@ -26,7 +27,7 @@ PARAMS = {'TernaryConv_0': {'kernel': jnp.array([1.0, -0.4, 0.02, -2.0]), 'w_p':
 ])
 def test_start_ternary_by_hand(smoke_config, scale_init, normalize, kernel, w_p, w_n):
   smoke_config.quant.scale_init, smoke_config.normalize_init = scale_init, normalize
-  out = state_lib.start_ternary(PARAMS, smoke_config)
+  out = state_lib.start_ternary(PARAMS, smoke_config, (TernaryLayer('TernaryConv_0', QuantConfig()),))
   np.testing.assert_allclose(out['TernaryConv_0']['kernel'], kernel, rtol=1e-6)
   assert float(out['TernaryConv_0']['w_p']) == pytest.approx(w_p) and float(out['TernaryConv_0']['w_n']) == pytest.approx(w_n)
   np.testing.assert_array_equal(out['Conv_0']['kernel'], PARAMS['Conv_0']['kernel'])  # full precision: untouched
@@ -56,13 +57,14 @@ def test_init_from_full_precision_run(smoke_config, tmp_path):
   np.testing.assert_array_equal(state.params['PreActBlock_1']['TernaryConv_0']['kernel'], src)
   np.testing.assert_array_equal(state.params['Conv_0']['kernel'], fp_state.params['Conv_0']['kernel'])
   np.testing.assert_array_equal(state.batch_stats['BatchNorm_0']['mean'], fp_state.batch_stats['BatchNorm_0']['mean'])
-  switched = state_lib.start_ternary(state.params, c)
+  switched = state_lib.start_ternary(state.params, c, state.ternary)
   np.testing.assert_allclose(switched['PreActBlock_1']['TernaryConv_0']['kernel'], src / np.abs(src).max(), rtol=1e-6)
   assert 0.0 < float(switched['PreActBlock_1']['TernaryConv_0']['w_p']) < 1.0  # mean |w| of a [-1, 1] kernel
   # the run: step 1's loss is the switched model's loss on batch 0 (and not the unswitched one's)
   programs, fresh, batches = programs_state_batches(c, (1, 1), n=1)
   loaded = ckpt.load_init_from(fresh, fp_dir)
-  switched = jax.device_put(state_lib.start_ternary(loaded.params, c), state_lib.state_shardings(loaded.params))
+  switched = jax.device_put(state_lib.start_ternary(loaded.params, c, loaded.ternary),
+                            state_lib.state_shardings(loaded.params))
   expected = programs.train(loaded.replace(params=switched), batches[0])[1]
   programs, fresh, _ = programs_state_batches(c, (1, 1), n=0)  # (programs are compiled for their state's tx)
   unswitched = programs.train(ckpt.load_init_from(fresh, fp_dir), batches[0])[1]
@@ -76,7 +78,7 @@ def test_init_from_full_precision_run(smoke_config, tmp_path):
 def test_checkpoints_written_with_the_unused_rng_still_restore(smoke_config, tmp_path):
   """Before 0.2 the state also held an rng key nothing read: such checkpoints restore, the key dropped."""
   class OldTrainState(state_lib.TrainState):  # the state class as it was
-    rng: jax.Array
+    rng: jax.Array = None
 
   _, state = state_lib.create_mesh_and_state(smoke_config)
   fields = {f: getattr(state, f) for f in state_lib.TrainState.__dataclass_fields__}

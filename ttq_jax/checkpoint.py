@@ -142,6 +142,11 @@ def load_init_from(state: Any, workdir_from: str) -> Any:
   copied, kept = [], []
   params = _copy_matching(jax.device_get(state.params), restored['params'], '', copied, kept)
   batch_stats = _copy_matching(jax.device_get(state.batch_stats), restored.get('batch_stats', {}), '', copied, kept)
+  missing = [k for k in kept if k.rsplit('/', 1)[-1] == 'kernel']
+  if missing:
+    raise CheckpointError(f'init_from={workdir_from!r} has no kernel of the same path and shape for {len(missing)} of '
+                          f'this model\'s kernels ({", ".join(missing[:4])}{", ..." if len(missing) > 4 else ""}): '
+                          'it is not a checkpoint of the same (plain) model')
   logging.info('init_from %s: copied %d tensors, kept %d at init (%s)', workdir_from, len(copied), len(kept),
                ', '.join(kept[:8]))
   new = state.replace(params=params, batch_stats=batch_stats)

@@ -45,14 +45,17 @@ def _get(config, dotted: str):
   return value
 
 
-def validate(config) -> None:
-  """Raises ConfigError naming the first bad value and what is allowed."""
+def validate(config, *, custom_model: bool = False) -> None:
+  """Raises ConfigError naming the first bad value and what is allowed (`custom_model`: the model is the
+  caller's own, so `model.name` is not looked at)."""
   for key, table in CHOICES.items():
+    if custom_model and key == 'model.name':
+      continue
     value = _get(config, key)
     if value not in table:
       raise ConfigError(f'{key}={value!r} is unknown: allowed are {", ".join(sorted(table))}')
   info = input_pipeline.dataset_info(config.data.name)
-  min_size = models.MIN_IMAGE_SIZE.get(config.model.name, 0)
+  min_size = 0 if custom_model else models.MIN_IMAGE_SIZE.get(config.model.name, 0)
   if min(info.image_shape[:2]) < min_size:
     fits = [n for n in input_pipeline.DATASETS
             if min(input_pipeline.dataset_info(n).image_shape[:2]) >= min_size]

@@ -19,6 +19,7 @@ from ttq_jax import files
 from ttq_jax import input_pipeline
 from ttq_jax import models
 from ttq_jax import programs as programs_lib
+from ttq_jax import quant as quant_lib
 from ttq_jax import reports
 from ttq_jax import sharding as sharding_lib
 from ttq_jax import state as state_lib
@@ -46,12 +47,17 @@ def reports_top_k(num_classes: int) -> bool:
   return num_classes > TOP_K
 
 
-def eval_step(state, batch, *, apply_fn, info, dtype):
+def example_losses(logits, labels, info, loss_fn=None):
+  """Per-example loss: `loss_fn(logits, labels)` when given (your own), else softmax cross-entropy."""
+  return loss_fn(logits, labels) if loss_fn is not None else cross_entropy(logits, labels, info.num_classes)
+
+
+def eval_step(state, batch, *, apply_fn, info, dtype, loss_fn=None):
   """Sums of loss / correct over the valid (mask = 1) rows of one global batch."""
   images = input_pipeline.normalize(batch['image'], info, dtype)
   logits = apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, images, train=False)
   mask = batch['mask']
-  out = {'loss': jnp.sum(cross_entropy(logits, batch['label'], info.num_classes) * mask),
+  out = {'loss': jnp.sum(example_losses(logits, batch['label'], info, loss_fn) * mask),
          'top1_correct': jnp.sum(topk_correct(logits, batch['label'], 1) * mask),
          'count': jnp.sum(mask)}
   if reports_top_k(info.num_classes):
@@ -59,13 +65,14 @@ def eval_step(state, batch, *, apply_fn, info, dtype):
   return out
 
 
-def batch_moments_step(state, batch, *, apply_fn, info, dtype):
+def batch_moments_step(state, batch, *, apply_fn, info, dtype, loss_fn=None):
   """This batch's BN mean/var for every BN layer (train-mode forward from zero statistics)."""
+  del loss_fn
   images = input_pipeline.normalize(batch['image'], info, dtype)
   zeros = jax.tree.map(jnp.zeros_like, state.batch_stats)
   _, updates = apply_fn({'params': state.params, 'batch_stats': zeros}, images, train=True, mutable=['batch_stats'])
   # Flax: ra = momentum * ra + (1 - momentum) * batch_value, so from ra = 0 we get the batch value back.
-  return jax.tree.map(lambda x: x / (1.0 - models.BN_MOMENTUM), updates['batch_stats'])
+  return jax.tree.map(lambda x: x / (1.0 - models.BN_MOMENTUM), updates.get('batch_stats', {}))
 
 
 STEPS = {'eval': programs_lib.Step(eval_step), 'moments': programs_lib.Step(batch_moments_step)}
@@ -139,10 +146,13 @@ def _from_export(config, mesh):
   return int(metadata.get('step', -1)), state, report
 
 
-def evaluate_workdir(config, workdir: str) -> dict[str, Any]:
+def evaluate_workdir(config, workdir: str, *, model=None, data=None, loss_fn=None) -> dict[str, Any]:
   """`--mode eval`: evaluates the newest (or `eval_step`) checkpoint of `workdir`, or the export named by
-  `restore_from`, on the test split; writes WORKDIR/eval/step_<N>.json (export_step_<N>.json)."""
-  config_check.validate(config)
+  `restore_from`, on the test split; writes WORKDIR/eval/step_<N>.json (export_step_<N>.json).
+
+  From Python, `model` / `data` / `loss_fn` are your own, as given to `train.train_and_evaluate`."""
+  config = input_pipeline.with_user_data(config, data)
+  config_check.validate(config, custom_model=model is not None)
   workdir = os.path.abspath(workdir)
   programs_lib.setup_compilation_cache(config)
   if config.restore_from:
@@ -150,14 +160,17 @@ def evaluate_workdir(config, workdir: str) -> dict[str, Any]:
     sharding_lib.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
     step, state, report = _from_export(config, mesh)
     source, quantized = config.restore_from, False
+    model = quant_lib.unquantized(model) if model is not None else None
   else:
     if not os.path.isdir(ckpt.checkpoint_dir(workdir)):
       raise ckpt.CheckpointError(f'workdir {workdir} has no checkpoints to evaluate (no {ckpt.checkpoint_dir(workdir)})')
-    mesh, step, state, _ = state_lib.restore(config, workdir, step=None if config.eval_step < 0 else config.eval_step)
+    mesh, step, state, _ = state_lib.restore(config, workdir, step=None if config.eval_step < 0 else config.eval_step,
+                                             model=model)
     sharding_lib.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
     source, quantized = 'checkpoint', steps.is_ternary_at(config, step)
     report = reports.quant_report(state, config, quantized=quantized)
-  programs = programs_lib.Programs(config, mesh, state_lib.state_shardings(state), STEPS)
+  models = None if model is None else {True: model, False: quant_lib.unquantized(model)}
+  programs = programs_lib.Programs(config, mesh, state_lib.state_shardings(state), STEPS, models, loss_fn)
   metrics = evaluate(programs, state, eval_batches(config), quantized)
   result = {'step': int(step), 'source': source, **metrics,
             'sparsity': report['sparsity'],
@@ -169,6 +182,7 @@ def evaluate_workdir(config, workdir: str) -> dict[str, Any]:
     name = f'step_{int(step)}.json' if source == 'checkpoint' else f'export_step_{int(step)}.json'
     path = os.path.join(workdir, 'eval', name)
     files.write_json(path, result)
-    print(reports.format_eval_table({**result, 'scales': report['scales']}, config))
+    name = type(quant_lib.unquantized(model)).__name__ if model is not None else None
+    print(reports.format_eval_table({**result, 'scales': report['scales']}, config, name))
     print(f'  wrote {path}')
   return result

@@ -7,22 +7,30 @@ import json
 import os
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 
 from ttq_jax import config_check
 from ttq_jax import export_format
+from ttq_jax import input_pipeline
 from ttq_jax import metric_writers
+from ttq_jax import quant as quant_lib
 from ttq_jax import state as state_lib
 from ttq_jax import steps
 from ttq_jax.errors import ExportError
 
 
-def load(path: str):
-  """(model, variables): the inference model (ternary layers as plain convs holding the dense
-  ternary kernels rebuilt from the codes) and its variables, ready for `model.apply(v, x, train=False)`."""
+def load(path: str, model: nn.Module | None = None):
+  """(model, variables): the inference model (ternary layers as plain layers holding the dense ternary
+  kernels rebuilt from the codes) and its variables, ready for `model.apply(variables, x, ...)`.
+
+  Built-in models are rebuilt from the config stored in the file. For your own model pass `model` (the
+  plain one, or its `quant.quantize`d version: the plain model is returned)."""
   variables, metadata, _ = export_format.read(path)
+  if model is not None:
+    return quant_lib.unquantized(model), variables
   config = ml_collections.ConfigDict(json.loads(metadata['config']))
   return state_lib.create_model(config, quantized=False), variables
 
@@ -45,16 +53,19 @@ def _check_step(config, step: int) -> None:
         f'after step {start} (--config.eval_step) or evaluate this one with --mode eval')
 
 
-def export_workdir(config, workdir: str) -> dict[str, Any]:
-  """Exports the newest (or `eval_step`) checkpoint to WORKDIR/export/model.safetensors."""
-  config_check.validate(config)
+def export_workdir(config, workdir: str, *, model=None, data=None) -> dict[str, Any]:
+  """Exports the newest (or `eval_step`) checkpoint to WORKDIR/export/model.safetensors (`model`, `data`:
+  your own, as given to `train.train_and_evaluate`)."""
+  config = input_pipeline.with_user_data(config, data)
+  config_check.validate(config, custom_model=model is not None)
   packing = config.export.packing
   _check_method(config)
   workdir = os.path.abspath(workdir)
-  _, step, state, _ = state_lib.restore(config, workdir, step=None if config.eval_step < 0 else config.eval_step)
+  _, step, state, _ = state_lib.restore(config, workdir, step=None if config.eval_step < 0 else config.eval_step,
+                                        model=model)
   _check_step(config, step)
   params, batch_stats = jax.device_get((state.params, state.batch_stats))
-  tensors = export_format.build_export(params, batch_stats, state_lib.quant_config(config), packing)
+  tensors = export_format.build_export(params, batch_stats, state.ternary, packing)
   path = os.path.join(workdir, 'export', 'model.safetensors')
   if jax.process_index() == 0:
     export_format.save(path, tensors, packing=packing, config=config, step=step)

@@ -18,17 +18,19 @@ from ttq_jax import quant as quant_lib
 from ttq_jax.errors import ExportError
 from ttq_jax.quant.packing import PACKINGS, Packing, check_packing, codes_from_ternary, pack, unpack  # noqa: F401
 
-FORMAT = 'ttq-safetensors-v1'
-SUFFIXES = ('/codes', '/shape', '/w_p', '/w_n')
+FORMAT = 'ttq-safetensors-v2'
+FORMATS = ('ttq-safetensors-v1', FORMAT)  # v1: per-tensor scales only (read as such)
+REQUIRED_SUFFIXES = ('/codes', '/shape', '/w_p', '/w_n')
+SUFFIXES = REQUIRED_SUFFIXES + ('/scale_shape',)  # scale_shape (v2): only for per-channel scales
 
 
-# --------------------------------------------------------------------------- codes (ttq_jax.quant.packing)
-
-
-def dense_from_codes(codes: np.ndarray, shape, w_p: float, w_n: float) -> np.ndarray:
-  """Code 0 -> 0, 1 -> +w_p, 2 -> -w_n, reshaped (C order), float32."""
-  w_p, w_n = np.float32(w_p), np.float32(w_n)
-  return np.where(codes == 1, w_p, np.where(codes == 2, -w_n, np.float32(0))).astype(np.float32).reshape(shape)
+def dense_from_codes(codes: np.ndarray, shape, w_p, w_n, scale_shape=()) -> np.ndarray:
+  """Code 0 -> 0, 1 -> +w_p, 2 -> -w_n, reshaped (C order), float32; per-channel scales (1-D) are
+  reshaped to `scale_shape` and broadcast against the kernel."""
+  w_p = np.asarray(w_p, np.float32).reshape(scale_shape)
+  w_n = np.asarray(w_n, np.float32).reshape(scale_shape)
+  codes = np.asarray(codes).reshape(shape)
+  return np.where(codes == 1, w_p, np.where(codes == 2, -w_n, np.float32(0))).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- tensors
@@ -41,27 +43,26 @@ def _flatten(tree, prefix: str) -> dict[str, np.ndarray]:
   return out
 
 
-def export_tensors(params, batch_stats, quant) -> dict[str, np.ndarray]:
-  """({name: array} of every variable stored as is, {kernel path: (signs, w_p, w_n)} of the ternary ones)."""
-  ternary = {f'params/{p}': v for p, v in quant_lib.ternary_weights(params, quant).items()}
-  tensors = {}
-  for name, value in {**_flatten(params, 'params/'), **_flatten(batch_stats, 'batch_stats/')}.items():
-    layer = name.rsplit('/', 1)[0]
-    if name in ternary:
-      continue
-    if f'{layer}/kernel' in ternary and name.rsplit('/', 1)[1] in ('w_p', 'w_n'):
-      continue  # stored with the kernel's codes
-    tensors[name] = value
-  return tensors, {p: tuple(np.asarray(x) for x in v) for p, v in ternary.items()}
+def export_tensors(params, batch_stats, layers) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """({name: array} of every variable stored as is, {kernel path: TernaryWeights} of the ternary layers
+  (`quant.ternary_layers`), whose latent kernels and scales are stored packed instead)."""
+  ternary = {f'params/{p}': tw for p, tw in quant_lib.ternary_weights(params, layers).items()}
+  packed_with_codes = {f'params/{layer.path}/{s}' for layer in layers for s in ('w_p', 'w_n')}
+  tensors = {name: value for name, value in {**_flatten(params, 'params/'), **_flatten(batch_stats, 'batch_stats/')}.items()
+             if name not in ternary and name not in packed_with_codes}
+  return tensors, ternary
 
 
-def build_export(params, batch_stats, quant, packing: str) -> dict[str, np.ndarray]:
-  tensors, ternary = export_tensors(params, batch_stats, quant)
-  for path, (signs, w_p, w_n) in ternary.items():
-    tensors[f'{path}/codes'] = pack(codes_from_ternary(signs), packing)
-    tensors[f'{path}/shape'] = np.asarray(signs.shape, np.int64)
-    tensors[f'{path}/w_p'] = np.asarray(w_p, np.float32).reshape(())
-    tensors[f'{path}/w_n'] = np.asarray(w_n, np.float32).reshape(())
+def build_export(params, batch_stats, layers, packing: str) -> dict[str, np.ndarray]:
+  tensors, ternary = export_tensors(params, batch_stats, layers)
+  for path, tw in ternary.items():
+    scale_shape = np.shape(tw.w_p)
+    tensors[f'{path}/codes'] = tw.pack(packing)
+    tensors[f'{path}/shape'] = np.asarray(np.shape(tw.codes), np.int64)
+    tensors[f'{path}/w_p'] = np.asarray(tw.w_p, np.float32).reshape(-1 if scale_shape else ())
+    tensors[f'{path}/w_n'] = np.asarray(np.broadcast_to(tw.w_n, scale_shape), np.float32).reshape(-1 if scale_shape else ())
+    if scale_shape:
+      tensors[f'{path}/scale_shape'] = np.asarray(scale_shape, np.int64)
   return tensors
 
 
@@ -94,8 +95,8 @@ def read(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     raise ExportError(f'{path}: no such export file') from None
   except Exception as e:  # truncated or tampered header / data
     raise ExportError(f'{path}: not a readable safetensors file ({type(e).__name__}: {str(e)[:160]})') from None
-  if metadata.get('format') != FORMAT:
-    raise ExportError(f'{path}: __metadata__ format={metadata.get("format")!r} is unknown: allowed is {FORMAT}')
+  if metadata.get('format') not in FORMATS:
+    raise ExportError(f'{path}: __metadata__ format={metadata.get("format")!r} is unknown: allowed are {", ".join(FORMATS)}')
   packing = metadata.get('packing')
   if packing not in PACKINGS:
     raise ExportError(f'{path}: __metadata__ packing={packing!r} is unknown: allowed are {", ".join(PACKINGS)}')
@@ -104,25 +105,33 @@ def read(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
   kernels = sorted(k[:-len('/codes')] for k in tensors if k.endswith('/codes'))
   used = set()
   for kp in kernels:
-    for suffix in SUFFIXES:
+    for suffix in REQUIRED_SUFFIXES:
       if kp + suffix not in tensors:
         raise ExportError(f'{path}: tensor {kp + suffix} is missing')
-      used.add(kp + suffix)
+    used.update(kp + suffix for suffix in SUFFIXES)
     codes, shape = tensors[kp + '/codes'], tensors[kp + '/shape']
     if codes.dtype != np.uint8 or codes.ndim != 1:
       raise ExportError(f'{path}: tensor {kp}/codes must be uint8 1-D, got {codes.dtype} {codes.shape}')
     if shape.dtype != np.int64 or shape.ndim != 1 or (shape < 0).any():
       raise ExportError(f'{path}: tensor {kp}/shape must be non-negative int64 1-D, got {shape.dtype} {shape.tolist()}')
+    if kp + '/scale_shape' in tensors and metadata['format'] != FORMAT:
+      raise ExportError(f'{path}: tensor {kp}/scale_shape (per-channel scales) needs format {FORMAT}')
+    scale_shape = tuple(int(d) for d in tensors.get(kp + '/scale_shape', np.zeros(0, np.int64)))
+    if scale_shape and (len(scale_shape) != len(shape) or any(d not in (1, k) for d, k in zip(scale_shape, shape))):
+      raise ExportError(f'{path}: tensor {kp}/scale_shape {list(scale_shape)} does not broadcast to shape {shape.tolist()}')
     for s in ('/w_p', '/w_n'):
       t = tensors[kp + s]
-      if t.dtype != np.float32 or t.size != 1:
-        raise ExportError(f'{path}: tensor {kp}{s} must be a float32 scalar, got {t.dtype} {t.shape}')
+      if t.dtype != np.float32 or t.size != int(np.prod(scale_shape)):
+        raise ExportError(f'{path}: tensor {kp}{s} must be float32 with {int(np.prod(scale_shape))} values '
+                          f'(scale_shape {list(scale_shape)}), got {t.dtype} {t.shape}')
     n = int(np.prod(shape))
     decoded = unpack(codes, n, packing, name=f'{path}: tensor {kp}/codes')
-    w_p, w_n = float(tensors[kp + '/w_p'].reshape(())), float(tensors[kp + '/w_n'].reshape(()))
-    _set(variables, kp, dense_from_codes(decoded, tuple(int(s) for s in shape), w_p, w_n))
-    report[kp] = {'sparsity': float(np.mean(decoded == 0)) if n else 0.0, 'w_p': w_p, 'w_n': w_n, 'numel': n,
-                  'packed_bytes': int(codes.nbytes + shape.nbytes + 8)}
+    w_p, w_n = tensors[kp + '/w_p'], tensors[kp + '/w_n']
+    _set(variables, kp, dense_from_codes(decoded, tuple(int(s) for s in shape), w_p, w_n, scale_shape))
+    report[kp] = {'sparsity': float(np.mean(decoded == 0)) if n else 0.0, 'w_p': float(np.mean(w_p)),
+                  'w_n': float(np.mean(w_n)), 'per_channel': bool(scale_shape), 'numel': n,
+                  'packed_bytes': int(codes.nbytes + shape.nbytes + w_p.nbytes + w_n.nbytes +
+                                      tensors.get(kp + '/scale_shape', np.zeros(0, np.int64)).nbytes)}
   for name, value in tensors.items():
     if name not in used:
       _set(variables, name, value)

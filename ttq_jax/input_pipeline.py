@@ -50,6 +50,50 @@ DATASETS = {
 }
 
 
+# Your own data, registered by name (`register_dataset`): name -> {'train': source, 'test': source}.
+USER_SOURCES: dict[str, dict[str, object]] = {}
+
+
+def register_dataset(name: str, *, train, test, num_classes: int | None = None, mean=None, std=None) -> DatasetInfo:
+  """Makes your own data a dataset of the pipeline (then `config.data.name = name`).
+
+  `train` / `test`: random-access sources of {'image': HWC array, 'label': int} examples (`len` and
+  indexing, e.g. a grain data source) or `(images, labels)` arrays. uint8 images are normalised on the
+  device with `mean` / `std` (per channel, in image units; default 0 / 1), other dtypes go as float32.
+  `num_classes` defaults to 1 + the largest training label when the data are arrays.
+  """
+  if name in DATASETS and name not in USER_SOURCES:  # re-registering your own name replaces it
+    raise ConfigError(f'data name {name!r} is a built-in dataset: register yours under another name')
+  train, test = (ArraySource(*x) if isinstance(x, tuple) else x for x in (train, test))
+  image_shape = tuple(_as_example(train[0])['image'].shape)
+  if num_classes is None:
+    if not isinstance(train, ArraySource):
+      raise ConfigError(f'register_dataset({name!r}): pass num_classes for a source that is not (images, labels) arrays')
+    num_classes = int(np.max(train.labels)) + 1
+  channels = image_shape[-1]
+  info = DatasetInfo(int(num_classes), image_shape, len(train), len(test),
+                     tuple(mean if mean is not None else (0.0,) * channels),
+                     tuple(std if std is not None else (1.0,) * channels))
+  DATASETS[name] = info
+  USER_SOURCES[name] = {'train': train, 'test': test}
+  return info
+
+
+USER_DATA_NAME = 'user'
+
+
+def with_user_data(config, data):
+  """`config` itself without `data`; else registers `data` (a dict of `register_dataset`'s arguments:
+  train, test, and optionally num_classes, mean, std) as the dataset 'user' and returns a copy of
+  `config` that reads it."""
+  if data is None:
+    return config
+  register_dataset(USER_DATA_NAME, **dict(data))
+  config = config.copy_and_resolve_references()
+  config.data.name = USER_DATA_NAME
+  return config
+
+
 def dataset_info(name: str) -> DatasetInfo:
   if name not in DATASETS:
     raise ConfigError(f'data.name={name!r} is unknown: allowed are {", ".join(sorted(DATASETS))}')
@@ -124,6 +168,21 @@ class ArraySource:
     return {'image': self.images[i], 'label': self.labels[i]}
 
 
+class _Head:
+  """The first `n` examples of a random-access source."""
+
+  def __init__(self, source, n: int):
+    self.source, self.n = source, min(n, len(source))
+
+  def __len__(self) -> int:
+    return self.n
+
+  def __getitem__(self, i):
+    if not 0 <= i < self.n:
+      raise IndexError(i)
+    return self.source[i]
+
+
 # --------------------------------------------------------------------------- sources
 
 
@@ -132,6 +191,9 @@ def get_source(data_config, split: str):
   name = data_config.name
   info = dataset_info(name)
   limit = int(data_config.get('limit_examples', 0) or 0)
+  if name in USER_SOURCES:
+    source = USER_SOURCES[name][split]
+    return _Head(source, limit) if limit else source
   if name == 'fashion_mnist':
     images, labels = load_fashion_mnist(split, data_config.get('data_dir') or None)
     if limit:
@@ -206,7 +268,8 @@ def imagenet_eval_crop(image: np.ndarray, size: int = 224, short_side: int = 256
 
 
 def _as_example(ex) -> dict[str, np.ndarray]:
-  image = np.asarray(ex['image'], np.uint8)
+  image = np.asarray(ex['image'])
+  image = image if image.dtype == np.uint8 else image.astype(np.float32)  # uint8 leaves the host as is
   if image.ndim == 2:
     image = image[..., None]
   return {'image': image, 'label': np.int32(ex['label'])}

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ttq_jax.errors import ConfigError
-from ttq_jax.quant import QuantConfig, TernaryConv, TernaryDense
+from ttq_jax.quant import QuantConfig, Rule, TernaryConv, TernaryDense, quantize
 
 ModuleDef = Any
 BN_MOMENTUM = 0.9
@@ -158,6 +158,50 @@ class AlexNet(nn.Module):
     return self.head_dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
+class EncoderBlock(nn.Module):
+  """Pre-norm transformer encoder block: self-attention (`attn/query|key|value|out`, DenseGeneral) and an
+  MLP (`mlp_in`, `mlp_out`), each with a residual."""
+
+  width: int
+  num_heads: int
+  mlp_ratio: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.LayerNorm(dtype=self.dtype, name='norm_attn')(x)
+    x = x + nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype, name='attn')(y, y)
+    y = nn.LayerNorm(dtype=self.dtype, name='norm_mlp')(x)
+    y = nn.gelu(nn.Dense(self.width * self.mlp_ratio, dtype=self.dtype, name='mlp_in')(y))
+    return x + nn.Dense(self.width, dtype=self.dtype, name='mlp_out')(y)
+
+
+class ViT(nn.Module):
+  """A small Vision Transformer (Dosovitskiy et al. 2021) written with plain Flax layers: patch embedding
+  `embed` (a conv with stride = patch), learned position embeddings, `depth` pre-norm encoder blocks
+  `block_i`, mean pooling, `head`. Made ternary by rules (`quant.quantize`), not by its layer classes."""
+
+  num_classes: int
+  patch: int = 4
+  width: int = 64
+  depth: int = 4
+  num_heads: int = 4
+  mlp_ratio: int = 2
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    del train  # no dropout or batch norm
+    x = nn.Conv(self.width, (self.patch, self.patch), strides=self.patch, padding='VALID', dtype=self.dtype,
+                name='embed')(x.astype(self.dtype))
+    x = x.reshape(x.shape[0], -1, self.width)
+    x = x + self.param('pos_embedding', nn.initializers.normal(0.02), (1, x.shape[1], self.width)).astype(self.dtype)
+    for i in range(self.depth):
+      x = EncoderBlock(self.width, self.num_heads, self.mlp_ratio, self.dtype, name=f'block_{i}')(x)
+    x = nn.LayerNorm(dtype=self.dtype, name='norm')(x).mean(axis=1)
+    return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x).astype(jnp.float32)
+
+
 # name -> (constructor, its fixed arguments). Widths / depths follow the paper.
 MODELS: dict[str, Callable[..., nn.Module]] = {
     'resnet20': functools.partial(CifarPreActResNet, num_blocks=3),
@@ -168,7 +212,13 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     'resnet18': functools.partial(ResNet, stage_sizes=(2, 2, 2, 2)),
     'alexnet': AlexNet,
     'alexnet_tiny': functools.partial(AlexNet, width_multiplier=1 / 16),  # tests only
+    'vit_small': functools.partial(ViT, patch=4, width=64, depth=4, num_heads=4, mlp_ratio=2),
+    'vit_tiny': functools.partial(ViT, patch=7, width=16, depth=1, num_heads=2, mlp_ratio=2),  # tests only
 }
+
+# Plain Flax models made ternary by path rules: the regex of the layers the paper keeps full precision
+# (first and last); every other layer with a kernel is ternary.
+RULE_MODELS = {'vit_small': 'embed|head', 'vit_tiny': 'embed|head'}
 
 
 # Smallest square input a model can take: AlexNet's 12x12/4 VALID stem, two stride-2 pools and a 3x3/2
@@ -181,6 +231,12 @@ def create_model(name: str, *, num_classes: int, quant: QuantConfig, quantize_fi
   """Builds a model whose body layers quantize with `quant`; first/last full precision by default."""
   if name not in MODELS:
     raise ConfigError(f'model.name={name!r} is unknown: allowed are {", ".join(sorted(MODELS))}')
+  if name in RULE_MODELS:
+    model = MODELS[name](num_classes=num_classes, dtype=dtype)
+    if not quant.quantized:
+      return model
+    rules = [] if quantize_first_last else [Rule(module_path=RULE_MODELS[name], method='fp')]
+    return quantize(model, rules + [Rule(module_path='.*', **dataclasses.asdict(quant))])
   conv = functools.partial(TernaryConv, quant=quant)
   dense = functools.partial(TernaryDense, quant=quant)
   # Full-precision edges are plain nn.Conv / nn.Dense (same maths as the 'fp' ternary layers), so

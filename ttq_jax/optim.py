@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ttq_jax import quant as quant_lib
 from ttq_jax import steps
 
 SCALE_NAMES = ('w_p', 'w_n')
@@ -115,16 +114,15 @@ def weight_decay_mask(params, regex: str, decay_scales: bool) -> Any:
       lambda p, _: decay_scales if _is_scale(p) else bool(pattern.search(path_str(p))), params)
 
 
-def ternary_kernel_mask(params) -> Any:
-  """True for the latent kernels of ternary layers (`quant.is_ternary_layer`)."""
-  def is_ternary_kernel(path, _):
-    parts = path_str(path).split('/')
-    return parts[-1] == 'kernel' and len(parts) > 1 and quant_lib.is_ternary_layer(parts[-2])
-  return jax.tree_util.tree_map_with_path(is_ternary_kernel, params)
+def ternary_kernel_mask(params, layers, method: str = 'ttq') -> Any:
+  """True for the latent kernels of the `layers` (`quant.TernaryLayer`s) whose method is `method`."""
+  kernels = {layer.kernel_path for layer in layers if layer.quant.method == method}
+  return jax.tree_util.tree_map_with_path(lambda p, _: path_str(p) in kernels, params)
 
 
-def create_optimizer(config, params) -> optax.GradientTransformation:
+def create_optimizer(config, params, layers=()) -> optax.GradientTransformation:
   """Weights: `OPTIMIZERS[config.optimizer]`; w_p / w_n: `SCALE_OPTIMIZERS[config.scale_optimizer]`.
+  `layers`: the model's ternary layers (`quant.ternary_layers`), for the latent-kernel multiplier.
 
   Weight decay is L2 added to the gradient (as the official code's regularizer), on params whose
   path matches `weight_decay_regex` (latent kernels by default) and on the scales if `decay_scales`.
@@ -140,12 +138,12 @@ def create_optimizer(config, params) -> optax.GradientTransformation:
         config.weight_decay, mask=weight_decay_mask(params, config.weight_decay_regex, config.decay_scales)))
   chain.append(inner)
   multiplier = config.ternary_kernel_lr_multiplier
-  if multiplier != 1.0 and config.quant.method == 'ttq':
+  if multiplier != 1.0 and any(layer.quant.method == 'ttq' for layer in layers):
     # TTQ's latent gradient is w_p * g (or w_n * g), and behind batch norm g ~ 1 / w_p, so the latent
     # kernels of a ternary layer move ~mean|w| times slower than the same kernels in full precision
     # (or TWN, whose STE gradient is g: no multiplier there). This restores their pace from the switch on.
     start = steps.ternary_start_step(config)
     chain.append(optax.masked(
         optax.scale_by_schedule(lambda count: jnp.where(count >= start, multiplier, 1.0)),
-        ternary_kernel_mask(params)))
+        ternary_kernel_mask(params, layers)))
   return optax.chain(*chain)

@@ -52,7 +52,7 @@ def compile_program(fn: Callable, args: tuple, *, in_shardings, out_shardings, d
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-  """A step function `fn(state, batch, *, apply_fn, info, dtype)`; `updates_state`: it returns
+  """A step function `fn(state, batch, *, apply_fn, info, dtype, loss_fn)`; `updates_state`: it returns
   `(new_state, metrics)` and its input state is donated, else it returns metrics only."""
   fn: Callable
   updates_state: bool = False
@@ -63,8 +63,9 @@ class Programs:
   first see. `quantized=False` runs the full-precision twin of the model (the FP warm-up)."""
 
   def __init__(self, config, mesh, state_shardings, steps: Mapping[str, Step],
-               models: Mapping[bool, nn.Module] | None = None):
+               models: Mapping[bool, nn.Module] | None = None, loss_fn: Callable | None = None):
     self.config, self.mesh, self.state_shardings, self.steps = config, mesh, state_shardings, dict(steps)
+    self.loss_fn = loss_fn
     self.info = input_pipeline.dataset_info(config.data.name)
     self.dtype = state_lib.compute_dtype(config)
     self.models = dict(models) if models else {
@@ -78,7 +79,8 @@ class Programs:
       if name not in self.steps:
         raise KeyError(f'no step {name!r} in these programs: {sorted(self.steps)}')
       step = self.steps[name]
-      fn = functools.partial(step.fn, apply_fn=self.models[quantized].apply, info=self.info, dtype=self.dtype)
+      fn = functools.partial(step.fn, apply_fn=self.models[quantized].apply, info=self.info, dtype=self.dtype,
+                             loss_fn=self.loss_fn)
       rep = sharding_lib.replicated(self.mesh)
       batch_sh = {k: sharding_lib.batch_sharding(self.mesh) for k in batch}
       self._compiled[key] = compile_program(

@@ -10,18 +10,17 @@ import numpy as np
 
 from ttq_jax import metric_writers
 from ttq_jax import quant as quant_lib
-from ttq_jax import state as state_lib
 
 
 def quant_report(state, config, quantized: bool = True) -> dict[str, Any]:
-  """Per-layer sparsity and scales (host floats) for logging and eval JSON. `quantized=False` (a
-  full-precision model, or a checkpoint from the FP warm-up) reports every parameter as full precision."""
-  q = state_lib.quant_config(config) if quantized else quant_lib.QuantConfig(method='fp')
+  """Per-layer sparsity and scales (host floats; per-channel scales as their mean) for logging and eval
+  JSON. `quantized=False` (a checkpoint from the FP warm-up) reports every parameter as full precision."""
+  layers = state.ternary if quantized else ()
   params = jax.device_get(state.params)
-  weights = quant_lib.ternary_weights(params, q)  # thresholds computed once for both reports
-  return {'sparsity': {p: float(np.mean(np.asarray(c) == 0)) for p, (c, _, _) in weights.items()},
-          'scales': {p: (float(w_p), float(w_n)) for p, (_, w_p, w_n) in weights.items()},
-          'param_counts': quant_lib.count_params(params, q)}
+  weights = quant_lib.ternary_weights(params, layers)  # thresholds computed once for both reports
+  return {'sparsity': {p: tw.sparsity for p, tw in weights.items()},
+          'scales': {p: (float(np.mean(tw.w_p)), float(np.mean(tw.w_n))) for p, tw in weights.items()},
+          'param_counts': quant_lib.count_params(params, layers)}
 
 
 def flat_quant_scalars(report: dict) -> dict[str, float]:
@@ -36,9 +35,10 @@ def flat_quant_scalars(report: dict) -> dict[str, float]:
   return out
 
 
-def format_eval_table(result: dict, config) -> str:
+def format_eval_table(result: dict, config, model_name: str | None = None) -> str:
   """The final summary: accuracy first, then each ternary layer's sparsity and scales."""
-  lines = [f'\n{config.model.name} on {config.data.name}, method {config.quant.method}, step {result["step"]}:',
+  lines = [f'\n{model_name or config.model.name} on {config.data.name}, method {config.quant.method}, '
+           f'step {result["step"]}:',
            f'  test loss {result["loss"]:.4f} | top-1 {result["top1_accuracy"]:.2%}' +
            (f' | top-5 {result["top5_accuracy"]:.2%}' if 'top5_accuracy' in result else '') +
            f' | {result.get("num_examples", "?")} examples']

@@ -7,6 +7,7 @@ from typing import Any, Callable, NamedTuple
 
 import flax
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax.training import train_state
@@ -22,7 +23,10 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 class TrainState(train_state.TrainState):
+  """Params, optimizer state and BN statistics; `ternary` (static, not checkpointed) lists the model's
+  ternary layers (`quant.ternary_layers`), the one answer every consumer uses."""
   batch_stats: Any
+  ternary: tuple[quant_lib.TernaryLayer, ...] = flax.struct.field(pytree_node=False, default=())
 
 
 def quant_config(config) -> quant_lib.QuantConfig:
@@ -45,17 +49,24 @@ def init_variables(model: nn.Module, rng: jax.Array, image_shape) -> dict:
   return model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
 
 
+def ternary_layers(model: nn.Module, image_shape) -> tuple[quant_lib.TernaryLayer, ...]:
+  """The model's ternary layers, from its module tree (`quant.ternary_layers`)."""
+  return quant_lib.ternary_layers(model, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+
+
 def create_train_state(config, model: nn.Module, mesh, rng: jax.Array | None = None) -> TrainState:
   """A fresh train state created directly with its shardings (no host copy of the parameters)."""
   info = input_pipeline.dataset_info(config.data.name)
   rng = jax.random.PRNGKey(config.seed) if rng is None else rng
   init_rng, _ = jax.random.split(rng)  # (the second key seeded a state rng nothing used; kept for equal inits)
 
+  layers = ternary_layers(model, info.image_shape)
+
   def make():
     variables = init_variables(model, init_rng, info.image_shape)
     params = variables['params']
-    return TrainState.create(apply_fn=model.apply, params=params, tx=optim.create_optimizer(config, params),
-                             batch_stats=variables.get('batch_stats', {}))
+    return TrainState.create(apply_fn=model.apply, params=params, tx=optim.create_optimizer(config, params, layers),
+                             batch_stats=variables.get('batch_stats', {}), ternary=layers)
 
   abstract = jax.eval_shape(make)
   shardings = sharding_lib.state_shardings(abstract, mesh)
@@ -69,45 +80,45 @@ def state_shardings(state) -> Any:
 # --------------------------------------------------------------------------- the switch to ternary
 
 
-def _constant_scales(kernel, value, q):
+def _constant_scales(kernel, layer: quant_lib.TernaryLayer, like):
   del kernel
-  return jnp.full_like(value['w_p'], q.w_p_init), jnp.full_like(value['w_n'], q.w_n_init)
+  q = layer.quant
+  return jnp.full_like(like['w_p'], q.w_p_init), jnp.full_like(like['w_n'], q.w_n_init)
 
 
-def _mean_abs_scales(kernel, value, q):
-  delta = quant_lib.threshold(kernel, q)
+def _mean_abs_scales(kernel, layer: quant_lib.TernaryLayer, like):
+  """Mean |w| of each sign above the threshold (per output channel for per-channel scales)."""
+  delta = quant_lib.threshold(kernel, layer.quant)
   pos, neg = kernel > delta, kernel < -delta
-  w_p = jnp.sum(jnp.where(pos, kernel, 0)) / jnp.maximum(jnp.sum(pos), 1)
-  w_n = jnp.sum(jnp.where(neg, -kernel, 0)) / jnp.maximum(jnp.sum(neg), 1)
-  return w_p.astype(value['w_p'].dtype), w_n.astype(value['w_n'].dtype)
+  mean = lambda mask, x: (quant_lib.sum_to_shape(jnp.where(mask, x, 0), layer.scale_shape) /
+                          jnp.maximum(quant_lib.sum_to_shape(mask.astype(jnp.float32), layer.scale_shape), 1))
+  w_p, w_n = mean(pos, kernel), mean(neg, -kernel)
+  return (w_p.reshape(like['w_p'].shape).astype(like['w_p'].dtype),
+          w_n.reshape(like['w_n'].shape).astype(like['w_n'].dtype))
 
 
-# quant.scale_init -> (kernel, layer params, QuantConfig) -> (w_p, w_n) at the switch to ternary
+# quant.scale_init -> (kernel, its TernaryLayer, the layer's params) -> (w_p, w_n) at the switch to ternary
 SCALE_INITS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
     'constant': _constant_scales,   # w_p_init / w_n_init (official code: 1.0)
     'mean_abs': _mean_abs_scales,   # mean |w| of each sign above the threshold
 }
 
 
-def start_ternary(params, config) -> dict:
-  """At the switch to ternary (end of the FP warm-up, or after `init_from`): optionally scale each
-  ternary kernel to [-1, 1] (`normalize_init`, the paper's text) and set w_p / w_n by
-  `SCALE_INITS[config.quant.scale_init]`. Returns a new params dict."""
-  q = quant_config(config)
+def start_ternary(params, config, layers) -> dict:
+  """At the switch to ternary (end of the FP warm-up, or after `init_from`): for each TTQ layer of
+  `layers` (`TrainState.ternary`), optionally scale the kernel to [-1, 1] (`normalize_init`, the paper's
+  text) and set w_p / w_n by `SCALE_INITS[config.quant.scale_init]`. Returns a new params dict."""
   params = flax.core.unfreeze(params) if isinstance(params, flax.core.FrozenDict) else jax.tree.map(lambda x: x, params)
   init_scales = SCALE_INITS[config.quant.scale_init]
-
-  def visit(tree):
-    for name, value in tree.items():
-      if not isinstance(value, dict):
-        continue
-      if quant_lib.is_ternary_layer(name) and 'w_p' in value:
-        if config.normalize_init:
-          value['kernel'] = value['kernel'] / jnp.max(jnp.abs(value['kernel']))
-        value['w_p'], value['w_n'] = init_scales(value['kernel'], value, q)
-      else:
-        visit(value)
-  visit(params)
+  for layer in layers:
+    value = params
+    for k in filter(None, layer.path.split('/')):
+      value = value[k]
+    if 'w_p' not in value:  # TWN: nothing trained to set
+      continue
+    if config.normalize_init:
+      value['kernel'] = value['kernel'] / jnp.max(jnp.abs(value['kernel']))
+    value['w_p'], value['w_n'] = init_scales(value['kernel'], layer, value)
   return params
 
 
@@ -116,7 +127,7 @@ def start_ternary(params, config) -> dict:
 
 class _StateWithRng(TrainState):
   """The train state as saved before 0.2: it also held an rng key that nothing read."""
-  rng: Any
+  rng: Any = None
 
 
 def _with_unused_rng(abstract: TrainState):

@@ -32,6 +32,7 @@ from ttq_jax import input_pipeline
 from ttq_jax import metric_writers
 from ttq_jax import optim
 from ttq_jax import programs as programs_lib
+from ttq_jax import quant as quant_lib
 from ttq_jax import reports
 from ttq_jax import sharding as sharding_lib
 from ttq_jax import state as state_lib
@@ -39,18 +40,18 @@ from ttq_jax import steps as steps_lib
 from ttq_jax.errors import NonFiniteError
 
 
-def train_step(state: state_lib.TrainState, batch, *, apply_fn, info, dtype):
+def train_step(state: state_lib.TrainState, batch, *, apply_fn, info, dtype, loss_fn=None):
   """One SGD step on the global batch; skips the update when loss/gradients are not finite."""
   images = input_pipeline.normalize(batch['image'], info, dtype)
   labels = batch['label']
 
-  def loss_fn(params):
+  def objective(params):
     logits, updates = apply_fn({'params': params, 'batch_stats': state.batch_stats}, images, train=True,
                                mutable=['batch_stats'])
-    loss = jnp.mean(evaluation.cross_entropy(logits, labels, info.num_classes))
-    return loss, (logits, updates['batch_stats'])
+    loss = jnp.mean(evaluation.example_losses(logits, labels, info, loss_fn))
+    return loss, (logits, updates.get('batch_stats', {}))  # {} for models without batch norm
 
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
   grad_norm = optax.tree_utils.tree_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
@@ -66,9 +67,11 @@ def train_step(state: state_lib.TrainState, batch, *, apply_fn, info, dtype):
 STEPS = {'train': programs_lib.Step(train_step, updates_state=True), **evaluation.STEPS}
 
 
-def create_programs(config, mesh, state) -> programs_lib.Programs:
-  """The run's compiled train / eval / BN-moments programs for `state`'s shardings."""
-  return programs_lib.Programs(config, mesh, state_lib.state_shardings(state), STEPS)
+def create_programs(config, mesh, state, model=None, loss_fn=None) -> programs_lib.Programs:
+  """The run's compiled train / eval / BN-moments programs for `state`'s shardings (`model`: your own,
+  its full-precision twin for the warm-up is `quant.unquantized(model)`; default: the config's)."""
+  models = None if model is None else {True: model, False: quant_lib.unquantized(model)}
+  return programs_lib.Programs(config, mesh, state_lib.state_shardings(state), STEPS, models, loss_fn)
 
 
 # --------------------------------------------------------------------------- loop helpers
@@ -157,7 +160,7 @@ def _restore_or_warm_start(config, workdir: str, manager, state, data: _Input):
 
 def _switch_to_ternary(state, config, step: int):
   """Sets the scales (and optionally normalises kernels) at the start of ternary training."""
-  params = state_lib.start_ternary(state.params, config)
+  params = state_lib.start_ternary(state.params, config, state.ternary)
   logging.info('step %d: full-precision warm-up done, training ternary from here', step)
   return state.replace(params=jax.device_put(params, state_lib.state_shardings(state.params)))
 
@@ -195,13 +198,19 @@ def _progress_scalars(config, progress, state, step: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the job
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model=None, data=None,
+                       loss_fn: Callable | None = None) -> dict[str, Any]:
   """Trains (resuming from the newest readable checkpoint in `workdir`) and evaluates on the test split.
 
+  Bring your own (Python callers; the CLI builds everything from the config): `model`, any Flax model
+  (e.g. `quant.quantize(my_model, rules)`; called as `model.apply(variables, images, train=...)`); `data`,
+  a dict of `input_pipeline.register_dataset` arguments (train / test sources or arrays, ...); `loss_fn`,
+  `(logits, labels) -> per-example loss`. Checkpoints, resume, logging, eval and export work the same.
   Returns the final eval metrics with the quantization report.
   """
   # Setup: every check that can refuse runs before anything is compiled or written.
-  config_check.validate(config)
+  config = input_pipeline.with_user_data(config, data)
+  config_check.validate(config, custom_model=model is not None)
   started = time.perf_counter()
   workdir = os.path.abspath(workdir)
   config_check.prepare_workdir(config, workdir, write=False)
@@ -210,9 +219,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   sharding_lib.check_batch_size(config.batch_size, mesh)
   sharding_lib.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
   data = _Input.create(config, mesh)  # a missing dataset fails here
-  state = state_lib.create_train_state(config, state_lib.create_model(config), mesh)
+  state = state_lib.create_train_state(config, model or state_lib.create_model(config), mesh)
   config_check.write_config(config, workdir)
-  programs = create_programs(config, mesh, state)
+  programs = create_programs(config, mesh, state, model, loss_fn)
   manager = ckpt.create_manager(workdir, max_to_keep=config.keep_checkpoints)
   primary = jax.process_index() == 0
   total, ternary_start = steps_lib.total_steps(config), steps_lib.ternary_start_step(config)
@@ -270,5 +279,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.target_accuracy > 0:
     result['target'] = {'accuracy': config.target_accuracy, **target}
   if primary:
-    print(reports.format_eval_table(result, config))
+    print(reports.format_eval_table(result, config, type(quant_lib.unquantized(model)).__name__ if model else None))
   return result

@@ -116,24 +116,30 @@ def test_config_errors(kwargs, msg):
 
 
 def test_report_helpers():
+  """Reports follow the layers found in the module tree: explicitly named ternary layers included, the
+  full-precision stem excluded (whatever the names say)."""
   x = jnp.ones((1, 8, 8, 3))
   class Net(nn.Module):
     @nn.compact
     def __call__(self, x):
-      x = nn.Conv(4, (3, 3))(x)                     # full precision stem
-      x = TernaryConv(4, quant=TTQ)(x)
+      x = nn.Conv(4, (3, 3), name='TernaryLooking')(x)   # full precision, whatever its name
+      x = TernaryConv(4, quant=TTQ, name='body')(x)       # explicit name
       return TernaryDense(2, quant=TTQ)(x.reshape(1, -1))
+  layers = quant.ternary_layers(Net(), x)
+  assert [l.path for l in layers] == ['TernaryDense_0', 'body'] and all(l.quant == TTQ for l in layers)
   params = Net().init(jax.random.PRNGKey(0), x)['params']
-  params['TernaryConv_0']['kernel'] = jnp.linspace(-1, 1, 144).reshape(3, 3, 4, 4)
-  params['TernaryConv_0']['w_p'] = jnp.float32(2.0)
-  sparsity = quant.layer_sparsity(params, TTQ)
-  assert sorted(sparsity) == ['TernaryConv_0/kernel', 'TernaryDense_0/kernel']
-  # linspace(-1, 1, 144): delta = 0.05, |w| <= 0.05 holds for 6 of 144 values (spacing 2/143).
-  assert sparsity['TernaryConv_0/kernel'] == pytest.approx(8 / 144)
-  assert quant.layer_scales(params, TTQ)['TernaryConv_0/kernel'] == (2.0, 1.0)
-  kernels = quant.ternary_kernels(params, TTQ)
-  assert set(np.unique(np.asarray(kernels['TernaryConv_0/kernel'])).tolist()) == {-1.0, 0.0, 2.0}
-  counts = quant.count_params(params, TTQ)
+  params['body']['kernel'] = jnp.linspace(-1, 1, 144).reshape(3, 3, 4, 4)
+  params['body']['w_p'] = jnp.float32(2.0)
+  sparsity = quant.layer_sparsity(params, layers)
+  assert sorted(sparsity) == ['TernaryDense_0/kernel', 'body/kernel']
+  # linspace(-1, 1, 144): delta = 0.05, |w| <= 0.05 holds for 8 of 144 values (spacing 2/143).
+  assert sparsity['body/kernel'] == pytest.approx(8 / 144)
+  assert quant.layer_scales(params, layers)['body/kernel'] == (2.0, 1.0)
+  kernels = quant.ternary_kernels(params, layers)
+  assert set(np.unique(np.asarray(kernels['body/kernel'])).tolist()) == {-1.0, 0.0, 2.0}
+  counts = quant.count_params(params, layers)
   assert counts['ternary'] == 144 + 256 * 2
   assert counts['full_precision'] == (3 * 3 * 3 * 4 + 4) + (4 + 2) + (2 + 2)
-  assert quant.layer_sparsity(params, QuantConfig(method='fp')) == {}
+  assert quant.layer_sparsity(params, ()) == {}
+  fp_layers = quant.ternary_layers(Net(), x)  # the same net with method 'fp' layers has none
+  assert quant.ternary_layers(nn.Dense(3), jnp.ones((1, 2))) == () and fp_layers == layers

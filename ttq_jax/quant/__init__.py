@@ -16,7 +16,6 @@ from ttq_jax.quant.layers import quantize_kernel
 from ttq_jax.quant.layers import TernaryConv
 from ttq_jax.quant.layers import TernaryDense
 from ttq_jax.quant.report import count_params
-from ttq_jax.quant.report import is_ternary_layer
 from ttq_jax.quant.report import layer_scales
 from ttq_jax.quant.report import layer_sparsity
 from ttq_jax.quant.report import ternary_kernels
@@ -24,5 +23,8 @@ from ttq_jax.quant.report import ternary_weights
 from ttq_jax.quant.rules import Rule
 from ttq_jax.quant.rules import quantize
 from ttq_jax.quant.rules import selected_layers
+from ttq_jax.quant.rules import ternary_layers
+from ttq_jax.quant.rules import TernaryLayer
+from ttq_jax.quant.rules import unquantized
 from ttq_jax.quant.weights import TernaryWeights
 from ttq_jax.quant.weights import threshold

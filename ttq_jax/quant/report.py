@@ -1,75 +1,56 @@
-"""Reporting helpers over a params tree: ternary kernels, per-layer sparsity, scales, counts.
-
-A layer is ternary when its module name starts with `Ternary` (Flax's auto-name of `TernaryConv` /
-`TernaryDense`) and the method is not 'fp'. Paths are slash-joined Flax paths, e.g.
-`TernaryConv_1/kernel` for a params tree (prefix `params/` for a full variables tree).
+"""Reporting helpers over a params tree and the model's ternary layers (`ternary_layers`): codes,
+per-layer sparsity, scales, parameter counts. Paths are slash-joined Flax paths of kernels, e.g.
+`PreActBlock_1/TernaryConv_0/kernel`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ttq_jax.quant.config import QuantConfig
+from ttq_jax.quant.rules import TernaryLayer
 from ttq_jax.quant.weights import TernaryWeights
 
 
-def is_ternary_layer(name: str) -> bool:
-  """Whether a params-tree module name is a ternary layer (Flax auto-names `TernaryConv_3`, ...)."""
-  return name.startswith('Ternary')
+def _get(tree: Mapping[str, Any], path: str) -> Mapping[str, Any]:
+  for k in filter(None, path.split('/')):
+    tree = tree[k]
+  return tree
 
 
-def _ternary_modules(params: Mapping[str, Any], prefix: str = ''):
-  """Yields (path, module_dict) of ternary layers in a nested params dict (depth first, sorted)."""
-  for name in sorted(params):
-    value = params[name]
-    if not isinstance(value, Mapping):
-      continue
-    path = f'{prefix}{name}'
-    if is_ternary_layer(name) and 'kernel' in value and not isinstance(value['kernel'], Mapping):
-      yield path, value
-    else:
-      yield from _ternary_modules(value, path + '/')
-
-
-def ternary_weights(params: Mapping[str, Any], quant: QuantConfig) -> dict[str, tuple[jax.Array, jax.Array, jax.Array]]:
-  """{kernel path: (codes int8 in {-1, 0, +1}, w_p, w_n)} for every ternary layer (`TernaryWeights`).
-
-  The ternary kernel is `where(codes > 0, w_p, where(codes < 0, -w_n, 0))`.
-  """
-  if not quant.quantized:
-    return {}
+def ternary_weights(params: Mapping[str, Any], layers: Sequence[TernaryLayer]) -> dict[str, TernaryWeights]:
+  """{kernel path: TernaryWeights} of every ternary layer (scales in their broadcast shape)."""
   out = {}
-  for path, module in _ternary_modules(params):
-    tw = TernaryWeights.from_latent(module['kernel'], module.get('w_p'), module.get('w_n'), quant)
-    out[f'{path}/kernel'] = (tw.codes, tw.w_p, tw.w_n)
+  for layer in layers:
+    module = _get(params, layer.path)
+    w_p, w_n = module.get('w_p'), module.get('w_n')
+    if w_p is not None:
+      w_p, w_n = jnp.reshape(w_p, layer.scale_shape), jnp.reshape(w_n, layer.scale_shape)
+    out[layer.kernel_path] = TernaryWeights.from_latent(module['kernel'], w_p, w_n, layer.quant)
   return out
 
 
-def ternary_kernels(params: Mapping[str, Any], quant: QuantConfig) -> dict[str, jax.Array]:
+def ternary_kernels(params: Mapping[str, Any], layers: Sequence[TernaryLayer]) -> dict[str, jax.Array]:
   """{kernel path: dense ternary kernel (float32)} as used in the forward pass."""
-  return {p: jnp.where(c > 0, w_p, jnp.where(c < 0, -w_n, 0.0)).astype(jnp.float32)
-          for p, (c, w_p, w_n) in ternary_weights(params, quant).items()}
+  return {p: tw.dense() for p, tw in ternary_weights(params, layers).items()}
 
 
-def layer_sparsity(params: Mapping[str, Any], quant: QuantConfig) -> dict[str, float]:
+def layer_sparsity(params: Mapping[str, Any], layers: Sequence[TernaryLayer]) -> dict[str, float]:
   """{kernel path: fraction of zeros in the ternary kernel}."""
-  return {p: float(jnp.mean(c == 0)) for p, (c, _, _) in ternary_weights(params, quant).items()}
+  return {p: tw.sparsity for p, tw in ternary_weights(params, layers).items()}
 
 
-def layer_scales(params: Mapping[str, Any], quant: QuantConfig) -> dict[str, tuple[float, float]]:
-  """{kernel path: (w_p, w_n)} as used in the forward pass (TWN: its computed alpha twice)."""
-  return {p: (float(w_p), float(w_n)) for p, (_, w_p, w_n) in ternary_weights(params, quant).items()}
+def layer_scales(params: Mapping[str, Any], layers: Sequence[TernaryLayer]) -> dict[str, tuple[float, float]]:
+  """{kernel path: (w_p, w_n)} as used in the forward pass (TWN: its computed alpha twice; per-channel
+  scales: their mean over channels)."""
+  return {p: (float(jnp.mean(tw.w_p)), float(jnp.mean(tw.w_n))) for p, tw in ternary_weights(params, layers).items()}
 
 
-def count_params(params: Mapping[str, Any], quant: QuantConfig) -> dict[str, int]:
-  """{'ternary': #weights stored as ternary codes, 'full_precision': #other parameters}."""
-  total = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
-  ternary = 0
-  if quant.quantized:
-    for _, module in _ternary_modules(params):
-      ternary += int(np.prod(module['kernel'].shape))
+def count_params(params: Mapping[str, Any], layers: Sequence[TernaryLayer]) -> dict[str, int]:
+  """{'ternary': #weights stored as ternary codes, 'full_precision': #other parameters (scales included)}."""
+  total = sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(params))
+  ternary = sum(int(np.prod(np.shape(_get(params, layer.path)['kernel']))) for layer in layers)
   return {'ternary': ternary, 'full_precision': total - ternary}

@@ -25,7 +25,7 @@ import contextvars
 import dataclasses
 import re
 import warnings
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -34,6 +34,7 @@ import numpy as np
 
 from ttq_jax.quant import _ternary
 from ttq_jax.quant.config import QuantConfig
+from ttq_jax.quant.layers import TernaryConv, TernaryDense
 from ttq_jax.quant.weights import effective_scales, threshold
 
 SCALE_GRANULARITIES = ('tensor', 'channel')
@@ -112,7 +113,7 @@ class _Session:
   """The rules of one call of a quantized model and the layers they selected in it."""
 
   def __init__(self, rules: Sequence[Rule]):
-    self.rules, self.selected = tuple(rules), {}
+    self.rules, self.selected, self.broadcast = tuple(rules), {}, {}
 
   def intercept(self, next_fun, args, kwargs, context):
     module = context.module
@@ -137,6 +138,7 @@ class _Session:
       w_p = w_n = None
       if rule.method == 'ttq':
         stored, broadcast = scale_shapes(module, value.shape, rule)
+        self.broadcast[path] = broadcast
         w_p = real_param('w_p', nn.initializers.constant(rule.w_p_init), stored, jnp.float32).reshape(broadcast)
         w_n = real_param('w_n', nn.initializers.constant(rule.w_n_init), stored, jnp.float32).reshape(broadcast)
       return ternary_kernel(value, w_p, w_n, rule)
@@ -180,22 +182,68 @@ def quantize(model: nn.Module, rules: Sequence[Rule]) -> nn.Module:
   return cls(**fields)
 
 
-def selected_layers(model: nn.Module, *example_args, **example_kwargs) -> dict[str, Rule]:
-  """{module path: rule} of the layers a quantized model's rules select (rule method 'fp' included),
-  found structurally by tracing its init (`jax.eval_shape`: nothing is computed)."""
-  rules = getattr(type(model), 'ttq_rules', None)
-  if rules is None:
-    raise TypeError(f'selected_layers: {type(model).__name__} is not a quantize()d model')
-  session = _Session(rules)
+class TernaryLayer(NamedTuple):
+  """A layer whose kernel is ternary: its module `path` (the kernel is `path + '/kernel'`), its settings
+  (`quant`: method 'ttq' or 'twn', threshold, ...) and the shape its `w_p` / `w_n` take against the
+  kernel (`scale_shape`: () per tensor; 1s except on the output axes per channel)."""
+  path: str
+  quant: QuantConfig
+  scale_shape: tuple[int, ...] = ()
+
+  @property
+  def kernel_path(self) -> str:
+    return f'{self.path}/kernel' if self.path else 'kernel'
+
+
+def _trace(model: nn.Module, example_args, example_kwargs) -> tuple[_Session, dict[str, QuantConfig]]:
+  """Traces `model.init` (jax.eval_shape: nothing is computed) recording the layers that rules select
+  and the explicit `TernaryConv` / `TernaryDense` layers (whatever their names)."""
+  session, explicit = _Session(getattr(type(model), 'ttq_rules', ())), {}
+
+  def record(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name == '__call__' and isinstance(module, (TernaryConv, TernaryDense)):
+      explicit['/'.join(module.scope.path)] = module.quant
+    return next_fun(*args, **kwargs)
 
   def init():
-    token = _ACTIVE.set(session)  # the model's own call then runs inside this session
+    token = _ACTIVE.set(session)  # a quantize()d model's own call then runs inside this session
     try:
-      with nn.intercept_methods(session.intercept):
+      with nn.intercept_methods(session.intercept), nn.intercept_methods(record):
         return model.init(jax.random.PRNGKey(0), *example_args, **example_kwargs)
     finally:
       _ACTIVE.reset(token)
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')
     jax.eval_shape(init)
-  return dict(session.selected)
+  return session, explicit
+
+
+def unquantized(model: nn.Module) -> nn.Module:
+  """The plain model a quantize()d model was made from (the model itself if it was not)."""
+  if getattr(type(model), 'ttq_rules', None) is None:
+    return model
+  base = type(model).__mro__[1]
+  return base(**{f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+                 if f.init and f.name not in ('parent', 'name')})
+
+
+def selected_layers(model: nn.Module, *example_args, **example_kwargs) -> dict[str, Rule]:
+  """{module path: rule} of the layers a quantize()d model's rules select (rule method 'fp' included)."""
+  if getattr(type(model), 'ttq_rules', None) is None:
+    raise TypeError(f'selected_layers: {type(model).__name__} is not a quantize()d model')
+  return dict(_trace(model, example_args, example_kwargs)[0].selected)
+
+
+def ternary_layers(model: nn.Module, *example_args, **example_kwargs) -> tuple[TernaryLayer, ...]:
+  """Every layer of `model` whose kernel is ternary, decided once from the module tree (rules of a
+  quantize()d model, explicit TernaryConv / TernaryDense layers), never from names. Sorted by path.
+
+  Every consumer (optimizer masks, the scale init at the switch to ternary, reports, parameter counts,
+  export) takes this answer.
+  """
+  session, explicit = _trace(model, example_args, example_kwargs)
+  layers = [TernaryLayer(path, rule, session.broadcast.get(path, ())) for path, rule in session.selected.items()
+            if rule.method != 'fp']
+  layers += [TernaryLayer(path, q) for path, q in explicit.items() if q.method != 'fp']
+  return tuple(sorted(layers))

@@ -69,7 +69,7 @@ class TernaryWeights:
 
   @property
   def sparsity(self) -> float:
-    return float(jnp.mean(self.codes == 0))
+    return float(np.mean(np.asarray(self.codes) == 0))
 
   def pack(self, packing: str) -> np.ndarray:
     """The codes as bytes (`ttq_jax.quant.packing.PACKINGS[packing]`, C order)."""
