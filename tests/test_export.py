@@ -32,8 +32,11 @@ def test_export_load_gives_the_same_logits(tmp_path, packing):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('packing', ['2bit', 'base3'])
-def test_mode_export_then_eval_of_the_file_equals_the_checkpoint(smoke_config, tmp_path, packing, capsys):
+@pytest.mark.parametrize('packing,dtype', [('2bit', 'float32'), ('base3', 'float32'), ('2bit', 'bfloat16')])
+def test_mode_export_then_eval_of_the_file_equals_the_checkpoint(smoke_config, tmp_path, packing, dtype, capsys):
+  """bfloat16 too: the codes are decided on the float32 latent kernels in the forward pass as in the export,
+  so the file evaluates exactly as the checkpoint."""
+  smoke_config.dtype = dtype
   workdir = str(tmp_path)
   train.train_and_evaluate(smoke_config, workdir)
   from_ckpt = evaluation.evaluate_workdir(smoke_config, workdir)

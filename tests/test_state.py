@@ -90,3 +90,41 @@ def test_checkpoints_written_with_the_unused_rng_still_restore(smoke_config, tmp
   assert step == 5 and not hasattr(got, 'rng')
   for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(jax.device_get(state))):
     np.testing.assert_array_equal(x, y)
+
+
+def test_an_explicitly_named_ternary_layer_gets_every_treatment(smoke_config):
+  """Found in the module tree, not by name: a TernaryConv named 'features' (and a quantize()d Dense named
+  'proj') get the latent-kernel multiplier, the scale init at the switch, reports and packed export."""
+  import flax.linen as nn
+  from ttq_jax import export_format, quant, reports
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      x = quant.TernaryConv(4, (3, 3), quant=QuantConfig(), name='features')(x)
+      return nn.Dense(10, name='proj')(x.mean(axis=(1, 2)))
+
+  c = smoke_config
+  c.ternary_kernel_lr_multiplier, c.quant.scale_init, c.lr_schedule = 3.0, 'mean_abs', 'constant'
+  model = quant.quantize(Net(), [quant.Rule(module_path='proj')])
+  _, state = state_lib.create_mesh_and_state(c, model)
+  assert [l.path for l in state.ternary] == ['features', 'proj']
+  grads = jax.tree.map(jnp.ones_like, state.params)
+  updates, _ = state.tx.update(grads, state.opt_state, state.params)
+  plain = jax.tree.map(lambda u: u, updates)
+  c.ternary_kernel_lr_multiplier = 1.0
+  _, base = state_lib.create_mesh_and_state(c, model)
+  base_updates, _ = base.tx.update(grads, base.opt_state, base.params)
+  for name in ('features', 'proj'):  # multiplier 3 on both latent kernels, nothing else
+    np.testing.assert_allclose(plain[name]['kernel'], 3 * base_updates[name]['kernel'], rtol=1e-6)
+    np.testing.assert_allclose(plain[name]['w_p'], base_updates[name]['w_p'], rtol=1e-6)
+  switched = state_lib.start_ternary(jax.device_get(state.params), c, state.ternary)
+  for name in ('features', 'proj'):
+    k = np.asarray(state.params[name]['kernel'])
+    delta = 0.05 * np.abs(k).max()
+    assert float(switched[name]['w_p']) == pytest.approx(k[k > delta].mean(), rel=1e-5)
+  report = reports.quant_report(state, c)
+  assert sorted(report['sparsity']) == ['features/kernel', 'proj/kernel']
+  tensors = export_format.build_export(jax.device_get(state.params), {}, state.ternary, '2bit')
+  assert {'params/features/kernel/codes', 'params/proj/kernel/codes'} <= set(tensors)
+  assert 'params/features/kernel' not in tensors and 'params/proj/w_p' not in tensors

@@ -239,8 +239,8 @@ def create_model(name: str, *, num_classes: int, quant: QuantConfig, quantize_fi
     return quantize(model, rules + [Rule(module_path='.*', **dataclasses.asdict(quant))])
   conv = functools.partial(TernaryConv, quant=quant)
   dense = functools.partial(TernaryDense, quant=quant)
-  # Full-precision edges are plain nn.Conv / nn.Dense (same maths as the 'fp' ternary layers), so
-  # their params are named Conv_0 / Dense_0 and the reporting helpers never count them as ternary.
+  # Full-precision edges are plain nn.Conv / nn.Dense (same maths as the 'fp' ternary layers); which
+  # layers are ternary is read from the module tree (quant.ternary_layers), not from these names.
   stem, head = (conv, dense) if quantize_first_last else (nn.Conv, nn.Dense)
   layers = {'conv': conv, 'dense': dense, 'stem_conv': stem, 'head_dense': head}
   ctor = MODELS[name]

@@ -32,10 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ttq_jax.quant import _ternary
 from ttq_jax.quant.config import QuantConfig
-from ttq_jax.quant.layers import TernaryConv, TernaryDense
-from ttq_jax.quant.weights import effective_scales, threshold
+from ttq_jax.quant.layers import TernaryConv, TernaryDense, quantize_kernel
 
 SCALE_GRANULARITIES = ('tensor', 'channel')
 # Layers whose `kernel` parameter is their weight matrix (output features on the kernel's last axes,
@@ -96,12 +94,9 @@ def scale_shapes(module: nn.Module, kernel_shape, rule: Rule) -> tuple[tuple[int
 
 
 def ternary_kernel(kernel: jax.Array, w_p, w_n, rule: Rule) -> jax.Array:
-  """The kernel a selected layer computes with: decided on the float32 latent kernel (TernaryWeights)."""
-  latent = kernel.astype(jnp.float32)
-  if rule.method == 'twn':
-    return _ternary.twn_ternarize(latent).astype(kernel.dtype)
-  w_p, w_n = effective_scales(w_p, w_n, rule)
-  return _ternary.ternarize(latent, w_p, w_n, threshold(latent, rule)).astype(kernel.dtype)
+  """The kernel a selected layer computes with: `quantize_kernel` (the same code as TernaryConv /
+  TernaryDense) on the float32 latent kernel, as `TernaryWeights` decides its codes."""
+  return quantize_kernel(kernel.astype(jnp.float32), w_p, w_n, rule).astype(kernel.dtype)
 
 
 # --------------------------------------------------------------------------- the interceptor
