@@ -13,6 +13,7 @@ python3 -c "import jax, torch; print('jax', jax.__version__, jax.devices(), 'tor
 run() { echo "+ $*"; timeout 150 python3 "$@" 2>&1 | grep -vE '^(W|I)[0-9]{4} ' ; }
 run experiments/benchmark.py --model resnet20 --batch_size 128 --compare-torch --steps 30 --json "$OUT/resnet20_f32.json" | tee "$OUT/log.txt"
 run experiments/benchmark.py --model resnet20 --batch_size 128 --dtype bfloat16 --steps 30 --json "$OUT/resnet20_bf16.json" | tee -a "$OUT/log.txt"
+run experiments/benchmark.py --model vit_small --dataset fashion_mnist --batch_size 128 --steps 30 --json "$OUT/vit_f32.json" | tee -a "$OUT/log.txt"
 run experiments/benchmark_scaling.py --steps 15 --json "$OUT/scaling.json" | tee -a "$OUT/log.txt"
 run experiments/benchmark.py --model resnet20 --methods ttq --memory --steps 2 --json "$OUT/memory.json" | tee -a "$OUT/log.txt"
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/quant 2>&1 | tail -3 | tee -a "$OUT/log.txt"

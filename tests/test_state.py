@@ -128,3 +128,31 @@ def test_an_explicitly_named_ternary_layer_gets_every_treatment(smoke_config):
   tensors = export_format.build_export(jax.device_get(state.params), {}, state.ternary, '2bit')
   assert {'params/features/kernel/codes', 'params/proj/kernel/codes'} <= set(tensors)
   assert 'params/features/kernel' not in tensors and 'params/proj/w_p' not in tensors
+
+
+def test_init_from_an_orbax_checkpoint_of_a_plain_flax_model(smoke_config, tmp_path):
+  """Your own FP training saved with orbax warm-starts the quantize()d model: every kernel is copied, the
+  scales stay at init; a checkpoint that lacks a kernel is refused naming it."""
+  import flax.linen as nn
+  import orbax.checkpoint as ocp
+  from ttq_jax import quant
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      return nn.Dense(10, name='head')(nn.Conv(4, (3, 3), name='conv')(x).mean(axis=(1, 2)))
+
+  x = jnp.zeros((1, 28, 28, 1))
+  plain = Net().init(jax.random.PRNGKey(7), x)['params']
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(str(tmp_path / 'fp'), {'params': plain})
+  checkpointer.save(str(tmp_path / 'partial'), {'conv': plain['conv']})  # a bare params tree, no head
+  checkpointer.wait_until_finished()
+  model = quant.quantize(Net(), [quant.Rule(module_path='conv')])
+  _, state = state_lib.create_mesh_and_state(smoke_config, model)
+  loaded = jax.device_get(ckpt.load_init_from(state, str(tmp_path / 'fp')))
+  for name in ('conv', 'head'):
+    np.testing.assert_array_equal(loaded.params[name]['kernel'], plain[name]['kernel'])
+  assert float(loaded.params['conv']['w_p']) == 1.0
+  with pytest.raises(CheckpointError, match=r"for 1 of this model's kernels \(head/kernel\)"):
+    ckpt.load_init_from(state, str(tmp_path / 'partial'))

@@ -130,15 +130,27 @@ def _copy_matching(dst, src, prefix: str, copied: list, kept: list):
   return out
 
 
-def load_init_from(state: Any, workdir_from: str) -> Any:
-  """Warm start (the paper's fine-tuning recipe): copies the params and BN statistics of the newest
-  checkpoint in `workdir_from` (an FP run of the same model) into `state` wherever path and shape
-  match, and starts a fresh optimizer state. The switch to ternary (scale init) is the caller's."""
-  mngr = create_manager(workdir_from, read_only=True)
+def _read_warm_start(source: str) -> dict:
+  """The variables to warm-start from: the newest checkpoint of a ttq_jax workdir, or an orbax checkpoint
+  directory (e.g. `ocp.StandardCheckpointer().save(path, {'params': ..., 'batch_stats': ...})` of your
+  own FP training; a bare params tree works too)."""
+  if not os.path.isdir(checkpoint_dir(source)) and os.path.isfile(os.path.join(source, '_CHECKPOINT_METADATA')):
+    tree = ocp.StandardCheckpointer().restore(os.path.abspath(source))
+    return tree if 'params' in tree else {'params': tree}
+  mngr = create_manager(source, read_only=True)
   steps = mngr.all_steps()
   if not steps:
-    raise CheckpointError(f'init_from={workdir_from!r} has no checkpoint in {checkpoint_dir(workdir_from)}')
-  restored = mngr.restore(max(steps), args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+    raise CheckpointError(f'init_from={source!r} has no checkpoint in {checkpoint_dir(source)} and is not an orbax '
+                          'checkpoint directory')
+  return mngr.restore(max(steps), args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+
+
+def load_init_from(state: Any, workdir_from: str) -> Any:
+  """Warm start (the paper's fine-tuning recipe): copies the params and BN statistics of an FP run of the
+  same (plain) model, a ttq_jax workdir or an orbax checkpoint, into `state` wherever path and shape
+  match, and starts a fresh optimizer state. A kernel of `state` that the source lacks is an error. The
+  switch to ternary (scale init) is the caller's."""
+  restored = _read_warm_start(workdir_from)
   copied, kept = [], []
   params = _copy_matching(jax.device_get(state.params), restored['params'], '', copied, kept)
   batch_stats = _copy_matching(jax.device_get(state.batch_stats), restored.get('batch_stats', {}), '', copied, kept)
