@@ -76,3 +76,60 @@ def test_two_processes_match_one_process(tmp_path):
     assert lm[2:] == pytest.approx(other[2:], rel=2e-2)
   assert em == pytest.approx(e4, rel=2e-2) and em == pytest.approx(e1, rel=2e-2)
   assert sorted(os.listdir(os.path.join(multi, 'checkpoints'))) == ['3', '6']
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(tmp_path):
+  """A preemption notice that reaches one host only: JAX's preemption service (the one owner of SIGTERM in
+  a multi-process run) makes both processes agree on one step, save it once and exit with 128 + SIGTERM
+  within seconds; the same command then resumes to the same final state as an uninterrupted run."""
+  import signal
+  import time
+
+  import jax
+  import numpy as np
+  from configs import fashion_mnist
+  from tests.conftest import restored
+
+  extra = ['--config.num_train_steps=24', '--config.checkpoint_every_steps=3']
+
+  def two_processes(workdir):
+    port = _free_port()
+    return [(_cmd(workdir, *extra, f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+                  f'--process_id={i}'), _env(2)) for i in range(2)]
+
+  reference = str(tmp_path / 'reference')
+  _run_all(two_processes(reference))
+  workdir = str(tmp_path / 'preempted')
+  procs = [subprocess.Popen(c, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for c, e in two_processes(workdir)]
+  try:
+    deadline = time.time() + TIMEOUT_S
+    while not os.path.isdir(os.path.join(workdir, 'checkpoints', '6')) and time.time() < deadline:
+      assert all(p.poll() is None for p in procs), 'a process ended before the notice'
+      time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)  # process 1 only
+    sent = time.time()
+    outs = [p.communicate(timeout=60)[0] for p in procs]
+    waited = time.time() - sent
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, outs[0][-2000:] + outs[1][-2000:]
+  assert waited < 30
+  saved = [int(l.split('saved checkpoint at step ')[1].split(',')[0]) for o in outs for l in o.splitlines()
+           if 'saved checkpoint at step' in l]
+  assert len(saved) == 2 and saved[0] == saved[1] and 6 <= saved[0] < 24  # one agreed step, both processes
+  assert max(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit()) == saved[0]
+  _run_all(two_processes(workdir))  # the same command resumes
+  config = fashion_mnist.get_config('smoke')
+  config.compilation_cache_dir, config.batch_size, config.num_train_steps = '', 32, 24
+  config.ternary_kernel_lr_multiplier = 1.0  # as in _cmd: the optimizer state's structure depends on it
+  (sa, a), (sb, b) = restored(reference, config), restored(workdir, config)
+  assert sa == sb == 24
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  steps = [r['step'] for r in metrics_rows(workdir)]
+  assert steps == sorted(set(steps)) == list(range(1, 25))

@@ -156,3 +156,17 @@ def test_init_from_an_orbax_checkpoint_of_a_plain_flax_model(smoke_config, tmp_p
   assert float(loaded.params['conv']['w_p']) == 1.0
   with pytest.raises(CheckpointError, match=r"for 1 of this model's kernels \(head/kernel\)"):
     ckpt.load_init_from(state, str(tmp_path / 'partial'))
+
+
+def test_a_checkpoint_of_another_state_structure_is_named_as_such(smoke_config, tmp_path):
+  """Not 'unreadable': written with other settings that change the optimizer state (here the multiplier)."""
+  smoke_config.ternary_kernel_lr_multiplier = 1.0
+  _, state = state_lib.create_mesh_and_state(smoke_config)
+  manager = ckpt.create_manager(str(tmp_path))
+  ckpt.save(manager, 3, state, {'next_index': 3}, force=True)
+  manager.wait_until_finished()
+  manager.close()
+  smoke_config.ternary_kernel_lr_multiplier = 10.0
+  with pytest.raises(CheckpointError, match='hold another state structure than this run builds') as e:
+    state_lib.restore(smoke_config, str(tmp_path))
+  assert '\n' not in str(e.value)

@@ -85,6 +85,10 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any, step: int | None
       msg = f'step {s}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}'
       logging.warning('checkpoint %s is unreadable, trying an older one', msg)
       errors.append(msg)
+  if all('tree structures do not match' in e for e in errors):
+    raise CheckpointError(f'the checkpoints in {manager.directory} hold another state structure than this run builds '
+                          '(other model, quantization or optimizer settings, e.g. ternary_kernel_lr_multiplier); '
+                          'use the config they were written with; nothing was deleted')
   raise CheckpointError(f'no readable checkpoint in {manager.directory} ({len(errors)} tried; newest error: '
                         f'{errors[0]}); nothing was deleted')
 

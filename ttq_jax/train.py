@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from ttq_jax import checkpoint as ckpt
 from ttq_jax import config_check
@@ -78,14 +79,29 @@ def create_programs(config, mesh, state, model=None, loss_fn=None) -> programs_l
 
 
 class StopSignal(contextlib.AbstractContextManager):
-  """While active, SIGTERM / SIGINT only record themselves (`.signum`); the loop saves and exits at
-  the next step. Restores the previous handlers on exit. Outside the main thread it does nothing."""
+  """When to stop for a signal, with one owner for SIGTERM.
+
+  One process: while active, SIGTERM / SIGINT only record themselves and `stop_after(step)` turns true at
+  the next step (the loop saves it and exits). Several processes: a SIGTERM may reach one host only, or
+  the hosts at different steps, and a save is collective; so SIGTERM belongs to JAX's preemption service
+  (started by `jax.distributed.initialize`), which tells every process the same step to stop after
+  (`multihost_utils.reached_preemption_sync_point`); no handler of ours is installed. Restores the
+  previous handlers on exit; outside the main thread it installs nothing.
+  """
 
   def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
-    self.signals, self.signum, self._previous = signals, None, {}
+    self.synced = jax.process_count() > 1
+    self.signals = () if self.synced else signals
+    self.signum, self._previous = None, {}
 
   def _record(self, signum, _frame):
     self.signum = signum
+
+  def stop_after(self, step: int) -> bool:
+    """Whether to save `step` and stop; called once per step, on every process."""
+    if self.synced and multihost_utils.reached_preemption_sync_point(step):
+      self.signum = signal.SIGTERM
+    return self.signum is not None
 
   def __enter__(self):
     for sig in self.signals:
@@ -249,7 +265,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
       state, metrics = programs.train(state, batch, quantized)
       pending.append((step, metrics))
       do_eval = step == total or is_due(step, config.eval_every_steps)
-      do_save = step == total or is_due(step, config.checkpoint_every_steps) or stop.signum is not None
+      stopping = stop.stop_after(step)
+      do_save = step == total or is_due(step, config.checkpoint_every_steps) or stopping
       do_log = is_due(step, config.log_every_steps) or do_eval
       if do_log or do_save:  # finiteness is checked before every save
         row, pending = summarize_pending(pending, lr_fn), []
@@ -265,7 +282,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
         progress.print(step, row)
       if do_save:
         ckpt.save(manager, step, state, data_state, force=True)
-      if stop.signum is not None:
+      if stopping:
         logging.warning('signal %d: saved checkpoint at step %d, exiting', stop.signum, step)
         manager.wait_until_finished()
         raise SystemExit(128 + stop.signum)
