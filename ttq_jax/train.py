@@ -161,7 +161,7 @@ class _Input:
         process_index=jax.process_index(), process_count=n_proc)
 
 
-def _restore_or_warm_start(config, workdir: str, manager, state, data: _Input):
+def _restore_or_warm_start(config, workdir: str, manager, state, inputs: _Input):
   """(first step to run, state): the newest readable checkpoint of `workdir` with its iterator state,
   else `init_from`'s weights (fine-tuning), else the fresh state."""
   restored = state_lib.restore_latest(manager, state)
@@ -169,7 +169,7 @@ def _restore_or_warm_start(config, workdir: str, manager, state, data: _Input):
     return 0, (ckpt.load_init_from(state, config.init_from) if config.init_from else state)
   step, state, data_state = restored
   ckpt.quarantine_newer(manager, workdir, step)
-  data.iterator.set_state(data_state or {'next_index': step})
+  inputs.iterator.set_state(data_state or {'next_index': step})
   logging.info('resumed from step %d in %s', step, workdir)
   return step, state
 
@@ -188,12 +188,12 @@ def _log_start(config, state, mesh) -> None:
                steps_lib.total_steps(config), steps_lib.steps_per_epoch(config), dict(mesh.shape))
 
 
-def _run_eval(config, programs, state, data: _Input, quantized: bool):
+def _run_eval(config, programs, state, inputs: _Input, quantized: bool):
   """(state with re-estimated BN statistics if configured, eval metrics, their metrics-row entries)."""
   if config.bn_recalibration_batches > 0:
-    state = evaluation.recalibrate_batch_stats(programs, state, data.recalibration_batches(), quantized)
+    state = evaluation.recalibrate_batch_stats(programs, state, inputs.recalibration_batches(), quantized)
   t0 = time.perf_counter()
-  metrics = evaluation.evaluate(programs, state, data.eval_batches(), quantized)
+  metrics = evaluation.evaluate(programs, state, inputs.eval_batches(), quantized)
   return state, metrics, {'eval_seconds': time.perf_counter() - t0, **{f'eval_{k}': v for k, v in metrics.items()}}
 
 
@@ -234,7 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
   mesh = sharding_lib.create_mesh(config.mesh_shape, config.mesh_axes)
   sharding_lib.check_batch_size(config.batch_size, mesh)
   sharding_lib.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
-  data = _Input.create(config, mesh)  # a missing dataset fails here
+  inputs = _Input.create(config, mesh)  # a missing dataset fails here
   state = state_lib.create_train_state(config, model or state_lib.create_model(config), mesh)
   config_check.write_config(config, workdir)
   programs = create_programs(config, mesh, state, model, loss_fn)
@@ -244,7 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
   warm_started = config.quant.method != 'fp' and (ternary_start > 0 or bool(config.init_from))
 
   # Restore.
-  start_step, state = _restore_or_warm_start(config, workdir, manager, state, data)
+  start_step, state = _restore_or_warm_start(config, workdir, manager, state, inputs)
   if primary and start_step == 0:
     _log_start(config, state, mesh)
   writer = metric_writers.MetricWriter(workdir, enabled=primary, resume_step=start_step)
@@ -261,7 +261,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
       quantized = step > ternary_start
       if step == ternary_start + 1 and warm_started:
         state = _switch_to_ternary(state, config, step - 1)
-      batch, data_state = data.prefetcher.next()
+      batch, data_state = inputs.prefetcher.next()
       state, metrics = programs.train(state, batch, quantized)
       pending.append((step, metrics))
       do_eval = step == total or is_due(step, config.eval_every_steps)
@@ -273,7 +273,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
       if do_log:
         row.update(_progress_scalars(config, progress, state, step))
       if do_eval:
-        state, last_eval, eval_row = _run_eval(config, programs, state, data, quantized)
+        state, last_eval, eval_row = _run_eval(config, programs, state, inputs, quantized)
         target = target or _target_reached(config, last_eval, step, started)
         row.update(eval_row, **({'time_to_target_s': target['seconds']} if target.get('step') == step else {}))
       if do_log:
@@ -290,7 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
   # Finish.
   step = max(start_step, total)
   if not last_eval:  # resumed at the end: evaluate what was restored
-    last_eval = evaluation.evaluate(programs, state, data.eval_batches(), step > ternary_start)
+    last_eval = evaluation.evaluate(programs, state, inputs.eval_batches(), step > ternary_start)
   result = {'step': step, **last_eval, **reports.quant_report(state, config),
             'elapsed_s': time.perf_counter() - started}
   if config.target_accuracy > 0:

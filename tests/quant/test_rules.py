@@ -1,7 +1,5 @@
 """quantize(model, rules): TTQ for an unmodified Flax model, checked against hand-ternarized kernels."""
 
-import warnings
-
 import flax
 import flax.linen as nn
 import jax

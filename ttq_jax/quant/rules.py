@@ -25,7 +25,7 @@ import contextvars
 import dataclasses
 import re
 import warnings
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
