@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from ttq_jax.errors import CheckpointError
 
@@ -119,19 +120,15 @@ def quarantine_newer(manager: ocp.CheckpointManager, workdir: str, step: int) ->
   return moved
 
 
-def _copy_matching(dst, src, prefix: str, copied: list, kept: list):
-  """`dst` with every leaf that `src` has at the same path and shape replaced by `src`'s value."""
-  out = {}
-  for k, v in dst.items():
-    if isinstance(v, (dict, flax.core.FrozenDict)):
-      out[k] = _copy_matching(v, (src or {}).get(k, {}), f'{prefix}{k}/', copied, kept)
-    elif src is not None and k in src and np.shape(src[k]) == np.shape(v):
-      out[k] = jnp.asarray(src[k], v.dtype)
-      copied.append(prefix + k)
-    else:
-      out[k] = v
-      kept.append(prefix + k)
-  return out
+def _copy_matching(dst, src) -> tuple[dict, list[str], list[str]]:
+  """(`dst` with every leaf that `src` has at the same path and shape replaced by `src`'s value,
+  the copied paths, the paths kept at their `dst` value)."""
+  flat_dst = traverse_util.flatten_dict(flax.core.unfreeze(dst), sep='/', keep_empty_nodes=True)
+  flat_src = traverse_util.flatten_dict(flax.core.unfreeze(src), sep='/')
+  copied = {k: jnp.asarray(flat_src[k], v.dtype) for k, v in flat_dst.items()
+            if k in flat_src and np.shape(flat_src[k]) == np.shape(v)}
+  kept = [k for k, v in flat_dst.items() if k not in copied and v is not traverse_util.empty_node]
+  return traverse_util.unflatten_dict({**flat_dst, **copied}, sep='/'), list(copied), kept
 
 
 def _read_warm_start(source: str) -> dict:
@@ -155,9 +152,10 @@ def load_init_from(state: Any, workdir_from: str) -> Any:
   match, and starts a fresh optimizer state. A kernel of `state` that the source lacks is an error. The
   switch to ternary (scale init) is the caller's."""
   restored = _read_warm_start(workdir_from)
-  copied, kept = [], []
-  params = _copy_matching(jax.device_get(state.params), restored['params'], '', copied, kept)
-  batch_stats = _copy_matching(jax.device_get(state.batch_stats), restored.get('batch_stats', {}), '', copied, kept)
+  params, copied, kept = _copy_matching(jax.device_get(state.params), restored['params'])
+  batch_stats, copied_stats, kept_stats = _copy_matching(jax.device_get(state.batch_stats),
+                                                         restored.get('batch_stats', {}))
+  copied, kept = copied + copied_stats, kept + kept_stats
   missing = [k for k in kept if k.rsplit('/', 1)[-1] == 'kernel']
   if missing:
     raise CheckpointError(f'init_from={workdir_from!r} has no kernel of the same path and shape for {len(missing)} of '

@@ -109,10 +109,11 @@ def recalibrate_batch_stats(programs: programs_lib.Programs, state, batches, qua
   return state.replace(batch_stats=jax.tree.map(lambda x: x / n, total))
 
 
-def eval_batches(config):
-  """This process's part of every global batch of the test split."""
+def eval_batches(config, source=None):
+  """This process's part of every global batch of the test split (`source`: the split, if already open)."""
   return input_pipeline.eval_batches(config.data, global_batch_size=config.eval_batch_size,
-                                     process_index=jax.process_index(), process_count=jax.process_count())
+                                     process_index=jax.process_index(), process_count=jax.process_count(),
+                                     source=source)
 
 
 # --------------------------------------------------------------------------- --mode eval
@@ -169,20 +170,19 @@ def evaluate_workdir(config, workdir: str, *, model=None, data=None, loss_fn=Non
     sharding_lib.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
     source, quantized = 'checkpoint', steps.is_ternary_at(config, step)
     report = reports.quant_report(state, config, quantized=quantized)
-  models = None if model is None else {True: model, False: quant_lib.unquantized(model)}
-  programs = programs_lib.Programs(config, mesh, state_lib.state_shardings(state), STEPS, models, loss_fn)
+  programs = programs_lib.Programs(config, mesh, state_lib.state_shardings(state), STEPS, model, loss_fn)
   metrics = evaluate(programs, state, eval_batches(config), quantized)
   result = {'step': int(step), 'source': source, **metrics,
             'sparsity': report['sparsity'],
             'w_p': {k: v[0] for k, v in report['scales'].items()},
             'w_n': {k: v[1] for k, v in report['scales'].items()},
             'param_counts': report['param_counts'],
-            'params_bytes_fp32': _params_bytes(jax.device_get(state.params)) + _params_bytes(jax.device_get(state.batch_stats))}
+            'params_bytes_fp32': _params_bytes(state.params) + _params_bytes(state.batch_stats)}
   if jax.process_index() == 0:
     name = f'step_{int(step)}.json' if source == 'checkpoint' else f'export_step_{int(step)}.json'
     path = os.path.join(workdir, 'eval', name)
     files.write_json(path, result)
-    name = type(quant_lib.unquantized(model)).__name__ if model is not None else None
-    print(reports.format_eval_table({**result, 'scales': report['scales']}, config, name))
+    model_name = type(quant_lib.unquantized(model)).__name__ if model is not None else None
+    print(reports.format_eval_table({**result, 'scales': report['scales']}, config, model_name))
     print(f'  wrote {path}')
   return result

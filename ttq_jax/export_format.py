@@ -59,8 +59,8 @@ def build_export(params, batch_stats, layers, packing: str) -> dict[str, np.ndar
     scale_shape = np.shape(tw.w_p)
     tensors[f'{path}/codes'] = tw.pack(packing)
     tensors[f'{path}/shape'] = np.asarray(np.shape(tw.codes), np.int64)
-    tensors[f'{path}/w_p'] = np.asarray(tw.w_p, np.float32).reshape(-1 if scale_shape else ())
-    tensors[f'{path}/w_n'] = np.asarray(np.broadcast_to(tw.w_n, scale_shape), np.float32).reshape(-1 if scale_shape else ())
+    for name, scale in (('w_p', tw.w_p), ('w_n', tw.w_n)):  # stored 1-D per channel, else a scalar
+      tensors[f'{path}/{name}'] = np.asarray(scale, np.float32).reshape(-1 if scale_shape else ())
     if scale_shape:
       tensors[f'{path}/scale_shape'] = np.asarray(scale_shape, np.int64)
   return tensors

@@ -50,8 +50,10 @@ DATASETS = {
 }
 
 
-# Your own data, registered by name (`register_dataset`): name -> {'train': source, 'test': source}.
+# Your own data, registered by name (`register_dataset`): name -> {'train': source, 'test': source};
+# `data=` of train_and_evaluate / evaluate_workdir / export_workdir registers under USER_DATA_NAME.
 USER_SOURCES: dict[str, dict[str, object]] = {}
+USER_DATA_NAME = 'user'
 
 
 def register_dataset(name: str, *, train, test, num_classes: int | None = None, mean=None, std=None) -> DatasetInfo:
@@ -77,9 +79,6 @@ def register_dataset(name: str, *, train, test, num_classes: int | None = None, 
   DATASETS[name] = info
   USER_SOURCES[name] = {'train': train, 'test': test}
   return info
-
-
-USER_DATA_NAME = 'user'
 
 
 def with_user_data(config, data):
@@ -334,11 +333,12 @@ def train_dataset(data_config, *, local_batch_size: int, seed: int, process_inde
 
 
 def eval_batches(data_config, *, split: str = 'test', global_batch_size: int, process_index: int = 0,
-                 process_count: int = 1, num_threads: int = 4) -> Iterator[dict[str, np.ndarray]]:
-  """This process's part of each global eval batch, in order, the last one padded (`mask` = 0)."""
+                 process_count: int = 1, num_threads: int = 4, source=None) -> Iterator[dict[str, np.ndarray]]:
+  """This process's part of each global eval batch, in order, the last one padded (`mask` = 0);
+  `source`: the split's source when the caller already holds it (else it is opened here)."""
   name = data_config.name
   info = dataset_info(name)
-  source = get_source(data_config, split)
+  source = get_source(data_config, split) if source is None else source
   n = len(source)
   local = global_batch_size // process_count
   ds = grain.MapDataset.source(source).map(_as_example)
@@ -353,12 +353,11 @@ def eval_batches(data_config, *, split: str = 'test', global_batch_size: int, pr
     yield batch
 
 
-def clean_train_batches(data_config, *, num_batches: int, local_batch_size: int, seed: int, process_index: int = 0,
-                        process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """`num_batches` un-augmented training batches from their own shuffle (for BN re-estimation)."""
-  ds = train_dataset(data_config, local_batch_size=local_batch_size, seed=seed + CLEAN_STREAM_SEED_OFFSET,
-                     process_index=process_index, process_count=process_count, augment=False)
-  return (ds[i] for i in range(num_batches))
+def clean_train_dataset(data_config, *, local_batch_size: int, seed: int, process_index: int = 0,
+                        process_count: int = 1) -> grain.MapDataset:
+  """Un-augmented training batches from their own shuffle (for BN re-estimation)."""
+  return train_dataset(data_config, local_batch_size=local_batch_size, seed=seed + CLEAN_STREAM_SEED_OFFSET,
+                       process_index=process_index, process_count=process_count, augment=False)
 
 
 class Prefetcher:

@@ -14,6 +14,7 @@ import jax
 import flax.linen as nn
 
 from ttq_jax import input_pipeline
+from ttq_jax import quant as quant_lib
 from ttq_jax import sharding as sharding_lib
 from ttq_jax import state as state_lib
 
@@ -62,14 +63,17 @@ class Programs:
   """The jitted-once programs of a run (one per step name and phase), compiled for the shapes they
   first see. `quantized=False` runs the full-precision twin of the model (the FP warm-up)."""
 
-  def __init__(self, config, mesh, state_shardings, steps: Mapping[str, Step],
-               models: Mapping[bool, nn.Module] | None = None, loss_fn: Callable | None = None):
+  def __init__(self, config, mesh, state_shardings, steps: Mapping[str, Step], model: nn.Module | None = None,
+               loss_fn: Callable | None = None):
+    """`model`: your own (its full-precision twin is `quant.unquantized(model)`); default: the config's."""
     self.config, self.mesh, self.state_shardings, self.steps = config, mesh, state_shardings, dict(steps)
     self.loss_fn = loss_fn
     self.info = input_pipeline.dataset_info(config.data.name)
     self.dtype = state_lib.compute_dtype(config)
-    self.models = dict(models) if models else {
-        True: state_lib.create_model(config, quantized=True), False: state_lib.create_model(config, quantized=False)}
+    if model is None:
+      self.models = {True: state_lib.create_model(config), False: state_lib.create_model(config, quantized=False)}
+    else:
+      self.models = {True: model, False: quant_lib.unquantized(model)}
     self._compiled: dict = {}
 
   def executable(self, name: str, state, batch, quantized: bool = True):

@@ -32,7 +32,8 @@ def total_steps(config) -> int:
 
 
 def ternary_start_step(config) -> int:
-  """The first step that trains (and evaluates) the ternary model.
+  """The number of full-precision steps before ternary training: steps after it train (and evaluate)
+  the ternary model.
 
   0 for full-precision runs (nothing changes) and for runs that start from an FP checkpoint
   (`init_from`: the warm start happened in another run); otherwise the end of the in-run FP warm-up

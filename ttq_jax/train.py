@@ -69,10 +69,9 @@ STEPS = {'train': programs_lib.Step(train_step, updates_state=True), **evaluatio
 
 
 def create_programs(config, mesh, state, model=None, loss_fn=None) -> programs_lib.Programs:
-  """The run's compiled train / eval / BN-moments programs for `state`'s shardings (`model`: your own,
-  its full-precision twin for the warm-up is `quant.unquantized(model)`; default: the config's)."""
-  models = None if model is None else {True: model, False: quant_lib.unquantized(model)}
-  return programs_lib.Programs(config, mesh, state_lib.state_shardings(state), STEPS, models, loss_fn)
+  """The run's compiled train / eval / BN-moments programs for `state`'s shardings (`model`: your own;
+  default: the config's)."""
+  return programs_lib.Programs(config, mesh, state_lib.state_shardings(state), STEPS, model, loss_fn)
 
 
 # --------------------------------------------------------------------------- loop helpers
@@ -137,28 +136,28 @@ def summarize_pending(pending: list, lr_fn: Callable) -> dict[str, Any]:
 
 @dataclasses.dataclass
 class _Input:
-  """The run's data: the resumable training iterator and the batches for evaluation and BN re-estimation."""
+  """The run's data, opened once: the resumable training iterator, the un-augmented batches for BN
+  re-estimation and the test split."""
   config: Any
   iterator: Any
   prefetcher: input_pipeline.Prefetcher
+  clean: Any
+  test_source: Any
 
   @classmethod
   def create(cls, config, mesh) -> '_Input':
-    n_proc, p_idx = jax.process_count(), jax.process_index()
-    ds = input_pipeline.train_dataset(config.data, local_batch_size=config.batch_size // n_proc, seed=config.seed,
-                                      process_index=p_idx, process_count=n_proc)
+    rows = dict(local_batch_size=config.batch_size // jax.process_count(), seed=config.seed,
+                process_index=jax.process_index(), process_count=jax.process_count())
+    ds = input_pipeline.train_dataset(config.data, **rows)
     iterator = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=config.data.num_threads, prefetch_buffer_size=8)))
-    return cls(config, iterator, input_pipeline.Prefetcher(iterator, mesh, config.data.prefetch_batches))
+    return cls(config, iterator, input_pipeline.Prefetcher(iterator, mesh, config.data.prefetch_batches),
+               input_pipeline.clean_train_dataset(config.data, **rows), input_pipeline.get_source(config.data, 'test'))
 
   def eval_batches(self):
-    return evaluation.eval_batches(self.config)
+    return evaluation.eval_batches(self.config, self.test_source)
 
   def recalibration_batches(self):
-    n_proc = jax.process_count()
-    return input_pipeline.clean_train_batches(
-        self.config.data, num_batches=self.config.bn_recalibration_batches,
-        local_batch_size=self.config.batch_size // n_proc, seed=self.config.seed,
-        process_index=jax.process_index(), process_count=n_proc)
+    return (self.clean[i] for i in range(self.config.bn_recalibration_batches))
 
 
 def _restore_or_warm_start(config, workdir: str, manager, state, inputs: _Input):
@@ -182,7 +181,7 @@ def _switch_to_ternary(state, config, step: int):
 
 
 def _log_start(config, state, mesh) -> None:
-  counts = reports.quant_report(state, config)['param_counts']
+  counts = quant_lib.count_params(state.params, state.ternary)
   logging.info('model %s on %s: %d ternary + %d full-precision parameters; %d steps (%d per epoch), mesh %s',
                config.model.name, config.data.name, counts['ternary'], counts['full_precision'],
                steps_lib.total_steps(config), steps_lib.steps_per_epoch(config), dict(mesh.shape))

@@ -25,7 +25,7 @@ import contextvars
 import dataclasses
 import re
 import warnings
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -173,8 +173,12 @@ def quantize(model: nn.Module, rules: Sequence[Rule]) -> nn.Module:
   base = type(model)
   cls = type(f'Quantized{base.__name__}', (base,), {'__call__': _quantized_call, 'ttq_rules': rules,
                                                      '__module__': base.__module__})
-  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.init and f.name not in ('parent', 'name')}
-  return cls(**fields)
+  return cls(**_settings(model))
+
+
+def _settings(model: nn.Module) -> dict[str, Any]:
+  """The model's own dataclass fields (not its place in a module tree)."""
+  return {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.init and f.name not in ('parent', 'name')}
 
 
 class TernaryLayer(NamedTuple):
@@ -218,9 +222,7 @@ def unquantized(model: nn.Module) -> nn.Module:
   """The plain model a quantize()d model was made from (the model itself if it was not)."""
   if getattr(type(model), 'ttq_rules', None) is None:
     return model
-  base = type(model).__mro__[1]
-  return base(**{f.name: getattr(model, f.name) for f in dataclasses.fields(model)
-                 if f.init and f.name not in ('parent', 'name')})
+  return type(model).__mro__[1](**_settings(model))
 
 
 def selected_layers(model: nn.Module, *example_args, **example_kwargs) -> dict[str, Rule]:
