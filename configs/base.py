@@ -12,19 +12,24 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict()
   config.model.name = 'resnet20'           # ttq_jax.models.MODELS
-  config.model.quantize_first_last = False  # paper: first conv and last dense stay full precision
+  config.model.bn_ghost_batch_size = 0     # > 0: BN statistics per group of N examples (the official per-GPU batch)
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'cifar10'             # fashion_mnist | cifar10 | imagenet2012
   config.data.data_dir = ''                # '' = default place (see README, "Datasets")
   config.data.crop_padding = 4             # random crop after zero padding (CIFAR: 40x40 -> 32x32)
   config.data.random_flip = True
+  config.data.train_crop = 'ttq_alexnet'   # ImageNet: ttq_alexnet (official TTQ AlexNet) | inception (fb.resnet.torch)
   config.data.limit_examples = 0           # > 0: use only the first N examples of each split
+  config.data.validation_examples = 0      # > 0: hold out N training examples (fixed seed) for model choices
   config.data.num_threads = 4              # grain reader threads
   config.data.prefetch_batches = 2         # batches put on the device ahead of the step
 
   config.quant = ml_collections.ConfigDict()
   config.quant.method = 'ttq'              # ttq | twn | fp
+  # Module-path regex (whole path) of the layers kept full precision; every other layer with a kernel is
+  # ternary. 'edges' = the model's first and last layer (models.EDGE_LAYERS); '' = none.
+  config.quant.full_precision_layers = 'edges'
   config.quant.threshold = 'max'           # max (delta = t * max|w|) | sparsity
   config.quant.t = 0.05                    # paper: 0.05
   config.quant.sparsity = 0.5              # zero fraction for threshold = sparsity
@@ -38,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 1000            # global
   config.num_epochs = 1.0
   config.num_train_steps = -1              # > 0 overrides num_epochs
+  config.steps_per_epoch = -1              # > 0: an epoch is N steps (as a reference log counted them)
 
   config.optimizer = 'sgd'                 # sgd | adam
   config.learning_rate = 0.1
@@ -49,8 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.lr_values = (0.1,)
   config.warmup_epochs = 0.0
   config.weight_decay = 1e-4               # L2 added to the gradient of matching params
-  config.weight_decay_regex = r'kernel$'   # which params decay (slash-joined Flax paths)
-  config.decay_scales = False              # also decay w_p / w_n (the official CIFAR code did)
+  config.weight_decay_regex = r'kernel$'   # which params decay (slash-joined paths, searched; w_p / w_n too
+                                           # if it matches them: r'(kernel|w_p|w_n)$' as the official CIFAR code)
   config.grad_clip_norm = 0.0              # > 0: clip the global gradient norm
   config.scale_optimizer = 'adam'          # adam (own optimizer for w_p / w_n) | same
   config.scale_learning_rate = 1e-3        # follows the main schedule's shape
@@ -58,6 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.fp_warmup_epochs = 0.0            # train full precision first, then ternarize (one run)
   config.init_from = ''                    # workdir of a full-precision run to fine-tune from (fp_warmup_epochs = 0)
+  config.warm_start_config = ''            # set: a TTQ run must start from a FP run of this config (init_from)
   config.normalize_init = False            # scale each quantized kernel to [-1, 1] at the switch
   config.bn_recalibration_batches = 0      # re-estimate BN statistics on N clean train batches
 

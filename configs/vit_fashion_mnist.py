@@ -20,8 +20,12 @@ from configs import fashion_mnist
 def get_config(arg: str = ''):
   if arg not in ('', 'fp', 'smoke'):
     raise ValueError(f'config argument {arg!r} is unknown: allowed are fp, smoke')
-  config = fashion_mnist.get_config(arg)  # data, batch, 4 epochs with a 2-epoch FP warm start; its :fp / :smoke
+  config = fashion_mnist.get_config(arg)  # data, batch; its :fp / :smoke
   config.model.name = 'vit_tiny' if arg == 'smoke' else 'vit_small'
+  if arg != 'smoke':  # the budget its README numbers were measured at: 4 epochs on all 60k training images
+    config.num_epochs, config.fp_warmup_epochs = 4.0, (0.0 if arg == 'fp' else 2.0)
+    config.data.validation_examples = 0
+    config.eval_every_steps, config.checkpoint_every_steps, config.log_every_steps = 234, 468, 50
   config.optimizer = 'adam'
   config.learning_rate = 1e-3
   config.warmup_epochs = 0.25

@@ -1,11 +1,15 @@
-r"""Reproduction harness: run (config, method) rows, collect their eval JSON, write a markdown table.
+r"""Reproduction harness: the paper's rows (and their recipes), and our Fashion-MNIST table over seeds.
 
-    python experiments/reproduce.py --table fashion_mnist [--epochs 4]   # our table (CPU, offline)
-    python experiments/reproduce.py --table paper                        # the paper's rows + FP twins
+    python experiments/reproduce.py --table fashion_mnist [--seeds 0,1,2]   # CPU, offline (~8 min a run)
+    python experiments/reproduce.py --table paper                           # the paper's rows + FP twins
+    python experiments/reproduce.py --table paper --describe [--json OUT] [--markdown docs/recipes.md]
 
-Each row runs as `python -m ttq_jax.main` in its own workdir (re-running resumes or just re-reads a
-finished row), then `--mode eval` (and `--mode export` for ternary rows, for the model size). Rows
-whose data or accelerator is missing are listed with what they need instead of being run.
+Each run is `python -m ttq_jax.main` in its own workdir (re-running resumes, or re-reads a finished run's
+result.json). The reporting protocol: for CIFAR / ImageNet (no validation split here, as in the paper)
+the final, best and mean-of-last-5 test errors over evaluations of the trained (ternary) model, with the
+running BN statistics and, separately, with re-estimated ones; for Fashion-MNIST, the model chosen on the
+validation split, reported on test, mean +- std over seeds. `--describe` prints the effective recipe of
+every paper row, computed from its config (`ttq_jax.recipes`), next to the official values.
 """
 
 from __future__ import annotations
@@ -18,176 +22,184 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from ttq_jax import recipes  # noqa: E402
 
 
-@dataclasses.dataclass
-class Row:
-  name: str
-  config: str                      # PATH[:ARG]
-  overrides: tuple[str, ...] = ()
-  paper_error: str = ''            # the paper's number, as printed
-  needs_data: str = ''             # tfds dataset name
-  needs_accelerator: bool = False
-  init_from_row: str = ''          # fine-tune from this row's workdir
+@dataclasses.dataclass(frozen=True)
+class Run:
+  row: str
+  config: str
+  workdir: str
+  init_from: str = ''
 
 
-def paper_rows() -> list[Row]:
-  rows = []
-  cifar = {20: ('8.23', '8.87'), 32: ('7.67', '7.63'), 44: ('7.18', '7.02'), 56: ('6.80', '6.44')}
-  for n, (fp, ttq) in cifar.items():
-    cfg = f'configs/resnet{n}_cifar10.py'
-    rows.append(Row(f'ResNet-{n} CIFAR-10 FP', f'{cfg}:fp', paper_error=fp, needs_data='cifar10', needs_accelerator=True))
-    rows.append(Row(f'ResNet-{n} CIFAR-10 TTQ', cfg, paper_error=ttq, needs_data='cifar10', needs_accelerator=True,
-                    init_from_row=f'ResNet-{n} CIFAR-10 FP'))
-  rows += [
-      Row('AlexNet ImageNet FP', 'configs/alexnet_imagenet.py:fp', paper_error='42.8 / 19.7', needs_data='imagenet2012',
-          needs_accelerator=True),
-      Row('AlexNet ImageNet TWN', 'configs/alexnet_imagenet.py:twn', paper_error='45.5 / 23.2',
-          needs_data='imagenet2012', needs_accelerator=True),
-      Row('AlexNet ImageNet TTQ', 'configs/alexnet_imagenet.py', paper_error='42.5 / 20.3', needs_data='imagenet2012',
-          needs_accelerator=True),
-      Row('ResNet-18 ImageNet FP', 'configs/resnet18_imagenet.py:fp', paper_error='30.4 / 10.8',
-          needs_data='imagenet2012', needs_accelerator=True),
-      Row('ResNet-18 ImageNet TWN', 'configs/resnet18_imagenet.py:twn', paper_error='34.7 / -',
-          needs_data='imagenet2012', needs_accelerator=True),
-      Row('ResNet-18 ImageNet TTQ', 'configs/resnet18_imagenet.py', paper_error='33.4 / 12.8',
-          needs_data='imagenet2012', needs_accelerator=True),
-  ]
-  return rows
-
-
-def fashion_mnist_rows(epochs: float) -> list[Row]:
-  common = (f'--config.num_epochs={epochs}',)
-  return [
-      Row('ResNet-20 Fashion-MNIST FP', 'configs/fashion_mnist.py:fp', common),
-      Row('ResNet-20 Fashion-MNIST TTQ (t=0.05)', 'configs/fashion_mnist.py', common),
-      Row('ResNet-20 Fashion-MNIST TWN', 'configs/fashion_mnist.py', common + ('--config.quant.method=twn',)),
-  ]
+FASHION_MNIST_ROWS = {  # row -> (slug, config)
+    'FP': ('fp', 'configs/fashion_mnist.py:fp'),
+    'TTQ, paper recipe': ('ttq_paper', 'configs/fashion_mnist.py:paper'),
+    'TTQ, our recipe (quickstart)': ('ttq_ours', 'configs/fashion_mnist.py'),
+    'TWN': ('twn', 'configs/fashion_mnist.py:twn'),
+}
 
 
 def _slug(name: str) -> str:
   return ''.join(c if c.isalnum() else '_' for c in name.lower()).strip('_')
 
 
-def missing_requirements(row: Row, allow_cpu: bool) -> str:
+def missing_requirements(row: recipes.PaperRow, allow_cpu: bool) -> str:
   needs = []
-  if row.needs_data:
-    try:
-      import tensorflow_datasets as tfds
-      tfds.data_source(row.needs_data, split='train')
-    except Exception:  # noqa: BLE001 - any failure means the data is not prepared
-      needs.append(f'{row.needs_data} as ArrayRecord (README, "Datasets")')
-  if row.needs_accelerator and not allow_cpu:
-    import jax
-    if jax.default_backend() == 'cpu':
-      needs.append('an accelerator (hundreds of epochs; --allow-cpu forces a CPU run)')
+  try:
+    import tensorflow_datasets as tfds
+    tfds.data_source(row.needs_data, split='train')
+  except Exception:  # noqa: BLE001 - any failure means the data is not prepared
+    needs.append(f'{row.needs_data} as ArrayRecord (README, "Datasets")')
+  import jax
+  if jax.default_backend() == 'cpu' and not allow_cpu:
+    needs.append('an accelerator (hundreds of thousands of steps; --allow-cpu forces a CPU run)')
   return ('needs ' + ' and '.join(needs)) if needs else ''
 
 
-def _main_cmd(row: Row, workdir: str, mode: str, extra=()) -> list[str]:
-  return [sys.executable, '-m', 'ttq_jax.main', '--config', row.config, '--workdir', workdir, f'--mode={mode}',
-          *row.overrides, *extra]
+def run(r: Run, log, extra=()) -> dict:
+  """Trains (or resumes / re-reads) one run; returns its result.json."""
+  path = os.path.join(r.workdir, 'result.json')
+  if not os.path.exists(path):
+    cmd = [sys.executable, '-m', 'ttq_jax.main', '--config', r.config, '--workdir', r.workdir, *extra]
+    if r.init_from:
+      cmd.append(f'--config.init_from={r.init_from}')
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    log.write(p.stdout + p.stderr)
+    if p.returncode:
+      raise RuntimeError(f'{r.row}: training failed: {(p.stderr.strip().splitlines() or ["?"])[-1]}')
+  with open(path) as f:
+    return json.load(f)
 
 
-def run_row(row: Row, workdir: str, init_from: str | None, log) -> dict:
-  extra = (f'--config.init_from={init_from}',) if init_from else ()
-  t0 = time.time()
-  for mode in ('train', 'eval'):
-    r = subprocess.run(_main_cmd(row, workdir, mode, extra), cwd=ROOT, capture_output=True, text=True)
-    log.write(r.stdout + r.stderr)
-    if r.returncode:
-      raise RuntimeError(f'{row.name}: {mode} failed: {(r.stderr.strip().splitlines() or ["?"])[-1]}')
-  evals = sorted(os.listdir(os.path.join(workdir, 'eval')), key=lambda f: int(f.split('_')[-1].split('.')[0])
-                 if f.startswith('step_') else -1)
-  result = json.load(open(os.path.join(workdir, 'eval', [f for f in evals if f.startswith('step_')][-1])))
-  result['wall_s'] = time.time() - t0
-  is_fp = row.config.endswith(':fp')
-  if not is_fp:
-    r = subprocess.run(_main_cmd(row, workdir, 'export', extra), cwd=ROOT, capture_output=True, text=True)
-    log.write(r.stdout + r.stderr)
-    path = os.path.join(workdir, 'export', 'model.safetensors')
-    if r.returncode == 0 and os.path.exists(path):
-      result['model_bytes'] = os.path.getsize(path)
-  else:
-    result['model_bytes'] = result.get('params_bytes_fp32')
-  return result
+def _mean_std(values) -> str:
+  v = 100 * np.asarray(values, np.float64)
+  return f'{v.mean():.2f} +- {v.std(ddof=1):.2f}' if len(v) > 1 else f'{v.mean():.2f}'
 
 
-def markdown(rows: list[Row], results: dict, missing: dict, with_paper: bool) -> str:
-  head = '| row | test error (%) | top-1 acc (%) | mean sparsity | model bytes |'
-  sep = '|---|---|---|---|---|'
-  if with_paper:
-    head += ' paper error (%) |'
-    sep += '---|'
-  lines = [head, sep]
-  for row in rows:
-    if row.name in results:
-      r = results[row.name]
-      err = 100 * (1 - r['top1_accuracy'])
-      if 'top5_accuracy' in r and r.get('num_examples', 0) and row.needs_data == 'imagenet2012':
-        err_s = f'{err:.2f} / {100 * (1 - r["top5_accuracy"]):.2f}'
-      else:
-        err_s = f'{err:.2f}'
-      sp = r.get('sparsity') or {}
-      mean_sp = f'{sum(sp.values()) / len(sp):.3f}' if sp else '-'
-      cells = [row.name, err_s, f'{100 * r["top1_accuracy"]:.2f}', mean_sp, f'{r.get("model_bytes", 0):,}']
-    else:
-      cells = [row.name, f'not run: {missing.get(row.name, "?")}', '-', '-', '-']
-    if with_paper:
-      cells.append(row.paper_error or '-')
-    lines.append('| ' + ' | '.join(cells) + ' |')
+def _scale_range(result: dict) -> str:
+  scales = [s for pair in (result.get('scales') or {}).values() for s in pair]
+  return f'{min(scales):.2f} - {max(scales):.2f}' if scales else '-'
+
+
+def fashion_mnist_table(results: dict[str, list[dict]], seeds) -> str:
+  lines = ['| row | seeds | test top-1 (%), chosen on validation, running BN | same, re-estimated BN | '
+           'final test top-1 (%), re-estimated BN | validation top-1 (%), best, running BN | mean sparsity | '
+           'w_p / w_n range |', '|---|---|---|---|---|---|---|---|']
+  for row, rs in results.items():
+    if not rs:
+      lines.append(f'| {row} | 0 | not run | - | - | - | - | - |')
+      continue
+    chosen = lambda col: [r['best_on_validation'][col]['top1_accuracy'] for r in rs if col in r.get('best_on_validation', {})]
+    final = [r['test'].get('reestimated', r['test']['running'])['top1_accuracy'] for r in rs]
+    val = [r['protocol']['running']['best'] for r in rs]
+    sp = [np.mean(list(r['sparsity'].values())) for r in rs if r.get('sparsity')]
+    lines.append(f'| {row} | {len(rs)} | {_mean_std(chosen("running"))} | {_mean_std(chosen("reestimated"))} | '
+                 f'{_mean_std(final)} | {_mean_std(val)} | {f"{np.mean(sp):.3f}" if sp else "-"} | '
+                 f'{_scale_range(rs[0])} (seed {seeds[0]}) |')
   return '\n'.join(lines)
+
+
+def paper_table(results: dict[str, dict], missing: dict[str, str]) -> str:
+  lines = ['| row | final / best / mean of last 5 test error (%), running BN | same, re-estimated BN | '
+           'paper error (%) |', '|---|---|---|---|']
+  for row in recipes.PAPER_ROWS:
+    if row.name not in results:
+      lines.append(f'| {row.name} | not run: {missing.get(row.name, "?")} | - | {row.paper_error} |')
+      continue
+    cells = []
+    for col in ('running', 'reestimated'):
+      p = results[row.name].get('protocol', {}).get(col)
+      cells.append(f'{100 * (1 - p["final"]):.2f} / {100 * (1 - p["best"]):.2f} / {100 * (1 - p["mean_last5"]):.2f}'
+                   if p else '-')
+    lines.append(f'| {row.name} | {cells[0]} | {cells[1]} | {row.paper_error} |')
+  return '\n'.join(lines)
+
+
+def describe(args) -> None:
+  described = [recipes.describe_row(row) for row in recipes.PAPER_ROWS]
+  for d in described:
+    print(f'{d["name"]} ({d["config"]}): batch {d["global_batch_size"]}, {d["total_steps"]:,} steps, lr '
+          f'{d["base_learning_rate"]:g} -> {d["lr_values"]} at {d["lr_boundaries_steps"]}, '
+          f'{d["weight_optimizer"]["name"]}, {len(d["ternary_layers"])} ternary kernels, warm start {d["warm_start"]}')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump({'rows': described}, f, indent=2)
+    print(f'wrote {args.json}')
+  if args.markdown:
+    with open(args.markdown, 'w') as f:
+      f.write(recipes.markdown(described, recipes.PAPER_ROWS) + '\n')
+    print(f'wrote {args.markdown}')
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--table', choices=['fashion_mnist', 'paper'], default='fashion_mnist')
-  p.add_argument('--epochs', type=float, default=4.0, help='fashion_mnist: epochs of every row')
+  p.add_argument('--seeds', default='0,1,2', help='fashion_mnist: comma-separated config.seed values')
+  p.add_argument('--describe', action='store_true', help='paper: print each row\'s effective recipe, run nothing')
+  p.add_argument('--json', default='', help='--describe: write {"rows": [...]} here')
+  p.add_argument('--markdown', default='', help='--describe: write the side-by-side recipes (docs/recipes.md)')
   p.add_argument('--workdir_root', default='workdirs/reproduce')
-  p.add_argument('--results', default='', help='markdown output (default experiments/results/<table>.md)')
+  p.add_argument('--results', default='', help='markdown output (default experiments/results/<table>_seeds.md|paper.md)')
   p.add_argument('--allow-cpu', action='store_true')
   p.add_argument('--only', default='', help='comma-separated substrings: run only matching rows')
   args = p.parse_args()
-  rows = paper_rows() if args.table == 'paper' else fashion_mnist_rows(args.epochs)
-  out = args.results or os.path.join(ROOT, 'experiments', 'results', f'{args.table}.md')
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  results, missing, workdirs = {}, {}, {}
-  log_path = os.path.join(args.workdir_root, 'reproduce.log')
-  os.makedirs(args.workdir_root, exist_ok=True)
-  with open(log_path, 'a') as log:
-    for row in rows:
-      if args.only and not any(s in row.name for s in args.only.split(',')):
-        missing[row.name] = 'skipped (--only)'
-        continue
-      need = missing_requirements(row, args.allow_cpu)
-      if need:
-        missing[row.name] = need
-        print(f'[skip] {row.name}: {need}', flush=True)
-        continue
-      workdir = os.path.join(args.workdir_root, _slug(row.name))
-      workdirs[row.name] = workdir
-      init_from = workdirs.get(row.init_from_row) if row.init_from_row else None
-      if row.init_from_row and init_from is None:
-        missing[row.name] = f'needs the row "{row.init_from_row}" first'
-        continue
-      print(f'[run ] {row.name} in {workdir}', flush=True)
-      try:
-        results[row.name] = run_row(row, workdir, init_from, log)
-        r = results[row.name]
-        print(f'       top-1 {100 * r["top1_accuracy"]:.2f}% in {r["wall_s"] / 60:.1f} min', flush=True)
-      except RuntimeError as e:
-        missing[row.name] = str(e)
-        print(f'[fail] {e}', flush=True)
+  if args.describe:
+    return describe(args)
+  root = os.path.join(args.workdir_root, args.table)
+  os.makedirs(root, exist_ok=True)
+  wanted = lambda name: not args.only or any(s in name for s in args.only.split(','))
   import jax
-  header = (f'# {args.table} results\n\nMeasured by `python experiments/reproduce.py --table {args.table}'
-            f'{f" --epochs {args.epochs:g}" if args.table == "fashion_mnist" else ""}` on {os.cpu_count()} CPU cores '
-            f'({jax.default_backend()}, jax {jax.__version__}), {time.strftime("%Y-%m-%d")}.\n\n')
-  text = header + markdown(rows, results, missing, args.table == 'paper') + '\n'
+  with open(os.path.join(root, 'reproduce.log'), 'a') as log:
+    if args.table == 'fashion_mnist':
+      seeds = [int(s) for s in args.seeds.split(',')]
+      results = {}
+      for row, (slug, config) in FASHION_MNIST_ROWS.items():
+        results[row] = []
+        for seed in seeds if wanted(row) else []:
+          r = Run(row, config, os.path.join(root, slug, f'seed_{seed}'))
+          print(f'[run ] {row}, seed {seed}, in {r.workdir}', flush=True)
+          try:
+            results[row].append(run(r, log, (f'--config.seed={seed}',)))
+          except RuntimeError as e:
+            print(f'[fail] {e}', flush=True)
+      body = fashion_mnist_table(results, seeds)
+      out = args.results or os.path.join(ROOT, 'experiments', 'results', 'fashion_mnist_seeds.md')
+      command = f'--table fashion_mnist --seeds {args.seeds}'
+    else:
+      results, missing, workdirs = {}, {}, {}
+      for row in recipes.PAPER_ROWS:
+        need = 'skipped (--only)' if not wanted(row.name) else missing_requirements(row, args.allow_cpu)
+        init_from = workdirs.get(row.init_from_row, '')
+        if not need and row.init_from_row and not init_from:
+          need = f'needs the row "{row.init_from_row}" first'
+        if need:
+          missing[row.name] = need
+          print(f'[skip] {row.name}: {need}', flush=True)
+          continue
+        r = Run(row.name, row.config, os.path.join(root, _slug(row.name)), init_from)
+        try:
+          results[row.name] = run(r, log)
+          workdirs[row.name] = r.workdir
+        except RuntimeError as e:
+          missing[row.name] = str(e)
+          print(f'[fail] {e}', flush=True)
+      body = paper_table(results, missing)
+      out = args.results or os.path.join(ROOT, 'experiments', 'results', 'paper.md')
+      command = '--table paper'
+  text = (f'# {args.table} results\n\nMeasured by `python experiments/reproduce.py {command}` on {os.cpu_count()} '
+          f'CPU cores ({jax.default_backend()}, jax {jax.__version__}).\n\n{body}\n')
+  os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, 'w') as f:
     f.write(text)
   with open(out.replace('.md', '.json'), 'w') as f:
-    json.dump({k: {kk: vv for kk, vv in v.items()} for k, v in results.items()}, f, indent=2)
+    json.dump(results, f, indent=2)
   print(text)
   print(f'wrote {out}')
 

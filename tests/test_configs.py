@@ -22,28 +22,27 @@ def test_configs_validate_and_have_an_fp_twin(name, arg):
   config = _config(name, arg)
   config_check.validate(config)
   assert config.quant.method == ('fp' if arg == 'fp' else 'ttq')
+  assert config.dtype == 'float32'  # paper rows compute in float32 (bfloat16 is the :bf16 variant)
   doc = importlib.import_module(f'configs.{name}').__doc__
   assert 'python -m ttq_jax.main --config configs/' in doc  # the docstring is the command
 
 
-@pytest.mark.parametrize('n', [20, 32, 44, 56])
-def test_cifar_rows_follow_the_official_scripts(n):
-  c = _config(f'resnet{n}_cifar10')
-  assert c.model.name == f'resnet{n}' and c.data.name == 'cifar10'
-  assert (c.batch_size, c.learning_rate, c.momentum, c.weight_decay, c.quant.t) == (256, 0.1, 0.9, 2e-4, 0.05)
-  assert tuple(c.lr_boundaries_epochs) == (80.0, 120.0, 300.0) and c.data.crop_padding == 4
-  assert c.normalize_init and c.decay_scales
+# The paper rows' hyper-parameters are checked against the official code in tests/test_recipes.py.
 
 
-def test_alexnet_row_follows_the_official_log():
-  c = _config('alexnet_imagenet')
-  assert (c.optimizer, c.learning_rate, c.adam_eps, c.batch_size, c.weight_decay) == ('adam', 1e-4, 1e-5, 128, 5e-6)
-  assert tuple(c.lr_boundaries_epochs) == (56.0, 64.0) and tuple(c.lr_values) == (2e-5, 4e-6)
-  assert not c.model.quantize_first_last
-  import re
-  pattern = re.compile(c.weight_decay_regex)
-  assert pattern.search('TernaryDense_0/kernel') and pattern.search('Dense_0/kernel')
-  assert not pattern.search('TernaryConv_1/kernel')
+def test_fashion_mnist_paper_variant_is_the_official_cifar_recipe_scaled():
+  """Same batch and steps as the quickstart; official optimizer, decay, scales and layout; `:paper_steps`
+  also the official schedule's shape."""
+  ours, paper = _config('fashion_mnist'), _config('fashion_mnist', 'paper_steps')
+  assert _config('fashion_mnist', 'paper').lr_schedule == ours.lr_schedule == 'cosine'
+  assert (paper.batch_size, paper.num_epochs, paper.fp_warmup_epochs) == (ours.batch_size, ours.num_epochs,
+                                                                          ours.fp_warmup_epochs)
+  assert (paper.optimizer, paper.nesterov, paper.momentum, paper.scale_optimizer) == ('sgd', False, 0.9, 'same')
+  assert (paper.weight_decay, paper.weight_decay_regex, paper.normalize_init) == (2e-4, r'(kernel|w_p|w_n)$', False)
+  assert (paper.quant.w_p_init, paper.quant.full_precision_layers, paper.ternary_kernel_lr_multiplier) == (1.0, 'conv0', 1.0)
+  # each phase: 0.1, then x0.1 after 82/400 and 123/400, 2e-4 after 300/400; TTQ's first 1/400 at 2e-4
+  assert paper.lr_boundaries_epochs == pytest.approx((0.205, 0.3075, 0.75, 1.0025, 1.205, 1.3075, 1.75))
+  assert tuple(paper.lr_values) == (0.01, 0.001, 0.0002, 0.1, 0.01, 0.001, 0.0002)
 
 
 @pytest.mark.slow

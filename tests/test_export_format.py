@@ -83,7 +83,7 @@ def _rewrite(path, mutate):
   save_file(tensors, path, metadata=metadata)
 
 
-K = 'params/PreActBlock_1/TernaryConv_0/kernel'
+K = 'params/res2_0/conv1/kernel'
 
 
 @pytest.mark.parametrize('mutate,msg', [

@@ -135,8 +135,9 @@ def test_tfds_pipelines_with_mock_data(name, size):
 def _recording_resize(calls):
   """Stands in for the resize: records the size asked for and returns an image whose pixels encode their
   own row and column (channel 0: row % 256, 1: col % 256, 2: 16 * (row // 256) + col // 256)."""
-  def resize(image, height, width):
+  def resize(image, height, width, method='bilinear'):
     calls.append((height, width))
+    assert method == 'bicubic'  # as cv2.INTER_CUBIC in the official scripts
     r, c = np.meshgrid(np.arange(height), np.arange(width), indexing='ij')
     return np.stack([r % 256, c % 256, 16 * (r // 256) + c // 256], -1).astype(np.uint8)
   return resize
@@ -149,26 +150,50 @@ def _origin(crop):
   return (r0, c0 - 223, True) if c1 < c0 else (r0, c0, False)
 
 
-def test_imagenet_train_crop_ranges(monkeypatch):
-  """TTQ's AlexNet augmentation: short side resized to U[224, 308], aspect jitter in [0.85, 1.15], a random
-  224x224 window inside the resized image, flipped half of the time."""
+@pytest.mark.parametrize('shape', [(300, 400, 3), (1000, 1200, 3), (230, 240, 3)])
+def test_imagenet_train_crop_is_the_official_resize(monkeypatch, shape):
+  """tw-imagenet-alexnet.py's `Resize`: s = randint(224, 308) / short side; each axis its own jitter in
+  [0.85, 1.15]; size = int(max(224, min(original, scaled))) per axis (never enlarged past the original);
+  then a random 224 window inside it, flipped half of the time. Sizes replayed from the same draws."""
   calls = []
   monkeypatch.setattr(ip, '_pil_resize', _recording_resize(calls))
-  rng = np.random.default_rng(0)
-  image = np.zeros((300, 400, 3), np.uint8)  # short side 300, aspect 4:3
-  origins = []
-  for _ in range(300):
-    crop = ip.imagenet_train_crop(image, rng)
+  h, w = shape[:2]
+  rng, replay = np.random.default_rng(0), np.random.default_rng(0)
+  origins, expected = [], []
+  for _ in range(200):
+    crop = ip.imagenet_train_crop(np.zeros(shape, np.uint8), rng)
     assert crop.shape == (224, 224, 3)
     origins.append(_origin(crop))
-  short = np.array([h for h, _ in calls])
-  aspect = np.array([w / h for h, w in calls]) / (400 / 300)
-  assert short.min() >= 224 and short.max() <= 308 and short.min() < 232 and short.max() > 300
-  assert aspect.min() >= 0.85 - 0.01 and aspect.max() <= 1.15 + 0.01 and aspect.min() < 0.87 and aspect.max() > 1.13
-  for (h, w), (y, x, _) in zip(calls, origins):
-    assert 0 <= y <= h - 224 and 0 <= x <= w - 224
-  assert 0.4 < np.mean([f for _, _, f in origins]) < 0.6
-  assert max(y for _, (y, _, _) in zip(calls, origins)) > 60  # windows cover the image, not only its corner
+    scale = replay.integers(224, 308) / min(h, w)
+    sx, sy = scale * replay.uniform(0.85, 1.15), scale * replay.uniform(0.85, 1.15)
+    eh, ew = int(max(224, min(h, sy * h))), int(max(224, min(w, sx * w)))
+    expected.append((eh, ew))
+    replay.integers(0, eh - 223), replay.integers(0, ew - 223), replay.random()  # window and flip draws
+  assert calls == expected
+  sizes = np.array(calls)
+  assert sizes.min() >= 224 and (sizes[:, 0] <= max(h, 224)).all() and (sizes[:, 1] <= max(w, 224)).all()
+  for (ch, cw), (y, x, _) in zip(calls, origins):
+    assert 0 <= y <= ch - 224 and 0 <= x <= cw - 224
+  assert 0.35 < np.mean([f for _, _, f in origins]) < 0.65
+  if shape[0] == 1000:  # no clipping: the two axes' factors are independent draws
+    ratio = (sizes[:, 1] / w) / (sizes[:, 0] / h)
+    assert ratio.min() < 0.8 and ratio.max() > 1.25
+
+
+def test_inception_crop_area_and_aspect(monkeypatch):
+  """fb.resnet.torch `RandomSizedCrop`: a window of 8-100% of the area, aspect 3/4-4/3, resized to 224."""
+  windows = []
+  def resize(image, height, width, method='bilinear'):
+    windows.append(image.shape[:2])
+    return np.zeros((height, width, 3), np.uint8)
+  monkeypatch.setattr(ip, '_pil_resize', resize)
+  rng = np.random.default_rng(0)
+  for _ in range(300):
+    assert ip.inception_crop(np.zeros((400, 500, 3), np.uint8), rng).shape == (224, 224, 3)
+  area = np.array([a * b for a, b in windows]) / (400 * 500)
+  aspect = np.array([b / a for a, b in windows])
+  assert area.min() >= 0.075 and area.max() <= 1.0 and area.min() < 0.15 and area.max() > 0.8
+  assert aspect.min() >= 0.74 and aspect.max() <= 1.35
 
 
 def test_imagenet_eval_crop_is_the_center_of_the_short_side_256(monkeypatch):
@@ -201,3 +226,20 @@ def test_global_batches_do_not_depend_on_the_process_count():
     parts = [ip.train_dataset(c, local_batch_size=16, seed=5, process_index=p, process_count=4)[k] for p in range(4)]
     np.testing.assert_array_equal(np.concatenate([b['image'] for b in parts]), whole[k]['image'])
     np.testing.assert_array_equal(np.concatenate([b['label'] for b in parts]), whole[k]['label'])
+
+
+def test_validation_split_is_held_out_of_training_with_a_fixed_seed():
+  """5,000 (here 100) training examples held out: disjoint from what training reads, the same for every
+  run and seed, and the test split untouched."""
+  c = _data_config(limit_examples=1000, validation_examples=100)
+  train, val, test = (ip.get_source(c, s) for s in ('train', 'validation', 'test'))
+  assert (len(train), len(val), len(test)) == (900, 100, 1000)
+  full = ip.get_source(_data_config(limit_examples=1000), 'train')
+  key = lambda ex: (np.asarray(ex['image']).tobytes(), int(ex['label']))
+  held, kept = {key(val[i]) for i in range(100)}, [key(train[i]) for i in range(900)]
+  assert not held & set(kept) and held | set(kept) == {key(full[i]) for i in range(1000)}
+  held_out, _ = ip.validation_indices(1000, 100)
+  np.testing.assert_array_equal(held_out, np.sort(np.random.default_rng(ip.VALIDATION_SEED).permutation(1000)[:100]))
+  assert ip.train_size(c) == 900
+  with pytest.raises(ValueError, match='split=validation needs data.validation_examples > 0'):
+    ip.get_source(_data_config(), 'validation')

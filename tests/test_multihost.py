@@ -53,7 +53,10 @@ def _run_all(cmds_envs):
 
 def _losses(workdir):
   rows = metrics_rows(workdir)
-  return [r['train_loss'] for r in rows], rows[-1]['eval_loss']
+  # The eval with re-estimated BN statistics: after 6 steps the running averages (momentum 0.9) are still
+  # mostly their initial values, so the running-statistics eval divides by near-arbitrary variances and
+  # amplifies reduction-order rounding (measured: 7.18 on 4 devices vs 6.39 on 1).
+  return [r['train_loss'] for r in rows], rows[-1]['eval_bnre_loss']
 
 
 @pytest.mark.slow

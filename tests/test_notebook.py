@@ -21,5 +21,5 @@ def test_threshold_ablation_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
   images = [o for o in outputs if 'image/png' in o.get('data', {})]
   assert len(images) == 3  # accuracy vs sparsity, per-layer heat map, W_p/W_n over training
   text = ''.join(o.get('text', '') for o in outputs if o.get('output_type') == 'stream')
-  assert 'full precision: top-1' in text and ' t  0.050' in text
-  assert len(os.listdir(tmp_path)) == 7  # fp + 3 t + 3 r
+  assert 'full precision: validation top-1' in text and ' t  0.050' in text and 'seed noise:' in text
+  assert len(os.listdir(tmp_path)) == 8  # fp + 3 t + 3 r + t = 0.05 on a second seed

@@ -64,7 +64,7 @@ def test_first_update_uses_sgd_for_weights_and_adam_for_scales(smoke_config):
   np.testing.assert_allclose(u['kernel'], [-0.05 * (0.1 + 0.01), -0.05 * (0.2 - 0.02)], rtol=1e-6)
   np.testing.assert_allclose(u['bias'], [-0.05], rtol=1e-6)
   assert float(u['w_p']) == pytest.approx(-0.002, rel=1e-4) and float(u['w_n']) == pytest.approx(0.002, rel=1e-4)
-  c.decay_scales = True
+  c.weight_decay_regex = r'(kernel|w_p|w_n)$'  # the official CIFAR regularizer: kernels and scales
   c.scale_optimizer = 'same'
   tx = optim.create_optimizer(c, params)
   u = tx.update(grads, tx.init(params), params)[0]['TernaryConv_0']
@@ -93,10 +93,15 @@ def test_masks_name_what_each_setting_applies_to():
   labels = optim.param_labels(params)
   assert labels['TernaryConv_0'] == {'kernel': 'weight', 'w_p': 'scale', 'w_n': 'scale', 'bias': 'weight'}
   assert labels['Block']['TernaryDense_3']['w_n'] == 'scale' and labels['BatchNorm_0']['scale'] == 'weight'
-  decay = optim.weight_decay_mask(params, r'kernel$', decay_scales=False)
+  decay = optim.weight_decay_mask(params, r'kernel$')
   assert decay['TernaryConv_0'] == {'kernel': True, 'w_p': False, 'w_n': False, 'bias': False}
   assert decay['Conv_0']['kernel'] and not decay['BatchNorm_0']['scale']
-  assert optim.weight_decay_mask(params, r'kernel$', decay_scales=True)['Block']['TernaryDense_3']['w_p']
+  official = optim.weight_decay_mask(params, r'(kernel|w_p|w_n)$')
+  assert official['Block']['TernaryDense_3']['w_p'] and not official['TernaryConv_0']['bias']
+  alexnet = optim.weight_decay_mask({'conv1': {'kernel': 0, 'w_p': 0}, 'fc0': {'kernel': 0, 'w_n': 0},
+                                     'fct': {'kernel': 0, 'bias': 0}}, r'^fc.*/(kernel|w_p|w_n)$')
+  assert alexnet == {'conv1': {'kernel': False, 'w_p': False}, 'fc0': {'kernel': True, 'w_n': True},
+                     'fct': {'kernel': True, 'bias': False}}
   layers = (TernaryLayer('Block/TernaryDense_3', QuantConfig()), TernaryLayer('Conv_0', QuantConfig()))
   ternary = optim.ternary_kernel_mask(params, layers)  # the layers found in the module tree, not names
   assert ternary['Conv_0']['kernel'] and ternary['Block']['TernaryDense_3']['kernel']

@@ -10,10 +10,11 @@ from tests.test_train import programs_state_batches
 from ttq_jax import programs as programs_lib
 
 # Fraction of the compared tree's largest entry (see conftest.scaled_allclose). Measured on a 2-core Xeon,
-# fusions off vs XLA's default: train-step updates 1.2e-5 (FP) / 3.5e-3 (TTQ, the same cancellation as
-# across device counts, see test_train), BN statistics 1.3e-5 / 2.5e-5, BN batch moments 3.2e-5 (the
+# fusions off vs XLA's default: train-step updates 1.7e-2 (FP) / 3.5e-3 (TTQ): the same rounding amplification
+# as across device counts (see UPDATE_TOL in test_train: permuting the batch on one device moves them too),
+# BN statistics 1.3e-5 / 2.5e-5, BN batch moments 3.2e-5 (the
 # variance is E[x^2] - E[x]^2: its rounding is relative to E[x^2], not to the variance), eval sums 1e-7.
-TOL = {('fp', 'train'): 1e-3, ('ttq', 'train'): 2e-2, 'moments': 1e-3, 'eval': 1e-4}
+TOL = {('fp', 'train'): 5e-2, ('ttq', 'train'): 2e-2, 'moments': 1e-3, 'eval': 1e-4}
 
 
 @pytest.mark.parametrize('program', ['train', 'eval', 'moments'])

@@ -53,13 +53,13 @@ def test_init_from_full_precision_run(smoke_config, tmp_path):
   # the pieces: copied weights and statistics, then the switch
   _, state, _ = programs_state_batches(c, (1, 1), n=0)
   state = jax.device_get(ckpt.load_init_from(state, fp_dir))
-  src = fp_state.params['PreActBlock_1']['TernaryConv_0']['kernel']
-  np.testing.assert_array_equal(state.params['PreActBlock_1']['TernaryConv_0']['kernel'], src)
-  np.testing.assert_array_equal(state.params['Conv_0']['kernel'], fp_state.params['Conv_0']['kernel'])
-  np.testing.assert_array_equal(state.batch_stats['BatchNorm_0']['mean'], fp_state.batch_stats['BatchNorm_0']['mean'])
+  src = fp_state.params['res2_0']['conv1']['kernel']
+  np.testing.assert_array_equal(state.params['res2_0']['conv1']['kernel'], src)
+  np.testing.assert_array_equal(state.params['conv0']['kernel'], fp_state.params['conv0']['kernel'])
+  np.testing.assert_array_equal(state.batch_stats['bn0']['mean'], fp_state.batch_stats['bn0']['mean'])
   switched = state_lib.start_ternary(state.params, c, state.ternary)
-  np.testing.assert_allclose(switched['PreActBlock_1']['TernaryConv_0']['kernel'], src / np.abs(src).max(), rtol=1e-6)
-  assert 0.0 < float(switched['PreActBlock_1']['TernaryConv_0']['w_p']) < 1.0  # mean |w| of a [-1, 1] kernel
+  np.testing.assert_allclose(switched['res2_0']['conv1']['kernel'], src / np.abs(src).max(), rtol=1e-6)
+  assert 0.0 < float(switched['res2_0']['conv1']['w_p']) < 1.0  # mean |w| of a [-1, 1] kernel
   # the run: step 1's loss is the switched model's loss on batch 0 (and not the unswitched one's)
   programs, fresh, batches = programs_state_batches(c, (1, 1), n=1)
   loaded = ckpt.load_init_from(fresh, fp_dir)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 
 from ttq_jax import export_format
@@ -24,6 +25,7 @@ from ttq_jax.quant import QuantConfig
 CHOICES = {
     'model.name': models.MODELS,
     'data.name': input_pipeline.DATASETS,
+    'data.train_crop': input_pipeline.TRAIN_CROPS,
     'quant.scale_init': state_lib.SCALE_INITS,
     'dtype': state_lib.DTYPES,
     'optimizer': optim.OPTIMIZERS,
@@ -34,7 +36,7 @@ CHOICES = {
 }
 POSITIVE_INTS = ('batch_size', 'eval_batch_size', 'log_every_steps', 'checkpoint_every_steps')
 # Fields that change what the model or data are: a workdir trained with other values is refused.
-GUARDED_PREFIXES = ('model.', 'quant.', 'data.name', 'data.limit_examples', 'dtype', 'seed', 'fp_warmup_epochs',
+GUARDED_PREFIXES = ('model.', 'quant.', 'data.name', 'data.limit_examples', 'data.validation_examples', 'dtype', 'seed', 'fp_warmup_epochs',
                     'init_from', 'ternary_kernel_lr_multiplier')
 
 
@@ -66,6 +68,20 @@ def validate(config, *, custom_model: bool = False) -> None:
     QuantConfig.from_mapping(config.quant)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  try:
+    re.compile(config.quant.full_precision_layers)
+  except re.error as e:
+    raise ConfigError(f'quant.full_precision_layers={config.quant.full_precision_layers!r} is not a regex ({e}): '
+                      f"allowed are '{models.EDGES}', '' or a regex over module paths") from None
+  held_out = config.data.validation_examples
+  size = min(info.train_size, config.data.limit_examples or info.train_size)
+  if held_out and not 0 < held_out < size:
+    raise ConfigError(f'data.validation_examples={held_out!r} must be 0 (none) or between 1 and {size - 1} '
+                      f'(the training split has {size} examples)')
+  ghost = config.model.bn_ghost_batch_size
+  if ghost < 0 or (ghost and config.batch_size % ghost):
+    raise ConfigError(f'model.bn_ghost_batch_size={ghost!r} must be 0 (BN over the whole batch) or divide '
+                      f'batch_size={config.batch_size}')
   for key in POSITIVE_INTS:
     if int(_get(config, key)) <= 0:
       raise ConfigError(f'{key}={_get(config, key)!r} must be a positive integer')
@@ -87,6 +103,28 @@ def validate(config, *, custom_model: bool = False) -> None:
   if config.scale_optimizer == 'adam' and config.learning_rate == 0:
     raise ConfigError("learning_rate=0 with scale_optimizer='adam': the scales' schedule is the weights' schedule "
                       'rescaled to scale_learning_rate, so learning_rate must be > 0')
+
+
+# What a row needs before its ternary training starts (the `warm_start` of `reproduce.py --describe`).
+WARM_STARTS = ('required', 'in_run', 'none')
+
+
+def warm_start(config) -> str:
+  """'required': the run refuses to start without a full-precision checkpoint (`init_from`); 'in_run': its
+  own full-precision warm-up (`fp_warmup_epochs`); 'none': ternary from the first step (or a FP run)."""
+  if config.quant.method == 'fp':
+    return 'none'
+  if config.warm_start_config:
+    return 'required'
+  return 'in_run' if config.fp_warmup_epochs > 0 else 'none'
+
+
+def check_warm_start(config) -> None:
+  """A row that fine-tunes a full-precision model (`warm_start_config` set) never trains from scratch."""
+  if warm_start(config) == 'required' and not config.init_from and not config.fp_warmup_epochs > 0:
+    raise ConfigError(f'this config fine-tunes a full-precision model and init_from is empty: first run '
+                      f'`python -m ttq_jax.main --config {config.warm_start_config} --workdir FP_WORKDIR`, then pass '
+                      f'--config.init_from=FP_WORKDIR (or --config.fp_warmup_epochs=N for an in-run warm-up)')
 
 
 def flatten(d, prefix: str = '') -> dict:

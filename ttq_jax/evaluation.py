@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -109,14 +109,40 @@ def recalibrate_batch_stats(programs: programs_lib.Programs, state, batches, qua
   return state.replace(batch_stats=jax.tree.map(lambda x: x / n, total))
 
 
-def eval_batches(config, source=None):
-  """This process's part of every global batch of the test split (`source`: the split, if already open)."""
-  return input_pipeline.eval_batches(config.data, global_batch_size=config.eval_batch_size,
+def evaluate_columns(config, programs: programs_lib.Programs, state, batches_fn: Callable, recalibration_fn: Callable,
+                     quantized: bool = True) -> dict[str, tuple[dict, Any]]:
+  """{'running': (metrics, state)} with the training run's BN statistics and, when
+  `bn_recalibration_batches` > 0, {'reestimated': (metrics, state with re-estimated statistics)}.
+  `state` itself is never changed: re-estimated statistics stay out of training and its checkpoints."""
+  out = {'running': (evaluate(programs, state, batches_fn(), quantized), state)}
+  if config.bn_recalibration_batches > 0:
+    recalibrated = recalibrate_batch_stats(programs, state, recalibration_fn(), quantized)
+    out['reestimated'] = (evaluate(programs, recalibrated, batches_fn(), quantized), recalibrated)
+  return out
+
+
+def headline(columns: dict[str, tuple[dict, Any]]) -> tuple[str, dict]:
+  """(column, metrics) a run reports first: re-estimated statistics when computed, else running."""
+  column = 'reestimated' if 'reestimated' in columns else 'running'
+  return column, columns[column][0]
+
+
+def eval_batches(config, source=None, split: str = 'test'):
+  """This process's part of every global batch of `split` (`source`: the split, if already open)."""
+  return input_pipeline.eval_batches(config.data, split=split, global_batch_size=config.eval_batch_size,
                                      process_index=jax.process_index(), process_count=jax.process_count(),
                                      source=source)
 
 
 # --------------------------------------------------------------------------- --mode eval
+
+
+def _recalibration_batches(config):
+  """The clean training batches a training run re-estimates BN statistics on (same seed, same order)."""
+  clean = input_pipeline.clean_train_dataset(
+      config.data, local_batch_size=config.batch_size // jax.process_count(), seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  return (clean[i] for i in range(config.bn_recalibration_batches))
 
 
 def _params_bytes(tree) -> int:
@@ -171,8 +197,14 @@ def evaluate_workdir(config, workdir: str, *, model=None, data=None, loss_fn=Non
     source, quantized = 'checkpoint', steps.is_ternary_at(config, step)
     report = reports.quant_report(state, config, quantized=quantized)
   programs = programs_lib.Programs(config, mesh, state_lib.state_shardings(state), STEPS, model, loss_fn)
-  metrics = evaluate(programs, state, eval_batches(config), quantized)
-  result = {'step': int(step), 'source': source, **metrics,
+  if config.restore_from:  # an export carries one set of BN statistics
+    columns = {'running': (evaluate(programs, state, eval_batches(config), quantized), state)}
+  else:
+    columns = evaluate_columns(config, programs, state, lambda: eval_batches(config), lambda: _recalibration_batches(config),
+                               quantized)
+  column, metrics = headline(columns)
+  result = {'step': int(step), 'source': source, **metrics, 'bn_statistics': column,
+            'test': {c: m for c, (m, _) in columns.items()},
             'sparsity': report['sparsity'],
             'w_p': {k: v[0] for k, v in report['scales'].items()},
             'w_n': {k: v[1] for k, v in report['scales'].items()},

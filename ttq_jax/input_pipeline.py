@@ -29,6 +29,10 @@ DEBIAN_FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
 # and the un-augmented stream for BN re-estimation shuffles with seed + 7 (other batches than training).
 AUGMENT_SEED_OFFSET = 1
 CLEAN_STREAM_SEED_OFFSET = 7
+# The validation split (`data.validation_examples` > 0) is the same for every run and every config.seed:
+# a permutation of the training split drawn with this seed; its first N examples are held out.
+VALIDATION_SEED = 20170208
+SPLITS = ('train', 'validation', 'test')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,11 +186,56 @@ class _Head:
     return self.source[i]
 
 
+class _Subset:
+  """The examples of a random-access source at `indices`, in that order."""
+
+  def __init__(self, source, indices: np.ndarray):
+    self.source, self.indices = source, indices
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i):
+    return self.source[int(self.indices[i])]
+
+
+def validation_indices(train_size: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+  """(held-out, kept) indices of a training split of `train_size`: `n` drawn with VALIDATION_SEED."""
+  if not 0 < n < train_size:
+    raise ConfigError(f'data.validation_examples={n} must be between 1 and the training split size minus 1 '
+                      f'({train_size - 1}), or 0 (no validation split)')
+  perm = np.random.default_rng(VALIDATION_SEED).permutation(train_size)
+  return np.sort(perm[:n]), np.sort(perm[n:])
+
+
+def train_size(data_config) -> int:
+  """Examples that training iterates over (the training split, less a held-out validation split)."""
+  n = dataset_info(data_config.name).train_size
+  if data_config.get('limit_examples', 0):
+    n = min(n, data_config.limit_examples)
+  return n - int(data_config.get('validation_examples', 0) or 0)
+
+
 # --------------------------------------------------------------------------- sources
 
 
 def get_source(data_config, split: str):
-  """A random-access source of {'image': uint8 HWC, 'label': int} for `split` ('train' | 'test')."""
+  """A random-access source of {'image': uint8 HWC, 'label': int} for `split` ('train' | 'validation' |
+  'test'). With `data.validation_examples` = N > 0, 'validation' is N training examples held out with a
+  fixed seed and 'train' is the rest."""
+  if split not in SPLITS:
+    raise ConfigError(f'split={split!r} is unknown: allowed are {", ".join(SPLITS)}')
+  held_out = int(data_config.get('validation_examples', 0) or 0)
+  if split == 'validation' and not held_out:
+    raise ConfigError('split=validation needs data.validation_examples > 0')
+  if split == 'test' or not held_out:
+    return _get_source(data_config, split)
+  source = _get_source(data_config, 'train')
+  validation, kept = validation_indices(len(source), held_out)
+  return _Subset(source, validation if split == 'validation' else kept)
+
+
+def _get_source(data_config, split: str):
   name = data_config.name
   info = dataset_info(name)
   limit = int(data_config.get('limit_examples', 0) or 0)
@@ -238,30 +287,61 @@ def random_crop_flip(images: np.ndarray, rng: np.random.Generator, pad: int, fli
   return images
 
 
-def _pil_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+def _pil_resize(image: np.ndarray, height: int, width: int, method: str = 'bilinear') -> np.ndarray:
   from PIL import Image
-  return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+  resample = {'bilinear': Image.BILINEAR, 'bicubic': Image.BICUBIC}[method]
+  squeeze = image.shape[-1] == 1
+  out = np.asarray(Image.fromarray(image[..., 0] if squeeze else image).resize((width, height), resample))
+  return out[..., None] if squeeze else out
 
 
 def imagenet_train_crop(image: np.ndarray, rng: np.random.Generator, size: int = 224,
                         short_side: tuple[int, int] = (224, 308), aspect: tuple[float, float] = (0.85, 1.15)):
-  """TTQ's AlexNet augmentation: short side to U[224, 308], aspect jitter 0.85-1.15, random crop, flip."""
+  """The official AlexNet augmentation (`Resize` in tw-imagenet-alexnet.py): short side to an integer in
+  [224, 308), each axis jittered by its own factor in [0.85, 1.15], never enlarged past the original (but
+  at least `size`), bicubic; then a random `size` crop and a horizontal flip with probability 1/2."""
   h, w = image.shape[:2]
-  s = rng.integers(short_side[0], short_side[1] + 1)
-  a = rng.uniform(*aspect)
-  scale = s / min(h, w)
-  new_h, new_w = max(size, int(round(h * scale))), max(size, int(round(w * scale * a)))
-  image = _pil_resize(image, new_h, new_w)
+  scale = rng.integers(short_side[0], short_side[1]) / min(h, w)
+  scale_x, scale_y = scale * rng.uniform(*aspect), scale * rng.uniform(*aspect)
+  new_w, new_h = int(max(size, min(w, scale_x * w))), int(max(size, min(h, scale_y * h)))
+  image = _pil_resize(image, new_h, new_w, 'bicubic')
   y, x = rng.integers(0, new_h - size + 1), rng.integers(0, new_w - size + 1)
   image = image[y:y + size, x:x + size]
   return image[:, ::-1] if rng.random() < 0.5 else image
 
 
+def inception_crop(image: np.ndarray, rng: np.random.Generator, size: int = 224, area: tuple[float, float] = (0.08, 1.0),
+                   aspect: tuple[float, float] = (3 / 4, 4 / 3), attempts: int = 10):
+  """fb.resnet.torch's `RandomSizedCrop`: a crop of 8-100% of the area and aspect ratio 3/4-4/3 (10
+  attempts; else the short side to `size` and a center crop), bicubic to `size` x `size`, flip 1/2.
+  (Its colour and lighting jitter are not applied.)"""
+  h, w = image.shape[:2]
+  for _ in range(attempts):
+    target = rng.uniform(*area) * h * w
+    ratio = rng.uniform(*aspect)
+    cw, ch = int(round(np.sqrt(target * ratio))), int(round(np.sqrt(target / ratio)))
+    if rng.random() < 0.5:
+      cw, ch = ch, cw
+    if cw <= w and ch <= h:
+      y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+      image = _pil_resize(image[y:y + ch, x:x + cw], size, size, 'bicubic')
+      break
+  else:
+    image = imagenet_eval_crop(image, size, short_side=size)
+  return image[:, ::-1] if rng.random() < 0.5 else image
+
+
+# data.train_crop -> the per-image augmentation of ImageNet training batches
+TRAIN_CROPS = {'ttq_alexnet': imagenet_train_crop, 'inception': inception_crop}
+
+
 def imagenet_eval_crop(image: np.ndarray, size: int = 224, short_side: int = 256) -> np.ndarray:
+  """The official eval transform: short side to 256 (never enlarged past the original, at least `size`),
+  bicubic, center `size` crop."""
   h, w = image.shape[:2]
   scale = short_side / min(h, w)
-  new_h, new_w = max(size, int(round(h * scale))), max(size, int(round(w * scale)))
-  image = _pil_resize(image, new_h, new_w)
+  new_w, new_h = int(max(size, min(w, scale * w))), int(max(size, min(h, scale * h)))
+  image = _pil_resize(image, new_h, new_w, 'bicubic')
   y, x = (new_h - size) // 2, (new_w - size) // 2
   return image[y:y + size, x:x + size]
 
@@ -315,7 +395,8 @@ def train_dataset(data_config, *, local_batch_size: int, seed: int, process_inde
   if name == 'imagenet2012':
     size = info.image_shape[0]
     if augment:  # per example, keyed by its global position
-      crop = lambda ex: imagenet_train_crop(ex['image'], np.random.default_rng([seed + AUGMENT_SEED_OFFSET, ex['position']]), size)
+      train_crop = TRAIN_CROPS[data_config.get('train_crop', 'ttq_alexnet')]
+      crop = lambda ex: train_crop(ex['image'], np.random.default_rng([seed + AUGMENT_SEED_OFFSET, ex['position']]), size)
     else:
       crop = lambda ex: imagenet_eval_crop(ex['image'], size)
     ds = ds.map(lambda ex: dict(ex, image=crop(ex)))

@@ -94,7 +94,7 @@ SCALE_OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
 
 
 def path_str(path) -> str:
-  """A tree path as the slash-joined Flax name, e.g. `PreActBlock_0/TernaryConv_1/kernel`."""
+  """A tree path as the slash-joined Flax name, e.g. `res1_0/conv1/kernel`."""
   return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
 
 
@@ -107,11 +107,11 @@ def param_labels(params) -> Any:
   return jax.tree_util.tree_map_with_path(lambda p, _: 'scale' if _is_scale(p) else 'weight', params)
 
 
-def weight_decay_mask(params, regex: str, decay_scales: bool) -> Any:
-  """True for params whose path matches `regex`; w_p / w_n follow `decay_scales` instead."""
+def weight_decay_mask(params, regex: str) -> Any:
+  """True for params whose slash-joined path matches `regex` (searched), scales included: the official
+  CIFAR regularizer `.*/W` also caught every `Wp` / `Wn`, AlexNet's `fc.*/W` those of fc0 and fc1."""
   pattern = re.compile(regex)
-  return jax.tree_util.tree_map_with_path(
-      lambda p, _: decay_scales if _is_scale(p) else bool(pattern.search(path_str(p))), params)
+  return jax.tree_util.tree_map_with_path(lambda p, _: bool(pattern.search(path_str(p))), params)
 
 
 def ternary_kernel_mask(params, layers, method: str = 'ttq') -> Any:
@@ -125,7 +125,7 @@ def create_optimizer(config, params, layers=()) -> optax.GradientTransformation:
   `layers`: the model's ternary layers (`quant.ternary_layers`), for the latent-kernel multiplier.
 
   Weight decay is L2 added to the gradient (as the official code's regularizer), on params whose
-  path matches `weight_decay_regex` (latent kernels by default) and on the scales if `decay_scales`.
+  path matches `weight_decay_regex` (latent kernels by default; `(kernel|w_p|w_n)$` adds the scales).
   """
   inner = optax.multi_transform(
       {'weight': _weights_optimizer(config), 'scale': SCALE_OPTIMIZERS[config.scale_optimizer](config)},
@@ -135,7 +135,7 @@ def create_optimizer(config, params, layers=()) -> optax.GradientTransformation:
     chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
   if config.weight_decay > 0:
     chain.append(optax.add_decayed_weights(
-        config.weight_decay, mask=weight_decay_mask(params, config.weight_decay_regex, config.decay_scales)))
+        config.weight_decay, mask=weight_decay_mask(params, config.weight_decay_regex)))
   chain.append(inner)
   multiplier = config.ternary_kernel_lr_multiplier
   if multiplier != 1.0 and any(layer.quant.method == 'ttq' for layer in layers):

@@ -3,6 +3,7 @@ table printed at the end of training and by `--mode eval`."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import jax
@@ -35,17 +36,69 @@ def flat_quant_scalars(report: dict) -> dict[str, float]:
   return out
 
 
+# BN statistics an evaluation used -> the prefix of its metrics-row keys: the running averages of training
+# (what the official code evaluated with) and statistics re-estimated on clean training batches.
+BN_COLUMNS = {'running': 'eval_', 'reestimated': 'eval_bnre_'}
+LAST_N = 5
+
+
+def read_metrics(path: str) -> list[dict]:
+  """The rows of a metrics.jsonl (later rows for a step replace earlier ones, as after a resume)."""
+  rows = {}
+  with open(path) as f:
+    for line in f:
+      if line.strip():
+        row = json.loads(line)
+        rows[row['step']] = row
+  return [rows[k] for k in sorted(rows)]
+
+
+def eval_protocol(rows: list[dict], *, metric: str = 'top1_accuracy') -> dict[str, dict]:
+  """Final, best and mean of the last 5 evaluations, per BN column, over the evaluations of the trained
+  model: only those of the ternary model when the run has any (`eval_ternary` = 1), so the evaluation at
+  the end of a full-precision warm-up never counts. {column: {'final', 'best', 'best_step',
+  'mean_last5', 'num_evals'}} for each column present in the rows."""
+  evals = [r for r in rows if f'eval_{metric}' in r]
+  if any(r.get('eval_ternary') for r in evals):
+    evals = [r for r in evals if r.get('eval_ternary')]
+  out = {}
+  for column, prefix in BN_COLUMNS.items():
+    points = [(r['step'], r[prefix + metric]) for r in evals if prefix + metric in r]
+    if not points:
+      continue
+    best_step, best = max(points, key=lambda p: (p[1], -p[0]))  # the earliest of equal bests
+    last = [v for _, v in points[-LAST_N:]]
+    out[column] = {'final': points[-1][1], 'best': best, 'best_step': best_step,
+                   'mean_last5': float(np.mean(last)), 'num_evals': len(points)}
+  return out
+
+
+def format_protocol(protocol: dict, split: str) -> list[str]:
+  lines = []
+  for column, p in protocol.items():
+    lines.append(f'  {split} top-1, {column} BN statistics: final {p["final"]:.2%} | best {p["best"]:.2%} '
+                 f'(step {p["best_step"]}) | mean of last {min(LAST_N, p["num_evals"])} {p["mean_last5"]:.2%} '
+                 f'({p["num_evals"]} evaluations)')
+  return lines
+
+
 def format_eval_table(result: dict, config, model_name: str | None = None) -> str:
   """The final summary: accuracy first, then each ternary layer's sparsity and scales."""
   lines = [f'\n{model_name or config.model.name} on {config.data.name}, method {config.quant.method}, '
            f'step {result["step"]}:',
            f'  test loss {result["loss"]:.4f} | top-1 {result["top1_accuracy"]:.2%}' +
            (f' | top-5 {result["top5_accuracy"]:.2%}' if 'top5_accuracy' in result else '') +
-           f' | {result.get("num_examples", "?")} examples']
+           f' | {result.get("num_examples", "?")} examples' +
+           (f' ({result["bn_statistics"]} BN statistics)' if 'bn_statistics' in result else '')]
+  if 'protocol' in result:
+    lines += format_protocol(result['protocol'], result.get('selection_split', 'test'))
+  for column, r in (result.get('best_on_validation') or {}).items():
+    lines.append(f'  test top-1 of the model chosen on validation ({column} BN statistics, step {r["step"]}): '
+                 f'{r["top1_accuracy"]:.2%}')
   target = result.get('target')
   if target:
     if 'step' in target:
-      lines.append(f'  reached top-1 >= {target["accuracy"]:.2%} at step {target["step"]}, '
+      lines.append(f'  ternary model reached {result.get("selection_split", "test")} top-1 >= {target["accuracy"]:.2%} at step {target["step"]}, '
                    f'{target["seconds"] / 60:.1f} min after start (this process)')
     else:
       lines.append(f'  did not reach top-1 >= {target["accuracy"]:.2%} in this process')

@@ -42,7 +42,8 @@ def create_model(config, *, quantized: bool = True) -> nn.Module:
   info = input_pipeline.dataset_info(config.data.name)
   q = quant_config(config) if quantized else quant_lib.QuantConfig(method='fp')
   return models.create_model(config.model.name, num_classes=info.num_classes, quant=q,
-                             quantize_first_last=config.model.quantize_first_last, dtype=compute_dtype(config))
+                             full_precision=config.quant.full_precision_layers,
+                             ghost_batch_size=config.model.bn_ghost_batch_size, dtype=compute_dtype(config))
 
 
 def init_variables(model: nn.Module, rng: jax.Array, image_shape) -> dict:

@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 from ttq_jax import checkpoint as ckpt
 from ttq_jax import config_check
 from ttq_jax import evaluation
+from ttq_jax import files
 from ttq_jax import input_pipeline
 from ttq_jax import metric_writers
 from ttq_jax import optim
@@ -137,12 +138,12 @@ def summarize_pending(pending: list, lr_fn: Callable) -> dict[str, Any]:
 @dataclasses.dataclass
 class _Input:
   """The run's data, opened once: the resumable training iterator, the un-augmented batches for BN
-  re-estimation and the test split."""
+  re-estimation, the split that periodic evaluations use (validation when held out, else test) and test."""
   config: Any
   iterator: Any
   prefetcher: input_pipeline.Prefetcher
   clean: Any
-  test_source: Any
+  sources: dict
 
   @classmethod
   def create(cls, config, mesh) -> '_Input':
@@ -150,14 +151,38 @@ class _Input:
                 process_index=jax.process_index(), process_count=jax.process_count())
     ds = input_pipeline.train_dataset(config.data, **rows)
     iterator = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=config.data.num_threads, prefetch_buffer_size=8)))
+    splits = ('validation', 'test') if config.data.validation_examples else ('test',)
     return cls(config, iterator, input_pipeline.Prefetcher(iterator, mesh, config.data.prefetch_batches),
-               input_pipeline.clean_train_dataset(config.data, **rows), input_pipeline.get_source(config.data, 'test'))
+               input_pipeline.clean_train_dataset(config.data, **rows),
+               {split: input_pipeline.get_source(config.data, split) for split in splits})
 
-  def eval_batches(self):
-    return evaluation.eval_batches(self.config, self.test_source)
+  @property
+  def selection_split(self) -> str:
+    """Where periodic evaluations look (and so where "best" is chosen)."""
+    return 'validation' if 'validation' in self.sources else 'test'
+
+  def eval_batches(self, split: str):
+    return evaluation.eval_batches(self.config, self.sources[split], split)
 
   def recalibration_batches(self):
     return (self.clean[i] for i in range(self.config.bn_recalibration_batches))
+
+  def evaluate(self, programs, state, quantized: bool, split: str):
+    return evaluation.evaluate_columns(self.config, programs, state, lambda: self.eval_batches(split),
+                                       self.recalibration_batches, quantized)
+
+
+@dataclasses.dataclass
+class _BestOnValidation:
+  """Per BN column, a host copy of the model with the best validation top-1 among the counted
+  evaluations of this process (ternary ones once the model is ternary), for its test number at the end."""
+  best: dict = dataclasses.field(default_factory=dict)  # column -> (accuracy, step, params, batch_stats)
+
+  def update(self, columns: dict, step: int) -> None:
+    for column, (metrics, state) in columns.items():
+      if column not in self.best or metrics['top1_accuracy'] > self.best[column][0]:
+        self.best[column] = (metrics['top1_accuracy'], step, *jax.device_get((state.params, state.batch_stats)))
+
 
 
 def _restore_or_warm_start(config, workdir: str, manager, state, inputs: _Input):
@@ -188,12 +213,29 @@ def _log_start(config, state, mesh) -> None:
 
 
 def _run_eval(config, programs, state, inputs: _Input, quantized: bool):
-  """(state with re-estimated BN statistics if configured, eval metrics, their metrics-row entries)."""
-  if config.bn_recalibration_batches > 0:
-    state = evaluation.recalibrate_batch_stats(programs, state, inputs.recalibration_batches(), quantized)
+  """(eval columns of the selection split, their metrics-row entries); `state` is not changed."""
   t0 = time.perf_counter()
-  metrics = evaluation.evaluate(programs, state, inputs.eval_batches(), quantized)
-  return state, metrics, {'eval_seconds': time.perf_counter() - t0, **{f'eval_{k}': v for k, v in metrics.items()}}
+  columns = inputs.evaluate(programs, state, quantized, inputs.selection_split)
+  row = {'eval_seconds': time.perf_counter() - t0, 'eval_ternary': float(quantized and config.quant.method != 'fp')}
+  for column, (metrics, _) in columns.items():
+    row.update({f'{reports.BN_COLUMNS[column]}{k}': v for k, v in metrics.items()})
+  return columns, row
+
+
+def _final_test(config, programs, state, inputs: _Input, quantized: bool, best: _BestOnValidation) -> dict:
+  """Test metrics of the final model (both BN columns) and, with a validation split, of the models
+  chosen on validation (the test set is looked at only here)."""
+  columns = inputs.evaluate(programs, state, quantized, 'test')
+  column, metrics = evaluation.headline(columns)
+  out = {**metrics, 'bn_statistics': column, 'test': {c: m for c, (m, _) in columns.items()}}
+  if best.best:
+    out['best_on_validation'] = {}
+    for c, (val_acc, step, params, batch_stats) in best.best.items():
+      chosen = state.replace(params=jax.device_put(params, state_lib.state_shardings(state.params)),
+                             batch_stats=jax.device_put(batch_stats, state_lib.state_shardings(state.batch_stats)))
+      test = evaluation.evaluate(programs, chosen, inputs.eval_batches('test'), quantized)
+      out['best_on_validation'][c] = {'step': step, 'validation_top1_accuracy': val_acc, **test}
+  return out
 
 
 def _target_reached(config, metrics: dict, step: int, started: float) -> dict:
@@ -226,6 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
   # Setup: every check that can refuse runs before anything is compiled or written.
   config = input_pipeline.with_user_data(config, data)
   config_check.validate(config, custom_model=model is not None)
+  config_check.check_warm_start(config)
   started = time.perf_counter()
   workdir = os.path.abspath(workdir)
   config_check.prepare_workdir(config, workdir, write=False)
@@ -251,7 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
   lr_fn = optim.create_learning_rate_fn(config)
 
   # Loop: one train step, then one-line checks of what is due after it.
-  pending, last_eval, target = [], {}, {}
+  pending, target, best, last = [], {}, _BestOnValidation(), (None, None)  # last: (step, eval columns)
   with StopSignal() as stop, contextlib.ExitStack() as cleanup:
     cleanup.callback(writer.close)
     cleanup.callback(manager.close)
@@ -272,8 +315,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
       if do_log:
         row.update(_progress_scalars(config, progress, state, step))
       if do_eval:
-        state, last_eval, eval_row = _run_eval(config, programs, state, inputs, quantized)
-        target = target or _target_reached(config, last_eval, step, started)
+        columns, eval_row = _run_eval(config, programs, state, inputs, quantized)
+        last = (step, columns)
+        if quantized:  # "best" and the time to target count only evaluations of the trained (ternary) model
+          target = target or _target_reached(config, evaluation.headline(columns)[1], step, started)
+          if inputs.selection_split == 'validation':
+            best.update(columns, step)
         row.update(eval_row, **({'time_to_target_s': target['seconds']} if target.get('step') == step else {}))
       if do_log:
         row['elapsed_s'] = time.perf_counter() - started
@@ -286,14 +333,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
         manager.wait_until_finished()
         raise SystemExit(128 + stop.signum)
 
-  # Finish.
+  # Finish: the test split (once, if periodic evaluations looked at validation), then the protocol.
   step = max(start_step, total)
-  if not last_eval:  # resumed at the end: evaluate what was restored
-    last_eval = evaluation.evaluate(programs, state, inputs.eval_batches(), step > ternary_start)
-  result = {'step': step, **last_eval, **reports.quant_report(state, config),
+  if inputs.selection_split == 'test' and last[0] == step:
+    column, metrics = evaluation.headline(last[1])
+    final = {**metrics, 'bn_statistics': column, 'test': {c: m for c, (m, _) in last[1].items()}}
+  else:
+    final = _final_test(config, programs, state, inputs, step > ternary_start, best)
+  result = {'step': step, **final, 'selection_split': inputs.selection_split, **reports.quant_report(state, config),
             'elapsed_s': time.perf_counter() - started}
+  if primary:
+    result['protocol'] = reports.eval_protocol(reports.read_metrics(os.path.join(workdir, 'metrics.jsonl')))
   if config.target_accuracy > 0:
     result['target'] = {'accuracy': config.target_accuracy, **target}
   if primary:
+    files.write_json(os.path.join(workdir, 'result.json'), result)
     print(reports.format_eval_table(result, config, type(quant_lib.unquantized(model)).__name__ if model else None))
   return result

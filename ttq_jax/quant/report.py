@@ -1,6 +1,6 @@
 """Reporting helpers over a params tree and the model's ternary layers (`ternary_layers`): codes,
 per-layer sparsity, scales, parameter counts. Paths are slash-joined Flax paths of kernels, e.g.
-`PreActBlock_1/TernaryConv_0/kernel`.
+`res2_0/conv1/kernel`.
 """
 
 from __future__ import annotations

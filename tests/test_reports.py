@@ -1,0 +1,47 @@
+"""The reporting protocol: final / best / mean of the last 5 evaluations of the trained model, per BN
+column, from a metrics file written by hand."""
+
+import json
+
+import pytest
+
+from ttq_jax import reports
+
+
+def _write(path, rows):
+  path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  return str(path)
+
+
+def test_protocol_counts_only_ternary_evaluations_per_column(tmp_path):
+  rows = [
+      {'step': 10, 'train_loss': 1.0},
+      {'step': 20, 'eval_top1_accuracy': 0.95, 'eval_bnre_top1_accuracy': 0.96, 'eval_ternary': 0.0},  # FP warm-up
+      {'step': 30, 'eval_top1_accuracy': 0.70, 'eval_bnre_top1_accuracy': 0.80, 'eval_ternary': 1.0},
+      {'step': 40, 'eval_top1_accuracy': 0.75, 'eval_bnre_top1_accuracy': 0.81, 'eval_ternary': 1.0},
+      {'step': 50, 'eval_top1_accuracy': 0.90, 'eval_bnre_top1_accuracy': 0.82, 'eval_ternary': 1.0},
+      {'step': 60, 'eval_top1_accuracy': 0.85, 'eval_bnre_top1_accuracy': 0.88, 'eval_ternary': 1.0},
+      {'step': 70, 'eval_top1_accuracy': 0.80, 'eval_bnre_top1_accuracy': 0.83, 'eval_ternary': 1.0},
+      {'step': 80, 'eval_top1_accuracy': 0.90, 'eval_bnre_top1_accuracy': 0.84, 'eval_ternary': 1.0},
+      {'step': 90, 'eval_top1_accuracy': 0.10, 'eval_ternary': 1.0},  # this evaluation without re-estimation
+  ]
+  p = reports.eval_protocol(reports.read_metrics(_write(tmp_path / 'metrics.jsonl', rows)))
+  # running: ternary evals 0.70 .75 .90 .85 .80 .90 .10; the FP warm-up's 0.95 never counts
+  assert p['running']['final'] == 0.10 and p['running']['num_evals'] == 7
+  assert p['running']['best'] == 0.90 and p['running']['best_step'] == 50  # the earliest of equal bests
+  assert p['running']['mean_last5'] == pytest.approx((0.90 + 0.85 + 0.80 + 0.90 + 0.10) / 5)
+  assert p['reestimated'] == {'final': 0.84, 'best': 0.88, 'best_step': 60, 'num_evals': 6,
+                              'mean_last5': pytest.approx((0.81 + 0.82 + 0.88 + 0.83 + 0.84) / 5)}
+
+
+def test_protocol_of_a_full_precision_run_counts_every_evaluation(tmp_path):
+  rows = [{'step': s, 'eval_top1_accuracy': a, 'eval_ternary': 0.0} for s, a in ((1, 0.5), (2, 0.7), (3, 0.6))]
+  p = reports.eval_protocol(rows)
+  assert p == {'running': {'final': 0.6, 'best': 0.7, 'best_step': 2, 'mean_last5': pytest.approx(0.6),
+                           'num_evals': 3}}
+
+
+def test_read_metrics_keeps_the_last_row_of_a_step(tmp_path):
+  """A resumed run rewrites the steps it redoes: the later row wins."""
+  path = _write(tmp_path / 'm.jsonl', [{'step': 2, 'x': 1}, {'step': 4, 'x': 2}, {'step': 4, 'x': 3}])
+  assert reports.read_metrics(path) == [{'step': 2, 'x': 1}, {'step': 4, 'x': 3}]
