@@ -43,6 +43,7 @@ FASHION_MNIST_ROWS = {  # row -> (slug, config)
     'TTQ, paper recipe': ('ttq_paper', 'configs/fashion_mnist.py:paper'),
     'TTQ, our recipe (quickstart)': ('ttq_ours', 'configs/fashion_mnist.py'),
     'TWN': ('twn', 'configs/fashion_mnist.py:twn'),
+    'TTQ, paper recipe with its step schedule compressed': ('ttq_paper_steps', 'configs/fashion_mnist.py:paper_steps'),
 }
 
 
@@ -63,9 +64,11 @@ def missing_requirements(row: recipes.PaperRow, allow_cpu: bool) -> str:
   return ('needs ' + ' and '.join(needs)) if needs else ''
 
 
-def run(r: Run, log, extra=()) -> dict:
-  """Trains (or resumes / re-reads) one run; returns its result.json."""
+def run(r: Run, log, extra=(), collect_only: bool = False) -> dict | None:
+  """Trains (or resumes / re-reads) one run; returns its result.json (`collect_only`: None if not finished)."""
   path = os.path.join(r.workdir, 'result.json')
+  if not os.path.exists(path) and collect_only:
+    return None
   if not os.path.exists(path):
     cmd = [sys.executable, '-m', 'ttq_jax.main', '--config', r.config, '--workdir', r.workdir, *extra]
     if r.init_from:
@@ -149,6 +152,7 @@ def main():
   p.add_argument('--results', default='', help='markdown output (default experiments/results/<table>_seeds.md|paper.md)')
   p.add_argument('--allow-cpu', action='store_true')
   p.add_argument('--only', default='', help='comma-separated substrings: run only matching rows')
+  p.add_argument('--collect-only', action='store_true', help='fashion_mnist: table of the finished runs, train nothing')
   args = p.parse_args()
   if args.describe:
     return describe(args)
@@ -164,9 +168,11 @@ def main():
         results[row] = []
         for seed in seeds if wanted(row) else []:
           r = Run(row, config, os.path.join(root, slug, f'seed_{seed}'))
-          print(f'[run ] {row}, seed {seed}, in {r.workdir}', flush=True)
+          if not args.collect_only:
+            print(f'[run ] {row}, seed {seed}, in {r.workdir}', flush=True)
           try:
-            results[row].append(run(r, log, (f'--config.seed={seed}',)))
+            result = run(r, log, (f'--config.seed={seed}',), args.collect_only)
+            results[row] += [result] if result else []
           except RuntimeError as e:
             print(f'[fail] {e}', flush=True)
       body = fashion_mnist_table(results, seeds)

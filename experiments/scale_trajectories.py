@@ -68,10 +68,11 @@ def main():
       ax.plot(steps, w_p[layer], color=c, lw=1)
       ax.plot(steps, -np.asarray(w_n[layer]), color=c, lw=1, ls='--')
     ax.axhline(0, color='k', lw=0.5)
-    ax.set_title(f'{name}: W_p (solid) and -W_n (dashed), {len(w_p)} layers')
+    ax.set_title(f'{name} ({len(w_p)} ternary layers)', fontsize=10)
     ax.set_xlabel('step (ternary phase)')
     stats.append(summary(name, steps, w_p, w_n))
-  axes[0][0].set_ylabel('scale')
+  axes[0][0].set_ylabel('W_p (solid), -W_n (dashed)')
+  fig.suptitle('Per-layer scales after the switch to ternary (one line per layer)', fontsize=11)
   fig.tight_layout()
   fig.savefig(args.out, dpi=110)
   for s in stats:

@@ -158,3 +158,28 @@ def test_stop_signal_records_and_restores_handlers():
       time.sleep(0.01)
     assert stop.signum == signal.SIGTERM
   assert signal.getsignal(signal.SIGTERM) is previous
+
+
+@pytest.mark.slow
+def test_validation_split_chooses_and_test_is_read_once_at_the_end(smoke_config, tmp_path):
+  """With a held-out validation split, periodic evaluations read validation only; the best ternary
+  evaluation per BN column is chosen there and its model evaluated on test at the end, next to the final
+  model's test numbers. Warm-up evaluations count for neither "best" nor the protocol."""
+  c = smoke_config
+  c.data.validation_examples = 128
+  c.eval_every_steps, c.fp_warmup_epochs, c.steps_per_epoch = 2, 1.0, 2  # FP steps 1-2, ternary 3-6
+  workdir = str(tmp_path / 'run')
+  result = train.train_and_evaluate(c, workdir)
+  rows = [r for r in metrics_rows(workdir) if 'eval_top1_accuracy' in r]
+  assert [r['step'] for r in rows] == [2, 4, 6] and [r['eval_ternary'] for r in rows] == [0.0, 1.0, 1.0]
+  assert all(r['eval_num_examples'] == 128 for r in rows)             # validation, not test
+  assert result['selection_split'] == 'validation' and result['num_examples'] == 512  # the test split
+  for column, prefix in (('running', 'eval_'), ('reestimated', 'eval_bnre_')):
+    ternary = [(r[prefix + 'top1_accuracy'], -r['step']) for r in rows[1:]]
+    best_acc, neg_step = max(ternary)
+    chosen = result['best_on_validation'][column]
+    assert chosen['validation_top1_accuracy'] == best_acc and chosen['num_examples'] == 512
+    assert result['protocol'][column]['num_evals'] == 2 and result['protocol'][column]['best'] == best_acc
+  assert result['test']['reestimated']['top1_accuracy'] == result['top1_accuracy']
+  saved = json.load(open(os.path.join(workdir, 'result.json')))
+  assert saved['best_on_validation'] == result['best_on_validation']

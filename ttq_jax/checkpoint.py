@@ -4,7 +4,6 @@ the warm start of a run from another run's checkpoint (`init_from`)."""
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Callable, Sequence
 
 import flax
@@ -14,11 +13,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from ttq_jax import files
 from ttq_jax.errors import CheckpointError
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+  return files.join(files.resolve(workdir), 'checkpoints')
 
 
 def create_manager(workdir: str, *, max_to_keep: int | None = 3, save_interval_steps: int = 1,
@@ -100,16 +100,16 @@ def quarantine_newer(manager: ocp.CheckpointManager, workdir: str, step: int) ->
   moved = []
   newer = [s for s in manager.all_steps() if s > step]
   if newer and jax.process_index() == 0:
-    dest_root = os.path.join(os.path.abspath(workdir), 'corrupt_checkpoints')
-    os.makedirs(dest_root, exist_ok=True)
+    dest_root = files.join(files.resolve(workdir), 'corrupt_checkpoints')
+    files.makedirs(dest_root)
     for s in newer:
-      src = os.path.join(checkpoint_dir(workdir), str(s))
-      dest = os.path.join(dest_root, f'step_{s}')
+      src = files.join(checkpoint_dir(workdir), str(s))
+      dest = files.join(dest_root, f'step_{s}')
       n = 0
-      while os.path.exists(dest):
+      while files.exists(dest):
         n += 1
-        dest = os.path.join(dest_root, f'step_{s}.{n}')
-      os.rename(src, dest)
+        dest = files.join(dest_root, f'step_{s}.{n}')
+      files.move(src, dest)
       moved.append(dest)
       logging.warning('moved unreadable checkpoint step %d to %s', s, dest)
   if newer:
@@ -135,8 +135,8 @@ def _read_warm_start(source: str) -> dict:
   """The variables to warm-start from: the newest checkpoint of a ttq_jax workdir, or an orbax checkpoint
   directory (e.g. `ocp.StandardCheckpointer().save(path, {'params': ..., 'batch_stats': ...})` of your
   own FP training; a bare params tree works too)."""
-  if not os.path.isdir(checkpoint_dir(source)) and os.path.isfile(os.path.join(source, '_CHECKPOINT_METADATA')):
-    tree = ocp.StandardCheckpointer().restore(os.path.abspath(source))
+  if not files.isdir(checkpoint_dir(source)) and files.isfile(files.join(source, '_CHECKPOINT_METADATA')):
+    tree = ocp.StandardCheckpointer().restore(files.resolve(source))
     return tree if 'params' in tree else {'params': tree}
   mngr = create_manager(source, read_only=True)
   steps = mngr.all_steps()

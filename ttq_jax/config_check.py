@@ -150,20 +150,30 @@ def changed_guarded_fields(saved: dict, current: dict) -> list[str]:
           json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True)]
 
 
+def _check_writable(workdir: str) -> None:
+  """Creates `workdir` and writes and deletes a probe file in it, or fails in one line naming it."""
+  try:
+    if files.is_url(workdir):
+      probe = files.join(workdir, f'.write_test-{os.getpid()}')
+      files.write_text(probe, '')
+      files.epath.Path(probe).unlink()
+    else:
+      os.makedirs(workdir, exist_ok=True)
+      with tempfile.NamedTemporaryFile(dir=workdir, prefix='.write_test'):
+        pass
+  except Exception as e:  # noqa: BLE001 - any store error (missing bucket, no permission, unreachable) is the answer
+    reason = getattr(e, 'strerror', None) or str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise ConfigError(f'workdir={workdir!r} is not writable: {reason}') from None
+
+
 def prepare_workdir(config, workdir: str, write: bool = True) -> None:
   """Creates `workdir` (or fails in one line), refuses a changed model/data config, saves config.json."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=workdir, prefix='.write_test'):
-      pass
-  except OSError as e:
-    raise ConfigError(f'workdir={workdir!r} is not writable: {e.strerror or e}') from None
-  path = os.path.join(workdir, 'config.json')
+  _check_writable(workdir)
+  path = files.join(workdir, 'config.json')
   current = json.loads(config.to_json_best_effort())
-  if os.path.exists(path):
+  if files.exists(path):
     try:
-      with open(path) as f:
-        saved = json.load(f)
+      saved = json.loads(files.read_text(path))
     except (OSError, ValueError):
       saved = None
     if saved is not None:
@@ -180,4 +190,4 @@ def write_config(config, workdir: str) -> None:
   """Saves the run's config as WORKDIR/config.json (atomically, process 0 only)."""
   import jax
   if jax.process_index() == 0:
-    files.write_json(os.path.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
+    files.write_json(files.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))

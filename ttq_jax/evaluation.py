@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Callable
 
 import jax
@@ -180,7 +179,7 @@ def evaluate_workdir(config, workdir: str, *, model=None, data=None, loss_fn=Non
   From Python, `model` / `data` / `loss_fn` are your own, as given to `train.train_and_evaluate`."""
   config = input_pipeline.with_user_data(config, data)
   config_check.validate(config, custom_model=model is not None)
-  workdir = os.path.abspath(workdir)
+  workdir = files.resolve(workdir)
   programs_lib.setup_compilation_cache(config)
   if config.restore_from:
     mesh = sharding_lib.create_mesh(config.mesh_shape, config.mesh_axes)
@@ -189,7 +188,7 @@ def evaluate_workdir(config, workdir: str, *, model=None, data=None, loss_fn=Non
     source, quantized = config.restore_from, False
     model = quant_lib.unquantized(model) if model is not None else None
   else:
-    if not os.path.isdir(ckpt.checkpoint_dir(workdir)):
+    if not files.isdir(ckpt.checkpoint_dir(workdir)):
       raise ckpt.CheckpointError(f'workdir {workdir} has no checkpoints to evaluate (no {ckpt.checkpoint_dir(workdir)})')
     mesh, step, state, _ = state_lib.restore(config, workdir, step=None if config.eval_step < 0 else config.eval_step,
                                              model=model)
@@ -212,7 +211,7 @@ def evaluate_workdir(config, workdir: str, *, model=None, data=None, loss_fn=Non
             'params_bytes_fp32': _params_bytes(state.params) + _params_bytes(state.batch_stats)}
   if jax.process_index() == 0:
     name = f'step_{int(step)}.json' if source == 'checkpoint' else f'export_step_{int(step)}.json'
-    path = os.path.join(workdir, 'eval', name)
+    path = files.join(workdir, 'eval', name)
     files.write_json(path, result)
     model_name = type(quant_lib.unquantized(model)).__name__ if model is not None else None
     print(reports.format_eval_table({**result, 'scales': report['scales']}, config, model_name))

@@ -4,7 +4,6 @@ such a file back as an inference model. The file format itself is `ttq_jax.expor
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -14,6 +13,7 @@ import numpy as np
 
 from ttq_jax import config_check
 from ttq_jax import export_format
+from ttq_jax import files
 from ttq_jax import input_pipeline
 from ttq_jax import metric_writers
 from ttq_jax import quant as quant_lib
@@ -60,18 +60,18 @@ def export_workdir(config, workdir: str, *, model=None, data=None) -> dict[str, 
   config_check.validate(config, custom_model=model is not None)
   packing = config.export.packing
   _check_method(config)
-  workdir = os.path.abspath(workdir)
+  workdir = files.resolve(workdir)
   _, step, state, _ = state_lib.restore(config, workdir, step=None if config.eval_step < 0 else config.eval_step,
                                         model=model)
   _check_step(config, step)
   params, batch_stats = jax.device_get((state.params, state.batch_stats))
   tensors = export_format.build_export(params, batch_stats, state.ternary, packing)
-  path = os.path.join(workdir, 'export', 'model.safetensors')
+  path = files.join(workdir, 'export', 'model.safetensors')
   if jax.process_index() == 0:
     export_format.save(path, tensors, packing=packing, config=config, step=step)
   _, _, report = export_format.read(path)
   fp32_total = _nbytes(params) + _nbytes(batch_stats)
-  export_bytes = os.path.getsize(path)
+  export_bytes = files.size(path)
   ternary_fp32 = sum(r['numel'] * 4 for r in report.values())
   ternary_packed = sum(r['packed_bytes'] for r in report.values())
   summary = {'step': int(step), 'path': path, 'packing': packing, 'fp32_params_bytes': fp32_total,

@@ -67,13 +67,12 @@ def build_export(params, batch_stats, layers, packing: str) -> dict[str, np.ndar
 
 
 def save(path: str, tensors: dict[str, np.ndarray], *, packing: str, config, step: int) -> None:
-  """Writes atomically (temp file + rename): a failed export leaves nothing behind."""
-  from safetensors.numpy import save_file
+  """Writes atomically (`files.write_bytes`, local or a bucket): a failed export leaves nothing behind."""
+  from safetensors.numpy import save
   check_packing(packing)
   metadata = {'format': FORMAT, 'packing': packing, 'step': str(int(step)),
               'config': config.to_json_best_effort() if hasattr(config, 'to_json_best_effort') else json.dumps(config)}
-  with files.atomic_path(path) as tmp:
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=metadata)
+  files.write_bytes(path, save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata))
 
 
 def _set(tree: dict, path: str, value) -> None:
@@ -88,7 +87,7 @@ def read(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
   where report = {kernel path: {'sparsity', 'w_p', 'w_n', 'numel', 'packed_bytes'}}."""
   from safetensors import safe_open
   try:
-    with safe_open(path, framework='numpy') as f:
+    with files.local_copy(path) as local, safe_open(local, framework='numpy') as f:
       metadata = dict(f.metadata() or {})
       tensors = {k: f.get_tensor(k) for k in f.keys()}
   except FileNotFoundError:

@@ -12,11 +12,13 @@ import dataclasses
 import gzip
 import os
 import struct
+import zlib
 from typing import Iterator, Sequence
 
 import grain
 import numpy as np
 
+from ttq_jax import files
 from ttq_jax import sharding as sharding_lib
 from ttq_jax.errors import ConfigError, DataError
 
@@ -114,11 +116,12 @@ def normalize(images, info: DatasetInfo, dtype=np.float32):
 
 
 def fashion_mnist_dir(data_dir: str | None) -> str:
-  """First of config.data.data_dir, $TTQ_DATA_DIR, Debian's folder that holds all four files."""
+  """First of config.data.data_dir (a folder or a bucket URL), $TTQ_DATA_DIR, Debian's folder that holds
+  all four files."""
   candidates = [d for d in (data_dir, os.environ.get('TTQ_DATA_DIR'), DEBIAN_FASHION_MNIST) if d]
   names = [n for pair in FASHION_MNIST_FILES.values() for n in pair]
   for d in candidates:
-    if all(os.path.isfile(os.path.join(d, n)) for n in names):
+    if all(files.isfile(files.join(d, n)) for n in names):
       return d
   raise DataError(
       f'Fashion-MNIST not found: looked for {names[0]} (and 3 more IDX files) in {", ".join(candidates)}; '
@@ -128,9 +131,8 @@ def fashion_mnist_dir(data_dir: str | None) -> str:
 
 def _read_idx(path: str, expected_ndim: int) -> np.ndarray:
   try:
-    with gzip.open(path, 'rb') as f:
-      data = f.read()
-  except (OSError, EOFError) as e:
+    data = gzip.decompress(files.read_bytes(path))
+  except (OSError, EOFError, zlib.error) as e:
     raise DataError(f'malformed IDX file {path}: {e}') from None
   if len(data) < 4:
     raise DataError(f'malformed IDX file {path}: {len(data)} bytes')
@@ -151,8 +153,8 @@ def load_fashion_mnist(split: str, data_dir: str | None = None) -> tuple[np.ndar
   """(images uint8 [N, 28, 28, 1], labels int32 [N]) of 'train' or 'test'."""
   d = fashion_mnist_dir(data_dir)
   images_file, labels_file = FASHION_MNIST_FILES[split]
-  images = _read_idx(os.path.join(d, images_file), 3)[..., None]
-  labels = _read_idx(os.path.join(d, labels_file), 1).astype(np.int32)
+  images = _read_idx(files.join(d, images_file), 3)[..., None]
+  labels = _read_idx(files.join(d, labels_file), 1).astype(np.int32)
   if len(images) != len(labels):
     raise DataError(f'malformed Fashion-MNIST in {d}: {len(images)} images but {len(labels)} labels')
   return images, labels
@@ -247,6 +249,10 @@ def _get_source(data_config, split: str):
     if limit:
       images, labels = images[:limit], labels[:limit]
     return ArraySource(images, labels)
+  if files.is_url(data_config.get('data_dir') or ''):
+    raise DataError(f'data.data_dir={data_config.data_dir!r}: {name} is read as ArrayRecord from local disk; copy the '
+                    f'prepared dataset to the host first (e.g. `gcloud storage cp -r {data_config.data_dir}/{name} '
+                    '~/tensorflow_datasets/`) and pass that folder')
   import tensorflow_datasets as tfds  # only the ArrayRecord reader: no TensorFlow needed
   tfds_split = info.test_split if split == 'test' else 'train'
   if limit:

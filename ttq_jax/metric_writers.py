@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from typing import Any, Mapping
@@ -23,18 +22,28 @@ def _plain(v: Any):
 
 
 class MetricWriter:
-  """Writes one JSON object per logged step and TensorBoard scalars; a no-op on other processes."""
+  """Writes one JSON object per logged step and TensorBoard scalars; a no-op on other processes.
+
+  Local workdir: metrics.jsonl is appended to and flushed line by line. A bucket has no append: the rows
+  are kept in memory and the whole object is uploaded by `flush()` (at every checkpoint and at the end),
+  so after a crash the bucket holds the rows up to the last checkpoint, which is where a resume restarts.
+  """
 
   def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
     self.enabled = enabled
     self._tb = None
     self._jsonl = None
+    self._rows: list[str] | None = None
     if enabled:
-      os.makedirs(workdir, exist_ok=True)
-      path = os.path.join(workdir, 'metrics.jsonl')
-      if resume_step is not None and os.path.exists(path):
-        _drop_rows_after(path, resume_step)  # rows of steps that the resumed run will redo
-      self._jsonl = open(path, 'a')
+      files.makedirs(workdir)
+      self.path = files.join(workdir, 'metrics.jsonl')
+      kept = _rows_up_to(self.path, resume_step) if resume_step is not None and files.exists(self.path) else None
+      if files.is_url(workdir):
+        self._rows = kept or []
+      else:
+        if kept is not None:  # rows of steps that the resumed run will redo are dropped
+          files.write_text(self.path, ''.join(kept))
+        self._jsonl = open(self.path, 'a')
       try:
         from tensorboardX import SummaryWriter
         self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
@@ -45,32 +54,42 @@ class MetricWriter:
     if not self.enabled:
       return
     row = {'step': int(step), **{k: _plain(v) for k, v in scalars.items()}}
-    self._jsonl.write(json.dumps(row) + '\n')
-    self._jsonl.flush()
+    if self._rows is not None:
+      self._rows.append(json.dumps(row) + '\n')
+    else:
+      self._jsonl.write(json.dumps(row) + '\n')
+      self._jsonl.flush()
     if self._tb is not None:
       for k, v in scalars.items():
         v = _plain(v)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
           self._tb.add_scalar(k.replace('.', '/'), v, int(step))
 
+  def flush(self) -> None:
+    if self._rows is not None:
+      files.write_text(self.path, ''.join(self._rows))
+    if self._tb is not None:
+      self._tb.flush()
+
   def close(self) -> None:
+    if not self.enabled:
+      return
+    self.flush()
     if self._jsonl:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
 
 
-def _drop_rows_after(path: str, step: int) -> None:
-  with open(path) as f:
-    lines = f.readlines()
+def _rows_up_to(path: str, step: int) -> list[str]:
   keep = []
-  for line in lines:
+  for line in files.read_text(path).splitlines():
     try:
       if json.loads(line)['step'] <= step:
-        keep.append(line if line.endswith('\n') else line + '\n')
+        keep.append(line + '\n')
     except (ValueError, KeyError, TypeError):
       continue  # a torn last line after a crash
-  files.write_text(path, ''.join(keep))
+  return keep
 
 
 def format_duration(seconds: float) -> str:

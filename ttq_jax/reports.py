@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from ttq_jax import files
 from ttq_jax import metric_writers
 from ttq_jax import quant as quant_lib
 
@@ -45,11 +46,10 @@ LAST_N = 5
 def read_metrics(path: str) -> list[dict]:
   """The rows of a metrics.jsonl (later rows for a step replace earlier ones, as after a resume)."""
   rows = {}
-  with open(path) as f:
-    for line in f:
-      if line.strip():
-        row = json.loads(line)
-        rows[row['step']] = row
+  for line in files.read_text(path).splitlines():
+    if line.strip():
+      row = json.loads(line)
+      rows[row['step']] = row
   return [rows[k] for k in sorted(rows)]
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import resource
 import signal
 import time
@@ -270,7 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
   config_check.validate(config, custom_model=model is not None)
   config_check.check_warm_start(config)
   started = time.perf_counter()
-  workdir = os.path.abspath(workdir)
+  workdir = files.resolve(workdir)
   config_check.prepare_workdir(config, workdir, write=False)
   programs_lib.setup_compilation_cache(config)
   mesh = sharding_lib.create_mesh(config.mesh_shape, config.mesh_axes)
@@ -328,6 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
         progress.print(step, row)
       if do_save:
         ckpt.save(manager, step, state, data_state, force=True)
+        writer.flush()  # a bucket's metrics.jsonl is uploaded with every checkpoint
       if stopping:
         logging.warning('signal %d: saved checkpoint at step %d, exiting', stop.signum, step)
         manager.wait_until_finished()
@@ -343,10 +343,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
   result = {'step': step, **final, 'selection_split': inputs.selection_split, **reports.quant_report(state, config),
             'elapsed_s': time.perf_counter() - started}
   if primary:
-    result['protocol'] = reports.eval_protocol(reports.read_metrics(os.path.join(workdir, 'metrics.jsonl')))
+    result['protocol'] = reports.eval_protocol(reports.read_metrics(files.join(workdir, 'metrics.jsonl')))
   if config.target_accuracy > 0:
     result['target'] = {'accuracy': config.target_accuracy, **target}
   if primary:
-    files.write_json(os.path.join(workdir, 'result.json'), result)
+    files.write_json(files.join(workdir, 'result.json'), result)
     print(reports.format_eval_table(result, config, type(quant_lib.unquantized(model)).__name__ if model else None))
   return result

