@@ -162,7 +162,7 @@ def _check_writable(workdir: str) -> None:
       with tempfile.NamedTemporaryFile(dir=workdir, prefix='.write_test'):
         pass
   except Exception as e:  # noqa: BLE001 - any store error (missing bucket, no permission, unreachable) is the answer
-    reason = getattr(e, 'strerror', None) or str(e).splitlines()[0] if str(e) else type(e).__name__
+    reason = getattr(e, 'strerror', None) or (str(e).splitlines() or [type(e).__name__])[0]
     raise ConfigError(f'workdir={workdir!r} is not writable: {reason}') from None
 
 

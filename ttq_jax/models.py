@@ -221,6 +221,8 @@ class AlexNet(nn.Module):
     x = nn.relu(norm(name='bnfc1')(dense(c(4096), name='fc1')(x)))
     return nn.Dense(self.num_classes, kernel_init=TENSORPACK_FC, dtype=self.dtype,
                     name='fct')(x).astype(jnp.float32)
+
+
 class EncoderBlock(nn.Module):
   """Pre-norm transformer encoder block: self-attention (`attn/query|key|value|out`, DenseGeneral) and an
   MLP (`mlp_in`, `mlp_out`), each with a residual."""
