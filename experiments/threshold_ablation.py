@@ -28,7 +28,6 @@
 # what the committed outputs and the README figures come from.
 
 # %%
-import json
 import os
 import sys
 
@@ -40,10 +39,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from configs import fashion_mnist
+from ttq_jax import files
+from ttq_jax import reports
 from ttq_jax import train
 
 BUDGET = os.environ.get('TTQ_BUDGET', 'smoke')
 assert BUDGET in ('smoke', 'full'), f'TTQ_BUDGET={BUDGET!r}: allowed are smoke, full'
+# a local folder or a bucket URL (gs://...): every run's workdir goes under it
 WORKDIR = os.environ.get('TTQ_ABLATION_DIR', os.path.join(ROOT, 'workdirs', f'threshold_ablation_{BUDGET}'))
 
 if BUDGET == 'smoke':
@@ -80,7 +82,7 @@ fp_config = base_config()
 fp_config.quant.method = 'fp'
 if BUDGET == 'full':
   fp_config.num_epochs = 1.0
-fp_dir = os.path.join(WORKDIR, 'fp')
+fp_dir = files.join(WORKDIR, 'fp')
 fp_result = train.train_and_evaluate(fp_config, fp_dir)
 fp_val = fp_result['protocol']['running']['final']
 print(f'full precision: validation top-1 {fp_val:.2%} (running BN statistics)')
@@ -97,10 +99,9 @@ def run_point(rule, value, seed=0):
     config.quant.threshold, config.quant.t = 'max', value
   else:
     config.quant.threshold, config.quant.sparsity = 'sparsity', value
-  workdir = os.path.join(WORKDIR, f'{rule}_{value:g}' + (f'_seed{seed}' if seed else ''))
+  workdir = files.join(WORKDIR, f'{rule}_{value:g}' + (f'_seed{seed}' if seed else ''))
   result = train.train_and_evaluate(config, workdir)
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    history = [json.loads(line) for line in f]
+  history = reports.read_metrics(files.join(workdir, 'metrics.jsonl'))
   return {'rule': rule, 'value': value, 'seed': seed, 'sparsity': result['sparsity'],
           'val': result['protocol']['running']['final'], 'val_bnre': result['protocol']['reestimated']['final'],
           'mean_sparsity': float(np.mean(list(result['sparsity'].values()))), 'history': history}

@@ -74,6 +74,14 @@ def scaled_allclose(actual, reference, tol, err_msg=''):
 
 
 
+@pytest.fixture(scope='session')
+def gcs():
+  """One fake-gcs-server on 127.0.0.1 with the bucket `ttq`, for the whole session (tests/gcs_emulator.py)."""
+  from tests.gcs_emulator import running_emulator
+  with running_emulator() as emulator:
+    yield emulator
+
+
 @pytest.fixture
 def smoke_config():
   """The quickstart's smoke variant on one device (tests that need more devices set mesh_shape)."""

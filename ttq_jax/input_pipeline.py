@@ -116,15 +116,22 @@ def normalize(images, info: DatasetInfo, dtype=np.float32):
 
 
 def fashion_mnist_dir(data_dir: str | None) -> str:
-  """First of config.data.data_dir (a folder or a bucket URL), $TTQ_DATA_DIR, Debian's folder that holds
-  all four files."""
-  candidates = [d for d in (data_dir, os.environ.get('TTQ_DATA_DIR'), DEBIAN_FASHION_MNIST) if d]
+  """config.data.data_dir (a folder or a bucket URL) when it is set: the only place looked (a run that names
+  its data must not quietly read other files); else the first of $TTQ_DATA_DIR and Debian's folder that
+  holds all four files."""
   names = [n for pair in FASHION_MNIST_FILES.values() for n in pair]
+  if data_dir:
+    missing = [n for n in names if not files.isfile(files.join(data_dir, n))]
+    if missing:
+      raise DataError(f'Fashion-MNIST not found in data.data_dir={data_dir!r}: missing {", ".join(missing)} '
+                      f'(looked for {", ".join(names)}); put the four gzip IDX files there or unset data.data_dir')
+    return data_dir
+  candidates = [d for d in (os.environ.get('TTQ_DATA_DIR'), DEBIAN_FASHION_MNIST) if d]
   for d in candidates:
     if all(files.isfile(files.join(d, n)) for n in names):
       return d
   raise DataError(
-      f'Fashion-MNIST not found: looked for {names[0]} (and 3 more IDX files) in {", ".join(candidates)}; '
+      f'Fashion-MNIST not found: looked for {", ".join(names)} in {", ".join(candidates)}; '
       'install them with `apt-get install dataset-fashion-mnist` (Debian) or put the four gzip files '
       'from github.com/zalandoresearch/fashion-mnist in a folder named by --config.data.data_dir or $TTQ_DATA_DIR')
 

@@ -45,6 +45,9 @@ def main(argv):
   if not FLAGS.log_libraries:
     for handler in logging.getLogger().handlers + logging.getLogger('absl').handlers:
       handler.addFilter(QuietLibraries())
+    # gcsfs logs each request that ran out of retries with a traceback, then raises the same error to its
+    # caller, which reports it (a bad workdir as one line; anything else with its own traceback).
+    logging.getLogger('gcsfs').setLevel(logging.CRITICAL)
   if len(argv) > 1:
     _fail(f'unexpected arguments {argv[1:]}')
   config = FLAGS.config
