@@ -3,6 +3,7 @@ one-line errors for bad input with a non-zero exit and nothing on disk damaged."
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -54,11 +55,29 @@ def _interrupt(workdir, sig):
 
 
 @pytest.fixture(scope='module')
-def uninterrupted(tmp_path_factory):
+def uninterrupted_run(tmp_path_factory):
+  """(workdir, console output) of the long smoke run from the command line."""
   workdir = tmp_path_factory.mktemp('uninterrupted')
   r = _run(_cli(workdir, *LONG))
   assert r.returncode == 0, r.stderr[-2000:]
-  return workdir
+  return workdir, r.stdout + r.stderr
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(uninterrupted_run):
+  return uninterrupted_run[0]
+
+
+@pytest.mark.slow
+def test_console_shows_our_lines_only(uninterrupted_run):
+  """Every INFO line of a training run comes from a ttq_jax module: no orbax / absl / jax internals."""
+  _, out = uninterrupted_run
+  ours = {f[:-3] for f in os.listdir(os.path.join(ROOT, 'ttq_jax')) if f.endswith('.py')}
+  info = [re.match(r'I\d{4} [\d:.]+\s+\d+ (\w+)\.py:\d+\]', l) for l in out.splitlines()]
+  info = [m.group(1) for m in info if m]
+  assert {'runner', 'train'} <= set(info) <= ours, sorted(set(info) - ours)
+  assert 'CheckpointManagerOptions' not in out and 'Unable to initialize backend' not in out
+  assert 'step 12/12 (100.0%)' in out and 'layer         sparsity' in out  # progress and the final table
 
 
 @pytest.mark.slow
