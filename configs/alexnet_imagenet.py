@@ -10,13 +10,18 @@ W_p / W_n; lr 2e-5 after epoch 56, 4e-6 after 64; L2 5e-6 on `fc.*/W`: fc0, fc1 
 Wp / Wn of fc0 and fc1; t = 0.049; conv0 and fct full precision; conv0 and the fc layers without bias
 (fct with); BN epsilon 1e-4, decay 0.9; scales start at 1.0; float32. Training crops: short side to
 [224, 308) with each axis jittered by its own factor in [0.85, 1.15], never enlarged past the original,
-bicubic, random 224 crop, flip; eval: short side 256 (not enlarged), center 224. Evaluated on the
+bicubic (OpenCV's INTER_CUBIC, as the script), random 224 crop, flip; eval: short side 256 (not enlarged),
+center 224. JPEGs decoded by `data.worker_processes` processes (default: the host's cores less 2). Evaluated on the
 validation set after every epoch (running BN statistics; re-estimation is a second column).
 
 Deviations (named): per-channel mean/std input normalisation instead of the per-pixel mean image and
-x / 255; the running BN averages are the mean over the four 32-image groups (tensorpack kept GPU 0's).
+x / 255; the running BN averages are the mean over the four 32-image groups (tensorpack kept GPU 0's);
+RGB channel order (the script read BGR with cv2.imread).
 Needs imagenet2012 as ArrayRecord (README, "Datasets") and accelerators.
-Variants: `:fp` (full precision), `:twn` (TWN, same recipe), `:bf16` (bfloat16 compute), `:runlocal`.
+Variants: `:fp` (full precision), `:twn` (TWN, same recipe), `:bf16` (bfloat16 compute), `:runlocal` (4 steps
+of a tiny AlexNet: try it on generated JPEGs, `python -c "from ttq_jax import imagenet_like;
+imagenet_like.write('/tmp/imagenet_like', train_examples=64, validation_examples=32)"`, then
+`--config.data.data_dir=/tmp/imagenet_like`).
 """
 
 from configs import imagenet_base

@@ -22,7 +22,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.train_crop = 'ttq_alexnet'   # ImageNet: ttq_alexnet (official TTQ AlexNet) | inception (fb.resnet.torch)
   config.data.limit_examples = 0           # > 0: use only the first N examples of each split
   config.data.validation_examples = 0      # > 0: hold out N training examples (fixed seed) for model choices
-  config.data.num_threads = 4              # grain reader threads
+  # Input worker processes (decode and augment, one batch at a time each); -1: the host's cores less 2 (the
+  # ImageNet default). 0: `num_threads` threads of the training process, enough for the in-memory, vectorised
+  # Fashion-MNIST / CIFAR batches.
+  config.data.worker_processes = 0
+  config.data.num_threads = 4              # grain reader threads of the training process (0 workers)
   config.data.prefetch_batches = 2         # batches put on the device ahead of the step
 
   config.quant = ml_collections.ConfigDict()

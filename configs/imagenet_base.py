@@ -14,6 +14,7 @@ def get_config(model: str, arg: str = ''):
   config.model.bn_ghost_batch_size = 32
   config.data.name = 'imagenet2012'
   config.data.train_crop = 'ttq_alexnet'
+  config.data.worker_processes = -1  # the host's cores less 2 (experiments/benchmark_input.py measures them)
   config.data.num_threads = 16
   config.batch_size = 128
   config.eval_batch_size = 500

@@ -276,12 +276,11 @@ def bench_torch(args, mesh, results):
 def bench_pipeline(args, mesh, results):
   """Steps/s with the real Fashion-MNIST pipeline (grain + device prefetch) vs a resident batch."""
   from configs import fashion_mnist
-  import grain
   config = fashion_mnist.get_config()
   config.batch_size, config.compilation_cache_dir, config.mesh_shape = args.batch_size, '', (-1, 1)
   runner = Runner(config, mesh)
   ds = input_pipeline.train_dataset(config.data, local_batch_size=args.batch_size // jax.process_count(), seed=0)
-  it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=config.data.num_threads, prefetch_buffer_size=8)))
+  it = input_pipeline.BatchIterator(ds, workers=input_pipeline.worker_count(config.data), threads=config.data.num_threads)
   prefetcher = input_pipeline.Prefetcher(it, mesh, config.data.prefetch_batches)
 
   def real():

@@ -48,9 +48,18 @@ def test_fashion_mnist_paper_variant_is_the_official_cifar_recipe_scaled():
 @pytest.mark.slow
 @pytest.mark.parametrize('name', ['resnet20_cifar10', 'alexnet_imagenet'])
 def test_runlocal_variants_train_on_mock_data(name, tmp_path):
+  """CIFAR-10 on tfds mock data; ImageNet on generated JPEGs in tfds ArrayRecord (`ttq_jax.imagenet_like`),
+  decoded and augmented by 2 worker processes for training, BN re-estimation and evaluation."""
   config = _config(name, 'runlocal')
   config.mesh_shape = (1, 1)
   config.compilation_cache_dir = ''
-  with tfds.testing.mock_data(num_examples=32, policy=tfds.testing.MockPolicy.USE_CODE):
-    result = train.train_and_evaluate(config, str(tmp_path))
+  if name == 'alexnet_imagenet':
+    from ttq_jax import imagenet_like
+    imagenet_like.write(str(tmp_path / 'data'), train_examples=32, validation_examples=16, sizes=((90, 120),),
+                        size_weights=(1,))
+    config.data.data_dir, config.data.worker_processes = str(tmp_path / 'data'), 2
+    result = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  else:
+    with tfds.testing.mock_data(num_examples=32, policy=tfds.testing.MockPolicy.USE_CODE):
+      result = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert result['step'] == 4 and result['num_examples'] > 0 and result['sparsity']

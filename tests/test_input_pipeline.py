@@ -1,4 +1,5 @@
-"""Input pipeline tests: IDX loading, errors, determinism, sharding, augmentation, tfds mock data."""
+"""Input pipeline tests: IDX loading, errors, determinism, sharding, augmentation, tfds mock data, ImageNet
+decoding and resizing by value, worker processes."""
 
 import gzip
 import os
@@ -131,7 +132,7 @@ def test_eval_batches_cover_the_split_once_with_padding_mask():
   assert parts[0][2]['mask'].sum() == 50 and parts[1][2]['mask'].sum() == 0
 
 
-@pytest.mark.parametrize('name,size', [('cifar10', 32), ('imagenet2012', 224)])
+@pytest.mark.parametrize('name,size', [('cifar10', 32)])  # ImageNet: the generated ArrayRecord set below
 def test_tfds_pipelines_with_mock_data(name, size):
   c = _data_config(name=name, crop_padding=4)
   with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
@@ -151,9 +152,8 @@ def test_tfds_pipelines_with_mock_data(name, size):
 def _recording_resize(calls):
   """Stands in for the resize: records the size asked for and returns an image whose pixels encode their
   own row and column (channel 0: row % 256, 1: col % 256, 2: 16 * (row // 256) + col // 256)."""
-  def resize(image, height, width, method='bilinear'):
+  def resize(image, height, width):
     calls.append((height, width))
-    assert method == 'bicubic'  # as cv2.INTER_CUBIC in the official scripts
     r, c = np.meshgrid(np.arange(height), np.arange(width), indexing='ij')
     return np.stack([r % 256, c % 256, 16 * (r // 256) + c // 256], -1).astype(np.uint8)
   return resize
@@ -172,7 +172,7 @@ def test_imagenet_train_crop_is_the_official_resize(monkeypatch, shape):
   [0.85, 1.15]; size = int(max(224, min(original, scaled))) per axis (never enlarged past the original);
   then a random 224 window inside it, flipped half of the time. Sizes replayed from the same draws."""
   calls = []
-  monkeypatch.setattr(ip, '_pil_resize', _recording_resize(calls))
+  monkeypatch.setattr(ip, '_resize', _recording_resize(calls))
   h, w = shape[:2]
   rng, replay = np.random.default_rng(0), np.random.default_rng(0)
   origins, expected = [], []
@@ -199,10 +199,10 @@ def test_imagenet_train_crop_is_the_official_resize(monkeypatch, shape):
 def test_inception_crop_area_and_aspect(monkeypatch):
   """fb.resnet.torch `RandomSizedCrop`: a window of 8-100% of the area, aspect 3/4-4/3, resized to 224."""
   windows = []
-  def resize(image, height, width, method='bilinear'):
+  def resize(image, height, width):
     windows.append(image.shape[:2])
     return np.zeros((height, width, 3), np.uint8)
-  monkeypatch.setattr(ip, '_pil_resize', resize)
+  monkeypatch.setattr(ip, '_resize', resize)
   rng = np.random.default_rng(0)
   for _ in range(300):
     assert ip.inception_crop(np.zeros((400, 500, 3), np.uint8), rng).shape == (224, 224, 3)
@@ -214,7 +214,7 @@ def test_inception_crop_area_and_aspect(monkeypatch):
 
 def test_imagenet_eval_crop_is_the_center_of_the_short_side_256(monkeypatch):
   calls = []
-  monkeypatch.setattr(ip, '_pil_resize', _recording_resize(calls))
+  monkeypatch.setattr(ip, '_resize', _recording_resize(calls))
   crop = ip.imagenet_eval_crop(np.zeros((300, 400, 3), np.uint8))
   assert calls == [(256, 341)] and crop.shape == (224, 224, 3)
   assert _origin(crop) == ((256 - 224) // 2, (341 - 224) // 2, False)
@@ -259,3 +259,219 @@ def test_validation_split_is_held_out_of_training_with_a_fixed_seed():
   assert ip.train_size(c) == 900
   with pytest.raises(ValueError, match='split=validation needs data.validation_examples > 0'):
     ip.get_source(_data_config(), 'validation')
+
+
+# --------------------------------------------------------------------------- ImageNet decode, resize, workers
+
+
+def _cv2_cubic_reference(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  """cv2.INTER_CUBIC written out in numpy (float): source coordinate (x + 0.5) * in / out - 0.5, Keys
+  kernel with a = -0.75 over 4 taps, edge pixels repeated, rows then columns, rounded and clipped."""
+  def weights(out_size, in_size):
+    f = (np.arange(out_size) + 0.5) * in_size / out_size - 0.5
+    i0 = np.floor(f).astype(int)
+    t = f - i0
+    a = -0.75
+    w = np.stack([((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
+                  ((a + 2) * t - (a + 3)) * t * t + 1,
+                  ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1], -1)
+    w = np.concatenate([w, 1 - w.sum(-1, keepdims=True)], -1)
+    idx = np.clip(i0[:, None] + np.arange(-1, 3)[None, :], 0, in_size - 1)
+    m = np.zeros((out_size, in_size))
+    np.add.at(m, (np.repeat(np.arange(out_size), 4), idx.ravel()), w.ravel())
+    return m
+  rows, cols = weights(height, image.shape[0]), weights(width, image.shape[1])
+  out = np.einsum('oh,hwc,pw->opc', rows, image.astype(np.float64), cols)
+  return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize('in_shape,out_shape', [
+    ((40, 50), (61, 77)),    # enlarge (the crop's "at least 224")
+    ((120, 90), (80, 57)),   # shrink by ~0.65 (a typical ImageNet short side 375 -> 244)
+    ((64, 64), (64, 40)),    # one axis only
+])
+def test_resize_is_opencv_inter_cubic_as_the_official_scripts(in_shape, out_shape):
+  image = np.random.default_rng(0).integers(0, 256, (*in_shape, 3)).astype(np.uint8)
+  ours = ip._resize(image, *out_shape)
+  reference = _cv2_cubic_reference(image, *out_shape)
+  assert ours.shape == (*out_shape, 3)
+  assert np.abs(ours.astype(int) - reference).max() <= 1  # cv2 works in 11-bit fixed point
+  from PIL import Image  # ... and it is not PIL's antialiased bicubic
+  pil = np.asarray(Image.fromarray(image).resize(out_shape[::-1], Image.BICUBIC))
+  if out_shape[0] < in_shape[0]:
+    assert np.abs(pil.astype(int) - reference).max() > 10
+
+
+PINNED_CROPS = {  # (sum, pixel [0, 0], [100, 50], [223, 223]) of a 300 x 400 test pattern, rng seed 7
+    'ttq_alexnet': (18704581, [166, 190, 14], [204, 172, 83], [34, 179, 101]),
+    'inception': (19069171, [30, 135, 240], [81, 75, 53], [46, 21, 44]),
+    'eval': (19110859, [80, 62, 57], [52, 185, 210], [134, 6, 220]),
+}
+
+
+@pytest.mark.parametrize('name', sorted(PINNED_CROPS))
+def test_imagenet_crops_are_pinned_by_value(name):
+  """The augmentations' pixels do not drift (a new resize, decoder or rng order would change them)."""
+  r, c = np.meshgrid(np.arange(300), np.arange(400), indexing='ij')
+  image = np.stack([(r * 7 + c * 3) % 256, (r * c) % 251, (r // 3 + c // 5) * 3 % 256], -1).astype(np.uint8)
+  crop = ip.imagenet_eval_crop(image) if name == 'eval' else ip.TRAIN_CROPS[name](image, np.random.default_rng(7))
+  total, *pixels = PINNED_CROPS[name]
+  assert crop.shape == (224, 224, 3) and crop.dtype == np.uint8
+  assert int(crop.astype(np.int64).sum()) == total
+  assert [crop[0, 0].tolist(), crop[100, 50].tolist(), crop[223, 223].tolist()] == pixels
+
+
+def _encoded(image, fmt: str, **kw) -> bytes:
+  import io
+  from PIL import Image
+  buf = io.BytesIO()
+  (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buf, fmt, **kw)
+  return buf.getvalue()
+
+
+def test_decode_image_gives_the_pixels_pil_gives():
+  import io
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  rgb = rng.integers(0, 256, (37, 53, 3)).astype(np.uint8)
+  cases = {'jpeg': _encoded(rgb, 'JPEG', quality=90), 'png': _encoded(rgb, 'PNG'),
+           'grey jpeg': _encoded(rgb[..., 0], 'JPEG', quality=90),
+           'cmyk jpeg': _encoded(Image.fromarray(rgb).convert('CMYK'), 'JPEG', quality=90)}
+  for name, data in cases.items():
+    ours = ip.decode_image(data)
+    pil = np.asarray(Image.open(io.BytesIO(data)).convert('RGB'))
+    assert ours.shape == (37, 53, 3) and ours.dtype == np.uint8, name
+    if name == 'cmyk jpeg':  # OpenCV's CMYK conversion is not PIL's: the same picture within a few levels
+      assert np.abs(ours.astype(int) - pil).mean() < 3, name
+    else:
+      np.testing.assert_array_equal(ours, pil, err_msg=name)
+  np.testing.assert_array_equal(ip.decode_image(rgb), rgb)  # decoded already
+  with pytest.raises(ValueError, match='not a decodable image'):
+    ip.decode_image(b'not an image at all')
+
+
+@pytest.fixture(scope='module')
+def imagenet_like_dir(tmp_path_factory):
+  from ttq_jax import imagenet_like
+  d = str(tmp_path_factory.mktemp('imagenet_like'))
+  imagenet_like.write(d, train_examples=48, validation_examples=20, sizes=((75, 100), (100, 75), (60, 80)),
+                      size_weights=(1, 1, 1))
+  return d
+
+
+def test_imagenet_like_set_is_read_as_imagenet_arrayrecord(imagenet_like_dir):
+  """The generated set is what the pipeline reads for ImageNet: tfds ArrayRecord with JPEG bytes inside."""
+  c = _data_config(name='imagenet2012', data_dir=imagenet_like_dir, train_crop='ttq_alexnet')
+  train, test = ip.get_source(c, 'train'), ip.get_source(c, 'test')
+  assert (len(train), len(test)) == (48, 20)
+  ex = train[3]
+  assert isinstance(ex['image'], bytes) and ex['image'][:2] == b'\xff\xd8'  # not decoded by tfds
+  assert ip.decode_image(ex['image']).shape in ((75, 100, 3), (100, 75, 3), (60, 80, 3))
+  batch = ip.train_dataset(c, local_batch_size=8, seed=0)[1]
+  assert batch['image'].shape == (8, 224, 224, 3) and batch['image'].dtype == np.uint8
+  assert batch['label'].dtype == np.int32 and batch['label'].shape == (8,)
+  evals = list(ip.eval_batches(c, global_batch_size=16))
+  assert evals[0]['image'].shape == (16, 224, 224, 3) and sum(b['mask'].sum() for b in evals) == 20
+
+
+@pytest.mark.slow
+def test_worker_processes_make_the_same_batches_and_resume_anywhere(imagenet_like_dir):
+  """Batch k with 2 worker processes equals ds[k] made in this process; a state saved with 2 workers
+  resumes with 1 (or none) at the same batch; eval batches too."""
+  c = _data_config(name='imagenet2012', data_dir=imagenet_like_dir, train_crop='ttq_alexnet')
+  ds = ip.train_dataset(c, local_batch_size=8, seed=3)
+  reference = [ds[k] for k in range(9)]
+  with ip.BatchIterator(ds, workers=2) as it:
+    got = [next(it) for _ in range(5)]  # past the first epoch (6 batches of 8) is not needed: 48 / 8 = 6
+    state = it.get_state()
+  assert state == {'next_index': 5}
+  for workers in (1, 0):
+    with ip.BatchIterator(ds, workers=workers) as it:
+      it.set_state(state)
+      got += [next(it) for _ in range(4)] if workers == 1 else []
+  for a, b in zip(reference, got):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  assert len(got) == 9
+  in_process = list(ip.eval_batches(c, split='test', global_batch_size=8, workers=0))
+  by_workers = list(ip.eval_batches(c, split='test', global_batch_size=8, workers=2))
+  assert [b['mask'].sum() for b in by_workers] == [8, 8, 4]
+  for a, b in zip(in_process, by_workers):
+    np.testing.assert_array_equal(a['image'], b['image'])
+
+
+@pytest.mark.slow
+def test_an_error_in_a_worker_names_the_example():
+  good = _encoded(np.zeros((40, 50, 3), np.uint8), 'JPEG')
+  source = [{'image': good, 'label': i, 'file_name': f'n{i:03d}.JPEG'} for i in range(12)]
+  source[5] = dict(source[5], image=good[:100])  # truncated
+  c = _data_config(name='imagenet2012')
+  with pytest.raises(ip.DataError) as e:
+    list(ip.eval_batches(c, split='test', global_batch_size=4, source=source, workers=2))
+  assert str(e.value).startswith('test example at index 5 (n005.JPEG): ') and '\n' not in str(e.value)
+
+
+def test_worker_count(monkeypatch):
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(16)), raising=False)
+  assert ip.worker_count(_data_config(worker_processes=-1)) == 16 - ip.TRAINING_PROCESS_CORES
+  assert ip.worker_count(_data_config(worker_processes=3)) == 3
+  assert ip.worker_count(_data_config(worker_processes=0)) == 0
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0}, raising=False)
+  assert ip.worker_count(_data_config(worker_processes=-1)) == 0
+  with pytest.raises(ip.ConfigError, match='data.worker_processes=-2: allowed are 0'):
+    ip.worker_count(_data_config(worker_processes=-2))
+
+
+WORKER_SIGNALS_SCRIPT = r'''
+import multiprocessing as mp, os, signal, sys, time
+from ttq_jax import input_pipeline as ip
+
+def worker():
+  ip._worker_init(0, 1)
+  while True:
+    time.sleep(0.1)
+
+def middle(q):  # the "training process": starts a worker, reports its pid, then waits to be killed
+  p = mp.get_context('spawn').Process(target=worker)
+  p.start()
+  q.put(p.pid)
+  time.sleep(600)
+
+if __name__ == '__main__':
+  ctx = mp.get_context('spawn')
+  q = ctx.Queue()
+  m = ctx.Process(target=middle, args=(q,))
+  m.start()
+  pid = q.get(timeout=60)
+  time.sleep(2)  # the worker has run _worker_init
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    os.kill(pid, sig)
+  time.sleep(1)
+  os.kill(pid, 0)  # still alive: raises if the signals ended it
+  print('ALIVE AFTER SIGTERM AND SIGINT', flush=True)
+  os.kill(m.pid, signal.SIGKILL)  # the training process dies without closing its workers
+  deadline = time.time() + 10
+  while time.time() < deadline:
+    try:
+      os.kill(pid, 0)
+    except ProcessLookupError:
+      print('WORKER EXITED WITH ITS PARENT', flush=True)
+      break
+    time.sleep(0.2)
+  else:
+    os.kill(pid, signal.SIGKILL)
+'''
+
+
+@pytest.mark.slow
+def test_workers_ignore_sigterm_sigint_and_exit_with_their_parent(tmp_path):
+  """Workers leave shutdown to the training process, and do not outlive it when it is SIGKILLed."""
+  import subprocess
+  import sys
+  from tests.conftest import ROOT
+  script = tmp_path / 'signals.py'
+  script.write_text(WORKER_SIGNALS_SCRIPT)
+  r = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                     env=dict(os.environ, PYTHONPATH=ROOT))
+  assert 'ALIVE AFTER SIGTERM AND SIGINT' in r.stdout, r.stdout + r.stderr[-2000:]
+  assert 'WORKER EXITED WITH ITS PARENT' in r.stdout, r.stdout + r.stderr[-2000:]

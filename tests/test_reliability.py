@@ -35,9 +35,9 @@ def _rows(workdir):
   return {r['step']: r for r in metrics_rows(workdir)}
 
 
-def _interrupt(workdir, sig):
+def _interrupt(workdir, sig, *extra):
   """Starts the long smoke run, sends `sig` once checkpoint 3 exists, returns (returncode, output)."""
-  p = subprocess.Popen(_cli(workdir, *LONG), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+  p = subprocess.Popen(_cli(workdir, *LONG, *extra), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                        text=True)
   try:
     deadline = time.time() + 240
@@ -83,13 +83,16 @@ def test_console_shows_our_lines_only(uninterrupted_run):
 @pytest.mark.slow
 @pytest.mark.parametrize('sig', [signal.SIGKILL, signal.SIGTERM])
 def test_killed_run_resumes_bit_for_bit(tmp_path, uninterrupted, smoke_config, sig):
-  rc, out = _interrupt(tmp_path, sig)
+  """The uninterrupted run makes its batches in-process; the SIGKILLed one (and its resume) with 2 input
+  worker processes: the same final parameters either way."""
+  workers = ['--config.data.worker_processes=2'] if sig == signal.SIGKILL else []
+  rc, out = _interrupt(tmp_path, sig, *workers)
   assert rc == -signal.SIGKILL if sig == signal.SIGKILL else rc == 128 + signal.SIGTERM, out[-2000:]
   steps = sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit())
   assert steps and max(steps) < 12
   if sig == signal.SIGTERM:  # saved where it stopped, not only at the last multiple of 3
     assert 'saved checkpoint at step' in out
-  r = _run(_cli(tmp_path, *LONG))
+  r = _run(_cli(tmp_path, *LONG, *workers))
   assert r.returncode == 0, r.stderr[-2000:]
   smoke_config.num_train_steps = 12
   (sa, a), (sb, b) = restored(uninterrupted, smoke_config), restored(tmp_path, smoke_config)

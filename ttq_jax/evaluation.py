@@ -127,21 +127,33 @@ def headline(columns: dict[str, tuple[dict, Any]]) -> tuple[str, dict]:
 
 
 def eval_batches(config, source=None, split: str = 'test'):
-  """This process's part of every global batch of `split` (`source`: the split, if already open)."""
+  """This process's part of every global batch of `split` (`source`: the split, if already open), made by
+  the input workers (`data.worker_processes`)."""
+  n = -(-len(source) // config.eval_batch_size) if source is not None else None
   return input_pipeline.eval_batches(config.data, split=split, global_batch_size=config.eval_batch_size,
                                      process_index=jax.process_index(), process_count=jax.process_count(),
-                                     source=source)
+                                     source=source, workers=_workers(config, n), threads=config.data.num_threads)
+
+
+def recalibration_batches(config, clean=None):
+  """The clean training batches a training run re-estimates BN statistics on (same seed, same order);
+  `clean`: the run's `input_pipeline.clean_train_dataset`, if already open."""
+  if clean is None:
+    clean = input_pipeline.clean_train_dataset(
+        config.data, local_batch_size=config.batch_size // jax.process_count(), seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+  n = config.bn_recalibration_batches
+  with input_pipeline.BatchIterator(clean[:n], workers=_workers(config, n), threads=config.data.num_threads) as it:
+    yield from it
+
+
+def _workers(config, batches: int | None) -> int:
+  """The configured input workers, but no more than there are batches to make."""
+  workers = input_pipeline.worker_count(config.data)
+  return workers if batches is None else min(workers, batches)
 
 
 # --------------------------------------------------------------------------- --mode eval
-
-
-def _recalibration_batches(config):
-  """The clean training batches a training run re-estimates BN statistics on (same seed, same order)."""
-  clean = input_pipeline.clean_train_dataset(
-      config.data, local_batch_size=config.batch_size // jax.process_count(), seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  return (clean[i] for i in range(config.bn_recalibration_batches))
 
 
 def _params_bytes(tree) -> int:
@@ -199,7 +211,7 @@ def evaluate_workdir(config, workdir: str, *, model=None, data=None, loss_fn=Non
   if config.restore_from:  # an export carries one set of BN statistics
     columns = {'running': (evaluate(programs, state, eval_batches(config), quantized), state)}
   else:
-    columns = evaluate_columns(config, programs, state, lambda: eval_batches(config), lambda: _recalibration_batches(config),
+    columns = evaluate_columns(config, programs, state, lambda: eval_batches(config), lambda: recalibration_batches(config),
                                quantized)
   column, metrics = headline(columns)
   result = {'step': int(step), 'source': source, **metrics, 'bn_statistics': column,

@@ -3,7 +3,10 @@
 All datasets go through `grain.MapDataset` (random access, so the iterator state is one index and a
 resumed run sees exactly the batches it would have seen). Each process reads only its shard
 (`jax.process_index()`); images leave the host as uint8 and are normalised on the device
-(`normalize`), which keeps host->device traffic 4x smaller.
+(`normalize`), which keeps host->device traffic 4x smaller. Batches are made by worker processes
+(`data.worker_processes`, `BatchIterator`) or, with none, by threads of the training process.
+ImageNet JPEGs are decoded here (simplejpeg / OpenCV) and resized as the official scripts do
+(cv2.INTER_CUBIC).
 """
 
 from __future__ import annotations
@@ -11,7 +14,10 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
+import signal
 import struct
+import threading
+import time
 import zlib
 from typing import Iterator, Sequence
 
@@ -19,7 +25,6 @@ import grain
 import numpy as np
 
 from ttq_jax import files
-from ttq_jax import sharding as sharding_lib
 from ttq_jax.errors import ConfigError, DataError
 
 FASHION_MNIST_FILES = {
@@ -35,6 +40,10 @@ CLEAN_STREAM_SEED_OFFSET = 7
 # a permutation of the training split drawn with this seed; its first N examples are held out.
 VALIDATION_SEED = 20170208
 SPLITS = ('train', 'validation', 'test')
+# data.worker_processes = -1 (auto): the host's cores less what the training process keeps busy itself
+# (the Python loop dispatching steps, device transfers, grain's reader threads).
+AUTO_WORKERS = -1
+TRAINING_PROCESS_CORES = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,8 +273,10 @@ def _get_source(data_config, split: str):
   tfds_split = info.test_split if split == 'test' else 'train'
   if limit:
     tfds_split = f'{tfds_split}[:{limit}]'
+  # ImageNet's JPEGs are decoded by `decode_image` (in the workers); tfds would decode with PIL / OpenCV here
+  decoders = {'image': tfds.decode.SkipDecoding()} if name == 'imagenet2012' else None
   try:
-    return tfds.data_source(name, split=tfds_split, data_dir=data_config.get('data_dir') or None)
+    return tfds.data_source(name, split=tfds_split, data_dir=data_config.get('data_dir') or None, decoders=decoders)
   except Exception as e:  # tfds raises several types for a missing dataset
     raise DataError(
         f'{name} ({tfds_split}) is not prepared as ArrayRecord in {data_config.get("data_dir") or "~/tensorflow_datasets"} '
@@ -300,34 +311,63 @@ def random_crop_flip(images: np.ndarray, rng: np.random.Generator, pad: int, fli
   return images
 
 
-def _pil_resize(image: np.ndarray, height: int, width: int, method: str = 'bilinear') -> np.ndarray:
-  from PIL import Image
-  resample = {'bilinear': Image.BILINEAR, 'bicubic': Image.BICUBIC}[method]
-  squeeze = image.shape[-1] == 1
-  out = np.asarray(Image.fromarray(image[..., 0] if squeeze else image).resize((width, height), resample))
-  return out[..., None] if squeeze else out
+def decode_image(data) -> np.ndarray:
+  """Encoded image bytes -> uint8 HWC RGB: simplejpeg (libjpeg-turbo, the same pixels as PIL's decoder) for
+  JPEG, OpenCV for what it refuses (PNG, CMYK JPEGs: ImageNet holds a few). A decoded array passes as is."""
+  if isinstance(data, np.ndarray) and data.dtype != object:
+    return data
+  data = bytes(data.item() if isinstance(data, np.ndarray) else data)
+  try:
+    import simplejpeg
+    return simplejpeg.decode_jpeg(data, colorspace='RGB')
+  except (ImportError, ValueError):
+    cv2 = _cv2()
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+      raise ValueError(f'not a decodable image ({len(data)} bytes, starting {data[:8]!r})') from None
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _cv2():
+  import cv2
+  cv2.setNumThreads(1)  # parallelism comes from the workers; one image is ~0.2 ms of resize
+  return cv2
+
+
+def _flip(image: np.ndarray) -> np.ndarray:
+  """Left-right mirror image, contiguous (OpenCV: stacking reversed numpy views into a batch copies 3-byte
+  pixels one by one, several times slower)."""
+  out = _cv2().flip(image, 1)
+  return out[..., None] if out.ndim == 2 else out
+
+
+def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Bicubic resize as the official scripts (`cv2.resize(..., interpolation=cv2.INTER_CUBIC)`: a = -0.75,
+  no antialiasing filter when shrinking, unlike PIL's bicubic)."""
+  out = _cv2().resize(np.ascontiguousarray(image), (width, height), interpolation=_cv2().INTER_CUBIC)
+  return out[..., None] if out.ndim == 2 else out
 
 
 def imagenet_train_crop(image: np.ndarray, rng: np.random.Generator, size: int = 224,
                         short_side: tuple[int, int] = (224, 308), aspect: tuple[float, float] = (0.85, 1.15)):
   """The official AlexNet augmentation (`Resize` in tw-imagenet-alexnet.py): short side to an integer in
   [224, 308), each axis jittered by its own factor in [0.85, 1.15], never enlarged past the original (but
-  at least `size`), bicubic; then a random `size` crop and a horizontal flip with probability 1/2."""
+  at least `size`), cv2 bicubic; then a random `size` crop and a horizontal flip with probability 1/2."""
   h, w = image.shape[:2]
   scale = rng.integers(short_side[0], short_side[1]) / min(h, w)
   scale_x, scale_y = scale * rng.uniform(*aspect), scale * rng.uniform(*aspect)
   new_w, new_h = int(max(size, min(w, scale_x * w))), int(max(size, min(h, scale_y * h)))
-  image = _pil_resize(image, new_h, new_w, 'bicubic')
+  image = _resize(image, new_h, new_w)
   y, x = rng.integers(0, new_h - size + 1), rng.integers(0, new_w - size + 1)
   image = image[y:y + size, x:x + size]
-  return image[:, ::-1] if rng.random() < 0.5 else image
+  return _flip(image) if rng.random() < 0.5 else image
 
 
 def inception_crop(image: np.ndarray, rng: np.random.Generator, size: int = 224, area: tuple[float, float] = (0.08, 1.0),
                    aspect: tuple[float, float] = (3 / 4, 4 / 3), attempts: int = 10):
   """fb.resnet.torch's `RandomSizedCrop`: a crop of 8-100% of the area and aspect ratio 3/4-4/3 (10
   attempts; else the short side to `size` and a center crop), bicubic to `size` x `size`, flip 1/2.
-  (Its colour and lighting jitter are not applied.)"""
+  (Its colour and lighting jitter are not applied; its bicubic is Torch's `image.scale`, ours cv2's.)"""
   h, w = image.shape[:2]
   for _ in range(attempts):
     target = rng.uniform(*area) * h * w
@@ -337,11 +377,11 @@ def inception_crop(image: np.ndarray, rng: np.random.Generator, size: int = 224,
       cw, ch = ch, cw
     if cw <= w and ch <= h:
       y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-      image = _pil_resize(image[y:y + ch, x:x + cw], size, size, 'bicubic')
+      image = _resize(image[y:y + ch, x:x + cw], size, size)
       break
   else:
     image = imagenet_eval_crop(image, size, short_side=size)
-  return image[:, ::-1] if rng.random() < 0.5 else image
+  return _flip(image) if rng.random() < 0.5 else image
 
 
 # data.train_crop -> the per-image augmentation of ImageNet training batches
@@ -350,13 +390,26 @@ TRAIN_CROPS = {'ttq_alexnet': imagenet_train_crop, 'inception': inception_crop}
 
 def imagenet_eval_crop(image: np.ndarray, size: int = 224, short_side: int = 256) -> np.ndarray:
   """The official eval transform: short side to 256 (never enlarged past the original, at least `size`),
-  bicubic, center `size` crop."""
+  cv2 bicubic, center `size` crop."""
   h, w = image.shape[:2]
   scale = short_side / min(h, w)
   new_w, new_h = int(max(size, min(w, scale * w))), int(max(size, min(h, scale * h)))
-  image = _pil_resize(image, new_h, new_w, 'bicubic')
+  image = _resize(image, new_h, new_w)
   y, x = (new_h - size) // 2, (new_w - size) // 2
   return image[y:y + size, x:x + size]
+
+
+def _prepared(ex, crop, split: str, where: str) -> dict[str, np.ndarray]:
+  """An ImageNet example decoded and cropped; a failure is a DataError naming the example (it reaches the
+  user as one line from a worker process too)."""
+  try:
+    example = _as_example(dict(ex, image=decode_image(ex['image'])))
+    return dict(example, image=crop(dict(ex, image=example['image'])), **({'position': ex['position']} if 'position' in ex else {}))
+  except Exception as e:  # noqa: BLE001 - any decode / resize failure of one example
+    file_name = ex.get('file_name', b'')
+    file_name = file_name.decode() if isinstance(file_name, bytes) else str(file_name)
+    raise DataError(f'{split} example at {where}{f" ({file_name})" if file_name else ""}: '
+                    f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}') from None
 
 
 def _as_example(ex) -> dict[str, np.ndarray]:
@@ -404,15 +457,16 @@ def train_dataset(data_config, *, local_batch_size: int, seed: int, process_inde
   global_batch = local_batch_size * process_count
   stream = grain.MapDataset.source(get_source(data_config, 'train')).shuffle(seed=seed).repeat(None)
   rows = _ProcessRows(stream, global_batch, local_batch_size, process_index)
-  ds = grain.MapDataset.source(rows).map(lambda ex: dict(_as_example(ex), position=ex['position']))
-  if name == 'imagenet2012':
+  if name == 'imagenet2012':  # decoded and cropped per example (in the workers)
     size = info.image_shape[0]
-    if augment:  # per example, keyed by its global position
+    if augment:  # keyed by the example's global position
       train_crop = TRAIN_CROPS[data_config.get('train_crop', 'ttq_alexnet')]
       crop = lambda ex: train_crop(ex['image'], np.random.default_rng([seed + AUGMENT_SEED_OFFSET, ex['position']]), size)
     else:
       crop = lambda ex: imagenet_eval_crop(ex['image'], size)
-    ds = ds.map(lambda ex: dict(ex, image=crop(ex)))
+    ds = grain.MapDataset.source(rows).map(lambda ex: _prepared(ex, crop, 'train', f'position {ex["position"]}'))
+  else:
+    ds = grain.MapDataset.source(rows).map(lambda ex: dict(_as_example(ex), position=ex['position']))
   ds = ds.batch(local_batch_size, drop_remainder=True, batch_fn=_stack)
   if augment and name != 'imagenet2012':
     pad = int(data_config.get('crop_padding', 4))
@@ -426,25 +480,37 @@ def train_dataset(data_config, *, local_batch_size: int, seed: int, process_inde
   return ds
 
 
-def eval_batches(data_config, *, split: str = 'test', global_batch_size: int, process_index: int = 0,
-                 process_count: int = 1, num_threads: int = 4, source=None) -> Iterator[dict[str, np.ndarray]]:
-  """This process's part of each global eval batch, in order, the last one padded (`mask` = 0);
+def eval_dataset(data_config, *, split: str = 'test', global_batch_size: int, process_index: int = 0,
+                 process_count: int = 1, source=None) -> grain.MapDataset:
+  """Batch k = this process's part of global eval batch k, in order, the last one padded (`mask` = 0);
   `source`: the split's source when the caller already holds it (else it is opened here)."""
   name = data_config.name
   info = dataset_info(name)
   source = get_source(data_config, split) if source is None else source
   n = len(source)
   local = global_batch_size // process_count
-  ds = grain.MapDataset.source(source).map(_as_example)
+  examples = grain.MapDataset.source(source)
   if name == 'imagenet2012':
-    ds = ds.map(lambda ex: dict(ex, image=imagenet_eval_crop(ex['image'], info.image_shape[0])))
-  for start in range(0, n, global_batch_size):
-    idx = np.arange(start + process_index * local, start + (process_index + 1) * local)
+    crop = lambda ex: imagenet_eval_crop(ex['image'], info.image_shape[0])
+    examples = examples.map_with_index(lambda i, ex: _prepared(ex, crop, split, f'index {i}'))
+  else:
+    examples = examples.map(_as_example)
+
+  def batch(k: int) -> dict[str, np.ndarray]:
+    idx = np.arange(k * global_batch_size + process_index * local, k * global_batch_size + (process_index + 1) * local)
     valid = idx < n
-    examples = [ds[int(i)] for i in np.where(valid, idx, 0)]
-    batch = _stack(examples)
-    batch['mask'] = valid.astype(np.float32)
-    yield batch
+    return dict(_stack([examples[int(i)] for i in np.where(valid, idx, 0)]), mask=valid.astype(np.float32))
+  return grain.MapDataset.range(-(-n // global_batch_size)).map(batch)
+
+
+def eval_batches(data_config, *, split: str = 'test', global_batch_size: int, process_index: int = 0,
+                 process_count: int = 1, source=None, workers: int = 0,
+                 threads: int = 4) -> Iterator[dict[str, np.ndarray]]:
+  """The batches of `eval_dataset`, made by `workers` processes (0: `threads` threads of this one)."""
+  ds = eval_dataset(data_config, split=split, global_batch_size=global_batch_size, process_index=process_index,
+                    process_count=process_count, source=source)
+  with BatchIterator(ds, workers=workers, threads=threads) as it:
+    yield from it
 
 
 def clean_train_dataset(data_config, *, local_batch_size: int, seed: int, process_index: int = 0,
@@ -454,15 +520,105 @@ def clean_train_dataset(data_config, *, local_batch_size: int, seed: int, proces
                        process_index=process_index, process_count=process_count, augment=False)
 
 
+def worker_count(data_config) -> int:
+  """Worker processes of the input pipeline: data.worker_processes, or with -1 the host's cores (those this
+  process may use) less TRAINING_PROCESS_CORES."""
+  n = int(data_config.get('worker_processes', 0))
+  if n == AUTO_WORKERS:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return max(0, cores - TRAINING_PROCESS_CORES)
+  if n < 0:
+    raise ConfigError(f'data.worker_processes={n}: allowed are 0 (threads of the training process), a number of '
+                      f'processes, or {AUTO_WORKERS} (the host\'s cores less {TRAINING_PROCESS_CORES})')
+  return n
+
+
+def _worker_init(index: int, count: int) -> None:
+  """In each worker process: the training process owns shutdown (SIGTERM / SIGINT reach the whole process
+  group; it saves at the agreed step, then closes the workers), and a worker whose parent died (SIGKILL)
+  exits instead of waiting on a full queue forever."""
+  del index, count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  parent = os.getppid()
+
+  def exit_with_parent():
+    while os.getppid() == parent:
+      time.sleep(1.0)
+    os._exit(0)
+  threading.Thread(target=exit_with_parent, daemon=True).start()
+
+
+class BatchIterator:
+  """Batches ds[start], ds[start + 1], ... of a `grain.MapDataset` of batches, made by `workers` processes
+  (grain's `mp_prefetch`: worker w computes batches start + w, start + w + workers, ...; results are
+  interleaved back in order) or, with 0 workers, by `threads` threads of this process.
+
+  The state is the index of the next batch alone, so a run resumed with another worker count (or on
+  another host) sees the same batches. Workers start on the first batch; `close` (or leaving the `with`
+  block) stops them.
+  """
+
+  def __init__(self, ds: grain.MapDataset, *, workers: int = 0, threads: int = 4, start: int = 0,
+               buffer_per_worker: int = 2):
+    self.ds, self.workers, self.threads, self.buffer = ds, workers, max(1, threads), buffer_per_worker
+    self.next_index, self._it = start, None
+
+  def _open(self):
+    # a worker is one core's worth: it makes one batch at a time, `buffer_per_worker` ahead
+    options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=1) if self.workers else \
+        grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=8)
+    ds = self.ds[self.next_index:].to_iter_dataset(options)
+    if self.workers:
+      # Batches come back pickled through the workers' pipes, not in shared memory: grain 0.2's shared-memory
+      # batches outlive a closed iterator (the resource tracker reports them leaked at exit).
+      ds = grain.experimental.WithOptionsIterDataset(ds, grain.experimental.DatasetOptions(min_shm_size=1 << 62))
+      from absl import flags  # grain's workers read its absl flags: from a notebook / pytest, take their defaults
+      if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=self.buffer),
+                          worker_init_fn=_worker_init)
+    return iter(ds)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._it is None:
+      self._it = self._open()
+    batch = next(self._it)
+    self.next_index += 1
+    return batch
+
+  def get_state(self) -> dict:
+    return {'next_index': self.next_index}
+
+  def set_state(self, state: dict) -> None:
+    self.close()
+    self.next_index = int(state['next_index'])
+
+  def close(self) -> None:
+    if self._it is not None and hasattr(self._it, 'close'):
+      self._it.close()
+    self._it = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
 class Prefetcher:
-  """Pulls host batches from a grain iterator and puts `depth` of them on the devices ahead of
-  use; remembers the iterator state that follows each batch (saved with checkpoints)."""
+  """Pulls host batches from a `BatchIterator` and puts `depth` of them on the devices ahead of use;
+  remembers the iterator state that follows each batch (saved with checkpoints)."""
 
   def __init__(self, iterator, mesh, depth: int):
     self.iterator, self.mesh, self.depth = iterator, mesh, max(1, depth)
     self.queue: list = []
 
   def _fill(self):
+    from ttq_jax import sharding as sharding_lib  # not at import: worker processes unpickle this module
     while len(self.queue) < self.depth:
       local = next(self.iterator)
       self.queue.append((sharding_lib.global_batch(local, self.mesh), self.iterator.get_state()))

@@ -17,7 +17,6 @@ import signal
 import time
 from typing import Any, Callable
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -149,7 +148,8 @@ class _Input:
     rows = dict(local_batch_size=config.batch_size // jax.process_count(), seed=config.seed,
                 process_index=jax.process_index(), process_count=jax.process_count())
     ds = input_pipeline.train_dataset(config.data, **rows)
-    iterator = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=config.data.num_threads, prefetch_buffer_size=8)))
+    iterator = input_pipeline.BatchIterator(ds, workers=input_pipeline.worker_count(config.data),
+                                            threads=config.data.num_threads)
     splits = ('validation', 'test') if config.data.validation_examples else ('test',)
     return cls(config, iterator, input_pipeline.Prefetcher(iterator, mesh, config.data.prefetch_batches),
                input_pipeline.clean_train_dataset(config.data, **rows),
@@ -164,7 +164,10 @@ class _Input:
     return evaluation.eval_batches(self.config, self.sources[split], split)
 
   def recalibration_batches(self):
-    return (self.clean[i] for i in range(self.config.bn_recalibration_batches))
+    return evaluation.recalibration_batches(self.config, self.clean)
+
+  def close(self) -> None:
+    self.iterator.close()
 
   def evaluate(self, programs, state, quantized: bool, split: str):
     return evaluation.evaluate_columns(self.config, programs, state, lambda: self.eval_batches(split),
@@ -296,6 +299,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
   pending, target, best, last = [], {}, _BestOnValidation(), (None, None)  # last: (step, eval columns)
   with StopSignal() as stop, contextlib.ExitStack() as cleanup:
     cleanup.callback(writer.close)
+    cleanup.callback(inputs.close)  # stops the input workers (after the step's checkpoint is saved)
     cleanup.callback(manager.close)
     cleanup.callback(manager.wait_until_finished)
     for step in range(start_step + 1, total + 1):
