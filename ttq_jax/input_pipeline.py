@@ -403,13 +403,14 @@ def _prepared(ex, crop, split: str, where: str) -> dict[str, np.ndarray]:
   """An ImageNet example decoded and cropped; a failure is a DataError naming the example (it reaches the
   user as one line from a worker process too)."""
   try:
-    example = _as_example(dict(ex, image=decode_image(ex['image'])))
-    return dict(example, image=crop(dict(ex, image=example['image'])), **({'position': ex['position']} if 'position' in ex else {}))
-  except Exception as e:  # noqa: BLE001 - any decode / resize failure of one example
+    example = _as_example({'image': decode_image(ex['image']), 'label': ex['label']})
+    example['image'] = crop(dict(ex, image=example['image']))
+  except (ValueError, OSError, _cv2().error) as e:  # undecodable or unusable image data (not a bug of ours)
     file_name = ex.get('file_name', b'')
     file_name = file_name.decode() if isinstance(file_name, bytes) else str(file_name)
     raise DataError(f'{split} example at {where}{f" ({file_name})" if file_name else ""}: '
                     f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}') from None
+  return dict(example, position=ex['position']) if 'position' in ex else example
 
 
 def _as_example(ex) -> dict[str, np.ndarray]:
