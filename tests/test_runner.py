@@ -51,5 +51,7 @@ def test_console_filter_keeps_our_info_lines_only(pathname, shown):
   f = main.QuietLibraries()
   record = logging.LogRecord('x', logging.INFO, pathname.format(pkg=f.PACKAGE_DIR), 1, 'msg', None, None)
   assert f.filter(record) is shown
-  record.levelno = logging.WARNING  # warnings of every library are shown
+  record.levelno = logging.WARNING  # warnings of every library are shown ...
   assert f.filter(record)
+  record.msg = 'Given directory is read only=%s'  # ... but for orbax's note on a manager we open read-only
+  assert f.filter(record) is shown

@@ -36,9 +36,16 @@ class QuietLibraries(logging.Filter):
   a virtual environment inside must not let the libraries' INFO lines through."""
 
   PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+  # Library warnings about what we asked for on purpose: orbax warns whenever a manager is opened read-only
+  # (evaluation, export and `init_from` read checkpoints that way).
+  EXPECTED_WARNINGS = ('Given directory is read only',)
 
   def filter(self, record):
-    return record.levelno >= logging.WARNING or os.path.abspath(record.pathname).startswith(self.PACKAGE_DIR)
+    if os.path.abspath(record.pathname).startswith(self.PACKAGE_DIR):
+      return True
+    if record.levelno == logging.WARNING and str(record.msg).startswith(self.EXPECTED_WARNINGS):
+      return False
+    return record.levelno >= logging.WARNING
 
 
 def main(argv):
