@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 
 from ttq_jax import export_format
 from ttq_jax import files
@@ -152,15 +151,11 @@ def changed_guarded_fields(saved: dict, current: dict) -> list[str]:
 
 def _check_writable(workdir: str) -> None:
   """Creates `workdir` and writes and deletes a probe file in it, or fails in one line naming it."""
+  probe = files.join(workdir, f'.write_test-{os.getpid()}')
   try:
-    if files.is_url(workdir):
-      probe = files.join(workdir, f'.write_test-{os.getpid()}')
-      files.write_text(probe, '')
-      files.epath.Path(probe).unlink()
-    else:
-      os.makedirs(workdir, exist_ok=True)
-      with tempfile.NamedTemporaryFile(dir=workdir, prefix='.write_test'):
-        pass
+    files.makedirs(workdir)
+    files.write_text(probe, '')
+    files.remove(probe)
   except Exception as e:  # noqa: BLE001 - any store error (missing bucket, no permission, unreachable) is the answer
     reason = getattr(e, 'strerror', None) or (str(e).splitlines() or [type(e).__name__])[0]
     raise ConfigError(f'workdir={workdir!r} is not writable: {reason}') from None

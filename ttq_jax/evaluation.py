@@ -129,10 +129,10 @@ def headline(columns: dict[str, tuple[dict, Any]]) -> tuple[str, dict]:
 def eval_batches(config, source=None, split: str = 'test'):
   """This process's part of every global batch of `split` (`source`: the split, if already open), made by
   the input workers (`data.worker_processes`)."""
-  n = -(-len(source) // config.eval_batch_size) if source is not None else None
   return input_pipeline.eval_batches(config.data, split=split, global_batch_size=config.eval_batch_size,
                                      process_index=jax.process_index(), process_count=jax.process_count(),
-                                     source=source, workers=_workers(config, n), threads=config.data.num_threads)
+                                     source=source, workers=input_pipeline.worker_count(config.data),
+                                     threads=config.data.num_threads)
 
 
 def recalibration_batches(config, clean=None):
@@ -142,15 +142,9 @@ def recalibration_batches(config, clean=None):
     clean = input_pipeline.clean_train_dataset(
         config.data, local_batch_size=config.batch_size // jax.process_count(), seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count())
-  n = config.bn_recalibration_batches
-  with input_pipeline.BatchIterator(clean[:n], workers=_workers(config, n), threads=config.data.num_threads) as it:
+  with input_pipeline.BatchIterator(clean[:config.bn_recalibration_batches], threads=config.data.num_threads,
+                                    workers=input_pipeline.worker_count(config.data)) as it:
     yield from it
-
-
-def _workers(config, batches: int | None) -> int:
-  """The configured input workers, but no more than there are batches to make."""
-  workers = input_pipeline.worker_count(config.data)
-  return workers if batches is None else min(workers, batches)
 
 
 # --------------------------------------------------------------------------- --mode eval

@@ -53,7 +53,11 @@ def makedirs(path: str) -> None:
 
 
 def size(path: str) -> int:
-  return epath.Path(path).stat().length if is_url(path) else os.path.getsize(path)
+  return epath.Path(path).stat().length
+
+
+def remove(path: str) -> None:
+  epath.Path(path).unlink()
 
 
 def read_bytes(path: str) -> bytes:

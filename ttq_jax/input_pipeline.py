@@ -12,6 +12,7 @@ ImageNet JPEGs are decoded here (simplejpeg / OpenCV) and resized as the officia
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import os
 import signal
@@ -328,6 +329,7 @@ def decode_image(data) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+@functools.cache
 def _cv2():
   import cv2
   cv2.setNumThreads(1)  # parallelism comes from the workers; one image is ~0.2 ms of resize
@@ -344,7 +346,8 @@ def _flip(image: np.ndarray) -> np.ndarray:
 def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
   """Bicubic resize as the official scripts (`cv2.resize(..., interpolation=cv2.INTER_CUBIC)`: a = -0.75,
   no antialiasing filter when shrinking, unlike PIL's bicubic)."""
-  out = _cv2().resize(np.ascontiguousarray(image), (width, height), interpolation=_cv2().INTER_CUBIC)
+  cv2 = _cv2()
+  out = cv2.resize(np.ascontiguousarray(image), (width, height), interpolation=cv2.INTER_CUBIC)
   return out[..., None] if out.ndim == 2 else out
 
 
@@ -556,8 +559,8 @@ class BatchIterator:
   interleaved back in order) or, with 0 workers, by `threads` threads of this process.
 
   The state is the index of the next batch alone, so a run resumed with another worker count (or on
-  another host) sees the same batches. Workers start on the first batch; `close` (or leaving the `with`
-  block) stops them.
+  another host) sees the same batches. Workers start on the first batch, no more than there are batches
+  left (a short evaluation starts few); `close` (or leaving the `with` block) stops them.
   """
 
   def __init__(self, ds: grain.MapDataset, *, workers: int = 0, threads: int = 4, start: int = 0,
@@ -566,18 +569,20 @@ class BatchIterator:
     self.next_index, self._it = start, None
 
   def _open(self):
+    remaining = self.ds[self.next_index:]
+    workers = min(self.workers, len(remaining))
     # a worker is one core's worth: it makes one batch at a time, `buffer_per_worker` ahead
-    options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=1) if self.workers else \
+    options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=1) if workers else \
         grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=8)
-    ds = self.ds[self.next_index:].to_iter_dataset(options)
-    if self.workers:
+    ds = remaining.to_iter_dataset(options)
+    if workers:
       # Batches come back pickled through the workers' pipes, not in shared memory: grain 0.2's shared-memory
       # batches outlive a closed iterator (the resource tracker reports them leaked at exit).
       ds = grain.experimental.WithOptionsIterDataset(ds, grain.experimental.DatasetOptions(min_shm_size=1 << 62))
       from absl import flags  # grain's workers read its absl flags: from a notebook / pytest, take their defaults
       if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
-      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=self.buffer),
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=self.buffer),
                           worker_init_fn=_worker_init)
     return iter(ds)
 
