@@ -30,12 +30,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.prefetch_batches = 2         # batches put on the device ahead of the step
 
   config.quant = ml_collections.ConfigDict()
-  config.quant.method = 'ttq'              # ttq | twn | fp
+  config.quant.method = 'ttq'              # the scale rule: ttq (trained W_p / W_n) | twn (analytic alpha) | fp
   # Module-path regex (whole path) of the layers kept full precision; every other layer with a kernel is
   # ternary. 'edges' = the model's first and last layer (models.EDGE_LAYERS); '' = none.
   config.quant.full_precision_layers = 'edges'
-  config.quant.threshold = 'max'           # max (delta = t * max|w|) | sparsity
+  # The threshold rule, for either method: None = the method's own (ttq: max with t; twn: mean with k);
+  # max (delta = t * max|w|) | mean (delta = k * mean|w|) | sparsity (a fixed zero fraction).
+  config.quant.threshold = ml_collections.config_dict.placeholder(str)
   config.quant.t = 0.05                    # paper: 0.05
+  config.quant.k = 0.7                     # TWN: 0.7
   config.quant.sparsity = 0.5              # zero fraction for threshold = sparsity
   config.quant.w_p_init = 1.0              # official code: 1.0
   config.quant.w_n_init = 1.0

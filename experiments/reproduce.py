@@ -1,6 +1,7 @@
 r"""Reproduction harness: the paper's rows (and their recipes), and our Fashion-MNIST table over seeds.
 
     python experiments/reproduce.py --table fashion_mnist [--seeds 0,1,2]   # CPU, offline (~8 min a run)
+    python experiments/reproduce.py --table fashion_mnist_protocol [--seeds 0,1,2] [--budget tiny|cpu|gpu] [--parallel N]
     python experiments/reproduce.py --table paper                           # the paper's rows + FP twins
     python experiments/reproduce.py --table paper --describe [--json OUT] [--markdown docs/recipes.md]
 
@@ -10,6 +11,8 @@ the final, best and mean-of-last-5 test errors over evaluations of the trained (
 running BN statistics and, separately, with re-estimated ones; for Fashion-MNIST, the model chosen on the
 validation split, reported on test, mean +- std over seeds. `--describe` prints the effective recipe of
 every paper row, computed from its config (`ttq_jax.recipes`), next to the official values.
+`--table fashion_mnist_protocol` is the paper's protocol (one FP checkpoint per seed, every method
+fine-tunes it): `experiments/protocol.py`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # experiments/protocol.py
 
 from ttq_jax import recipes  # noqa: E402
 
@@ -143,19 +147,30 @@ def describe(args) -> None:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--table', choices=['fashion_mnist', 'paper'], default='fashion_mnist')
+  p.add_argument('--table', choices=['fashion_mnist', 'fashion_mnist_protocol', 'paper'], default='fashion_mnist')
+  p.add_argument('--budget', choices=['tiny', 'cpu', 'gpu'], default='cpu',
+                 help='fashion_mnist_protocol: steps of the FP checkpoint and of the fine-tunes (configs/fashion_mnist_protocol.py)')
+  p.add_argument('--parallel', type=int, default=1, help='fashion_mnist_protocol: runs at once (processes)')
   p.add_argument('--seeds', default='0,1,2', help='fashion_mnist: comma-separated config.seed values')
   p.add_argument('--describe', action='store_true', help='paper: print each row\'s effective recipe, run nothing')
   p.add_argument('--json', default='', help='--describe: write {"rows": [...]} here')
   p.add_argument('--markdown', default='', help='--describe: write the side-by-side recipes (docs/recipes.md)')
   p.add_argument('--workdir_root', default='workdirs/reproduce')
-  p.add_argument('--results', default='', help='markdown output (default experiments/results/<table>_seeds.md|paper.md)')
+  p.add_argument('--results', default='', help='markdown output (default experiments/results/<table>_seeds.md|paper.md); '
+                 'fashion_mnist_protocol: the JSON (default experiments/results/fashion_mnist_protocol[_gpu].json for '
+                 'the cpu [gpu] budget, the workdir for tiny)')
   p.add_argument('--allow-cpu', action='store_true')
   p.add_argument('--only', default='', help='comma-separated substrings: run only matching rows')
   p.add_argument('--collect-only', action='store_true', help='fashion_mnist: table of the finished runs, train nothing')
   args = p.parse_args()
   if args.describe:
     return describe(args)
+  if args.table == 'fashion_mnist_protocol':
+    if args.parallel < 1:
+      p.error(f'--parallel={args.parallel} must be >= 1')
+    import protocol  # experiments/protocol.py
+    protocol.main(args)
+    return
   root = os.path.join(args.workdir_root, args.table)
   os.makedirs(root, exist_ok=True)
   wanted = lambda name: not args.only or any(s in name for s in args.only.split(','))

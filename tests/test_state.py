@@ -1,5 +1,7 @@
 """Train state: the switch to ternary by hand, the warm start (init_from) end to end, the restore helper."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,7 +54,10 @@ def test_init_from_full_precision_run(smoke_config, tmp_path):
   c.init_from, c.normalize_init, c.quant.scale_init = fp_dir, True, 'mean_abs'
   # the pieces: copied weights and statistics, then the switch
   _, state, _ = programs_state_batches(c, (1, 1), n=0)
-  state = jax.device_get(ckpt.load_init_from(state, fp_dir))
+  state, record = ckpt.load_init_from(state, fp_dir)
+  state = jax.device_get(state)
+  # the record names what was loaded: the FP run's newest step and the digest of its params
+  assert record == {'path': fp_dir, 'step': 6, 'params_sha256': ckpt.params_sha256(fp_state.params)}
   src = fp_state.params['res2_0']['conv1']['kernel']
   np.testing.assert_array_equal(state.params['res2_0']['conv1']['kernel'], src)
   np.testing.assert_array_equal(state.params['conv0']['kernel'], fp_state.params['conv0']['kernel'])
@@ -62,17 +67,19 @@ def test_init_from_full_precision_run(smoke_config, tmp_path):
   assert 0.0 < float(switched['res2_0']['conv1']['w_p']) < 1.0  # mean |w| of a [-1, 1] kernel
   # the run: step 1's loss is the switched model's loss on batch 0 (and not the unswitched one's)
   programs, fresh, batches = programs_state_batches(c, (1, 1), n=1)
-  loaded = ckpt.load_init_from(fresh, fp_dir)
+  loaded = ckpt.load_init_from(fresh, fp_dir)[0]
   switched = jax.device_put(state_lib.start_ternary(loaded.params, c, loaded.ternary),
                             state_lib.state_shardings(loaded.params))
   expected = programs.train(loaded.replace(params=switched), batches[0])[1]
   programs, fresh, _ = programs_state_batches(c, (1, 1), n=0)  # (programs are compiled for their state's tx)
-  unswitched = programs.train(ckpt.load_init_from(fresh, fp_dir), batches[0])[1]
+  unswitched = programs.train(ckpt.load_init_from(fresh, fp_dir)[0], batches[0])[1]
   c.num_train_steps, c.log_every_steps = 2, 1
   train.train_and_evaluate(c, str(tmp_path / 'ttq'))
   first = metrics_rows(str(tmp_path / 'ttq'))[0]
   assert first['step'] == 1 and first['train_loss'] == pytest.approx(float(expected['train_loss']), rel=1e-6)
   assert first['train_loss'] != pytest.approx(float(unswitched['train_loss']), rel=1e-3)
+  result = json.load(open(tmp_path / 'ttq' / 'result.json'))
+  assert result['init_from'] == record  # kept in result.json (also after a resume: WORKDIR/init_from.json)
 
 
 def test_checkpoints_written_with_the_unused_rng_still_restore(smoke_config, tmp_path):
@@ -150,7 +157,9 @@ def test_init_from_an_orbax_checkpoint_of_a_plain_flax_model(smoke_config, tmp_p
   checkpointer.wait_until_finished()
   model = quant.quantize(Net(), [quant.Rule(module_path='conv')])
   _, state = state_lib.create_mesh_and_state(smoke_config, model)
-  loaded = jax.device_get(ckpt.load_init_from(state, str(tmp_path / 'fp')))
+  loaded, record = ckpt.load_init_from(state, str(tmp_path / 'fp'))
+  loaded = jax.device_get(loaded)
+  assert record['step'] is None and record['params_sha256'] == ckpt.params_sha256(plain)
   for name in ('conv', 'head'):
     np.testing.assert_array_equal(loaded.params[name]['kernel'], plain[name]['kernel'])
   assert float(loaded.params['conv']['w_p']) == 1.0

@@ -3,6 +3,7 @@ the warm start of a run from another run's checkpoint (`init_from`)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any, Callable, Sequence
 
@@ -131,27 +132,44 @@ def _copy_matching(dst, src) -> tuple[dict, list[str], list[str]]:
   return traverse_util.unflatten_dict({**flat_dst, **copied}, sep='/'), list(copied), kept
 
 
-def _read_warm_start(source: str) -> dict:
-  """The variables to warm-start from: the newest checkpoint of a ttq_jax workdir, or an orbax checkpoint
-  directory (e.g. `ocp.StandardCheckpointer().save(path, {'params': ..., 'batch_stats': ...})` of your
-  own FP training; a bare params tree works too)."""
+def params_sha256(params) -> str:
+  """SHA-256 over a params tree: each leaf's slash-joined path, dtype, shape and bytes, in sorted path
+  order. Equal digests mean the same tensors, so two runs that report one started from the same weights."""
+  digest = hashlib.sha256()
+  flat = traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/')
+  for path in sorted(flat):
+    value = np.ascontiguousarray(np.asarray(flat[path]))
+    digest.update(f'{path}|{value.dtype.str}|{value.shape}|'.encode())
+    digest.update(value.tobytes())
+  return digest.hexdigest()
+
+
+def _read_warm_start(source: str) -> tuple[dict, int | None]:
+  """(the variables to warm-start from, their step or None): the newest checkpoint of a ttq_jax workdir, or
+  an orbax checkpoint directory (e.g. `ocp.StandardCheckpointer().save(path, {'params': ..., 'batch_stats':
+  ...})` of your own FP training; a bare params tree works too)."""
   if not files.isdir(checkpoint_dir(source)) and files.isfile(files.join(source, '_CHECKPOINT_METADATA')):
     tree = ocp.StandardCheckpointer().restore(files.resolve(source))
-    return tree if 'params' in tree else {'params': tree}
+    return (tree if 'params' in tree else {'params': tree}), None
   mngr = create_manager(source, read_only=True)
   steps = mngr.all_steps()
   if not steps:
     raise CheckpointError(f'init_from={source!r} has no checkpoint in {checkpoint_dir(source)} and is not an orbax '
                           'checkpoint directory')
-  return mngr.restore(max(steps), args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+  step = max(steps)
+  return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state'], int(step)
 
 
-def load_init_from(state: Any, workdir_from: str) -> Any:
+def load_init_from(state: Any, workdir_from: str) -> tuple[Any, dict]:
   """Warm start (the paper's fine-tuning recipe): copies the params and BN statistics of an FP run of the
   same (plain) model, a ttq_jax workdir or an orbax checkpoint, into `state` wherever path and shape
   match, and starts a fresh optimizer state. A kernel of `state` that the source lacks is an error. The
-  switch to ternary (scale init) is the caller's."""
-  restored = _read_warm_start(workdir_from)
+  switch to ternary (scale init) is the caller's.
+
+  Returns (the new state, a record of the source: {'path', 'step' (None for an orbax directory),
+  'params_sha256' (`params_sha256` of the source's params as read)}).
+  """
+  restored, source_step = _read_warm_start(workdir_from)
   params, copied, kept = _copy_matching(jax.device_get(state.params), restored['params'])
   batch_stats, copied_stats, kept_stats = _copy_matching(jax.device_get(state.batch_stats),
                                                          restored.get('batch_stats', {}))
@@ -165,4 +183,5 @@ def load_init_from(state: Any, workdir_from: str) -> Any:
                ', '.join(kept[:8]))
   new = state.replace(params=params, batch_stats=batch_stats)
   new = new.replace(opt_state=state.tx.init(new.params))
-  return jax.device_put(new, jax.tree.map(lambda x: x.sharding, state))
+  record = {'path': workdir_from, 'step': source_step, 'params_sha256': params_sha256(restored['params'])}
+  return jax.device_put(new, jax.tree.map(lambda x: x.sharding, state)), record

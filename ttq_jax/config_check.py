@@ -18,7 +18,7 @@ from ttq_jax import optim
 from ttq_jax import programs
 from ttq_jax import state as state_lib
 from ttq_jax.errors import ConfigError
-from ttq_jax.quant import QuantConfig
+from ttq_jax.quant import METHODS, QuantConfig
 
 # config key -> the dispatch table that owns its allowed values
 CHOICES = {
@@ -137,11 +137,26 @@ def flatten(d, prefix: str = '') -> dict:
 
 
 # Guarded keys added after workdirs already existed: a saved config without one ran with this value.
-VALUE_IF_ABSENT = {'ternary_kernel_lr_multiplier': 1.0}
+VALUE_IF_ABSENT = {'ternary_kernel_lr_multiplier': 1.0, 'quant.k': 0.7}
+
+
+def canonical_quant(flat: dict, *, saved_before_k: bool = False) -> dict:
+  """`flat` (a flattened config) with `quant.threshold` as the rule in force: None is the method's own
+  rule. A config saved before `quant.k` existed ran TWN with TWN's own rule whatever its `quant.threshold`
+  said (`saved_before_k`)."""
+  flat = dict(flat)
+  method = flat.get('quant.method')
+  if saved_before_k and method == 'twn':
+    flat['quant.threshold'] = None
+  if flat.get('quant.threshold') is None:
+    flat['quant.threshold'] = METHODS.get(method)
+  return flat
 
 
 def changed_guarded_fields(saved: dict, current: dict) -> list[str]:
-  a, b = {**VALUE_IF_ABSENT, **flatten(saved)}, flatten(current)
+  saved_flat = flatten(saved)
+  a = canonical_quant({**VALUE_IF_ABSENT, **saved_flat}, saved_before_k='quant.k' not in saved_flat)
+  b = canonical_quant({**VALUE_IF_ABSENT, **flatten(current)})
   keys = sorted(set(a) | set(b))
   if b.get('quant.method') != 'ttq':  # only TTQ runs use it (and only then is it in the optimizer state)
     keys = [k for k in keys if k != 'ternary_kernel_lr_multiplier']

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import resource
 import signal
@@ -187,12 +188,21 @@ class _BestOnValidation:
 
 
 
+INIT_FROM_RECORD = 'init_from.json'  # WORKDIR/init_from.json: what the warm start loaded (checkpoint.load_init_from)
+
+
 def _restore_or_warm_start(config, workdir: str, manager, state, inputs: _Input):
   """(first step to run, state): the newest readable checkpoint of `workdir` with its iterator state,
-  else `init_from`'s weights (fine-tuning), else the fresh state."""
+  else `init_from`'s weights (fine-tuning; what was loaded is recorded in WORKDIR/init_from.json), else
+  the fresh state."""
   restored = state_lib.restore_latest(manager, state)
   if restored is None:
-    return 0, (ckpt.load_init_from(state, config.init_from) if config.init_from else state)
+    if not config.init_from:
+      return 0, state
+    state, record = ckpt.load_init_from(state, config.init_from)
+    if jax.process_index() == 0:
+      files.write_json(files.join(workdir, INIT_FROM_RECORD), record)
+    return 0, state
   step, state, data_state = restored
   ckpt.quarantine_newer(manager, workdir, step)
   inputs.iterator.set_state(data_state or {'next_index': step})
@@ -350,6 +360,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
     result['protocol'] = reports.eval_protocol(reports.read_metrics(files.join(workdir, 'metrics.jsonl')))
   if config.target_accuracy > 0:
     result['target'] = {'accuracy': config.target_accuracy, **target}
+  if primary and files.exists(files.join(workdir, INIT_FROM_RECORD)):
+    result['init_from'] = json.loads(files.read_text(files.join(workdir, INIT_FROM_RECORD)))
   if primary:
     files.write_json(files.join(workdir, 'result.json'), result)
     print(reports.format_eval_table(result, config, type(quant_lib.unquantized(model)).__name__ if model else None))

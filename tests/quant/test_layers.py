@@ -1,5 +1,7 @@
 """Tests of TernaryConv / TernaryDense and the reporting helpers."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -106,12 +108,13 @@ def test_bf16_compute_keeps_float32_params():
 
 @pytest.mark.parametrize('kwargs,msg', [
     (dict(method='int8'), "quant.method='int8' is unknown: allowed are ttq, twn, fp"),
-    (dict(threshold='mean'), "quant.threshold='mean' is unknown"),
+    (dict(threshold='median'), "quant.threshold='median' is unknown: allowed are None (the method's own), max, mean, sparsity"),
+    (dict(k=0.0), 'quant.k=0.0 is out of range: allowed is quant.k > 0'),
     (dict(t=1.0), 'quant.t=1.0 is out of range'),
     (dict(sparsity=-0.1), 'quant.sparsity=-0.1 is out of range'),
 ])
 def test_config_errors(kwargs, msg):
-  with pytest.raises(ValueError, match=msg.replace('(', r'\(')):
+  with pytest.raises(ValueError, match=re.escape(msg)):
     QuantConfig(**kwargs)
 
 

@@ -2,11 +2,13 @@
 layers, `quantize(model, rules)` for any Flax model, reports."""
 
 from ttq_jax.quant._ternary import delta_from_max
+from ttq_jax.quant._ternary import delta_from_mean
 from ttq_jax.quant._ternary import delta_from_sparsity
 from ttq_jax.quant._ternary import sum_to_shape
 from ttq_jax.quant._ternary import ternarize
 from ttq_jax.quant._ternary import ternarize_bwd
 from ttq_jax.quant._ternary import ternarize_fwd
+from ttq_jax.quant._ternary import twn_scale
 from ttq_jax.quant._ternary import twn_ternarize
 from ttq_jax.quant._ternary import twn_threshold_and_scale
 from ttq_jax.quant.config import METHODS

@@ -121,6 +121,18 @@ def delta_from_max(w: jax.Array, t: float) -> jax.Array:
   return jax.lax.stop_gradient(t * jnp.max(jnp.abs(w)))
 
 
+def check_positive(name: str, value: float) -> None:
+  """Raises ValueError unless value > 0 (for `k`)."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not value > 0.0:
+    raise ValueError(f'{name}={value!r} is out of range: allowed is {name} > 0')
+
+
+def delta_from_mean(w: jax.Array, k: float) -> jax.Array:
+  """TWN's threshold rule: delta = k * mean|w| (no gradient; TWN uses k = 0.7, Li & Liu 2016 Eq. 8)."""
+  check_positive('k', k)
+  return jax.lax.stop_gradient(k * jnp.mean(jnp.abs(w)))
+
+
 def delta_from_sparsity(w: jax.Array, r: float) -> jax.Array:
   """Constant-sparsity rule: the threshold that makes a fraction `r` of `w` zero.
 
@@ -138,20 +150,34 @@ def delta_from_sparsity(w: jax.Array, r: float) -> jax.Array:
 # --------------------------------------------------------------------------- TWN baseline
 
 
-def twn_threshold_and_scale(w: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """TWN: delta = 0.7 * mean|w|, alpha = mean(|w| over |w| > delta); both without gradient."""
+TWN_K = 0.7  # TWN's threshold factor: delta = 0.7 * mean|w|
+
+
+def twn_scale(w: jax.Array, delta: jax.Array) -> jax.Array:
+  """TWN's analytic scale for a given threshold: alpha = mean of |w| over |w| > delta (float32, no gradient;
+  0 when no weight is above delta)."""
   a = jnp.abs(w).astype(jnp.float32)
-  delta = 0.7 * jnp.mean(a)
-  above = a > delta
-  alpha = jnp.sum(jnp.where(above, a, 0.0)) / jnp.maximum(jnp.sum(above), 1)
-  return jax.lax.stop_gradient(delta), jax.lax.stop_gradient(alpha)
+  above = a > jnp.asarray(delta, jnp.float32)
+  return jax.lax.stop_gradient(jnp.sum(jnp.where(above, a, 0.0)) / jnp.maximum(jnp.sum(above), 1))
 
 
-def twn_ternarize(w: jax.Array) -> jax.Array:
+def twn_threshold_and_scale(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """TWN: delta = 0.7 * mean|w|, alpha = mean(|w| over |w| > delta); both float32, without gradient."""
+  delta = delta_from_mean(jnp.abs(w).astype(jnp.float32), TWN_K)
+  return delta, twn_scale(w, delta)
+
+
+def twn_ternarize(w: jax.Array, delta: jax.Array | None = None) -> jax.Array:
   """Ternary Weight Networks (Li & Liu 2016): alpha * sign(w) where |w| > delta, else 0.
 
-  The scale is not trained; the gradient to `w` is the plain straight-through estimator (dw = g).
+  `delta`: the threshold (0-d; default TWN's own, 0.7 * mean|w|); alpha = mean of |w| above it. The scale
+  is not trained; the gradient to `w` is the plain straight-through estimator (dw = g).
   """
-  delta, alpha = twn_threshold_and_scale(w)
+  if delta is None:
+    delta, alpha = twn_threshold_and_scale(w)
+  else:
+    _check_scalar('delta', delta)
+    delta = jax.lax.stop_gradient(jnp.asarray(delta, jnp.float32))
+    alpha = twn_scale(w, delta)
   wt = jnp.where(jnp.abs(w) > delta.astype(w.dtype), jnp.sign(w) * alpha.astype(w.dtype), jnp.zeros((), w.dtype))
   return w + jax.lax.stop_gradient(wt - w)

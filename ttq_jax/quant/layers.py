@@ -27,7 +27,7 @@ def quantize_kernel(kernel: jax.Array, w_p: jax.Array | None, w_n: jax.Array | N
   if quant.method == 'fp':
     return kernel
   if quant.method == 'twn':
-    return _ternary.twn_ternarize(kernel)
+    return _ternary.twn_ternarize(kernel, threshold(kernel.astype(jnp.float32), quant))
   w_p, w_n = effective_scales(w_p, w_n, quant)
   return _ternary.ternarize(kernel, w_p, w_n, threshold(kernel, quant))
 

@@ -44,7 +44,7 @@ KERNEL_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose, nn.Einsum
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Rule(QuantConfig):
   """Which layers (`module_path`, a regex over the whole slash-joined module path) and how (the
-  `QuantConfig` fields: method, threshold, t, sparsity, w_p_init, w_n_init, positive_scales).
+  `QuantConfig` fields: method, threshold, t, k, sparsity, w_p_init, w_n_init, positive_scales).
 
   scale_granularity: 'tensor' (one w_p and one w_n per layer, the paper) or 'channel' (one per output
     feature: the kernel's output axes, flattened for DenseGeneral / Einsum with several; an extension

@@ -24,10 +24,8 @@ from ttq_jax.quant.config import QuantConfig
 
 
 def threshold(kernel: jax.Array, quant: QuantConfig) -> jax.Array:
-  """The layer's delta under its config (no gradient)."""
-  if quant.threshold == 'max':
-    return _ternary.delta_from_max(kernel, quant.t)
-  return _ternary.delta_from_sparsity(kernel, quant.sparsity)
+  """The layer's delta under its config (the rule `quant.threshold_rule`; no gradient)."""
+  return quant.delta(kernel)
 
 
 def effective_scales(w_p: jax.Array, w_n: jax.Array, quant: QuantConfig) -> tuple[jax.Array, jax.Array]:
@@ -48,12 +46,13 @@ class TernaryWeights:
   def from_latent(cls, kernel: jax.Array, w_p: jax.Array | None, w_n: jax.Array | None,
                   quant: QuantConfig) -> 'TernaryWeights':
     """The ternary weights a latent kernel stands for under `quant` ('ttq': trained w_p / w_n; 'twn': its
-    computed alpha twice, w_p / w_n ignored). Decisions are taken in float32."""
+    computed alpha twice, w_p / w_n ignored), each with the threshold rule in force
+    (`quant.threshold_rule`). Decisions are taken in float32."""
     kernel = jnp.asarray(kernel, jnp.float32)
     if quant.method == 'twn':
-      delta, alpha = _ternary.twn_threshold_and_scale(kernel)
-      positive, negative = kernel > delta, kernel < -delta
-      w_p = w_n = alpha
+      delta = threshold(kernel, quant)
+      positive, negative = _ternary.ternary_masks(kernel, delta)
+      w_p = w_n = _ternary.twn_scale(kernel, delta)
     elif quant.method == 'ttq':
       positive, negative = _ternary.ternary_masks(kernel, threshold(kernel, quant))
       w_p, w_n = effective_scales(jnp.asarray(w_p), jnp.asarray(w_n), quant)

@@ -1,0 +1,280 @@
+r"""The paper's protocol on Fashion-MNIST (`reproduce.py --table fashion_mnist_protocol`): per seed one
+full-precision checkpoint, then every row of `configs/fashion_mnist_protocol.py` fine-tunes it; the
+results JSON (fields pinned: other tools read them) and its markdown table.
+
+    python experiments/reproduce.py --table fashion_mnist_protocol --seeds 0,1,2 [--budget tiny|cpu|gpu] [--parallel N]
+
+Each run is `python -m ttq_jax.main` in its own workdir, ROOT/<budget>/seed_<s>/<row> (re-running resumes
+an unfinished run and re-reads a finished one's result.json). `--parallel N` runs up to N of them at once
+(a seed's fine-tunes start when its FP checkpoint is written); this module never initialises a JAX
+backend itself, so on a GPU the processes share the device.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = 'configs/fashion_mnist_protocol.py'
+RESULTS = os.path.join(ROOT, 'experiments', 'results', 'fashion_mnist_protocol.json')
+GPU_RESULTS = os.path.join(ROOT, 'experiments', 'results', 'fashion_mnist_protocol_gpu.json')
+README_START, README_END = '<!-- fashion_mnist_protocol:start -->', '<!-- fashion_mnist_protocol:end -->'
+# (a, b): each claim is the paired, same-seed difference a - b
+PAIRS = (('ttq_max', 'fp'), ('ttq_mean', 'fp'), ('twn_max', 'fp'), ('twn_mean', 'fp'),
+         ('ttq_max', 'twn_max'), ('ttq_mean', 'twn_mean'),
+         ('ttq_max', 'ttq_mean'), ('twn_max', 'twn_mean'))
+PAPER_TTQ_MINUS_FP = (-0.64, 0.36)  # CIFAR-10 ResNet-20/32/44/56, points of top-1 (paper Table 1)
+
+
+def _protocol_config():
+  sys.path.insert(0, ROOT)
+  from configs import fashion_mnist_protocol
+  return fashion_mnist_protocol
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  row: str           # fp_init or a row of ROWS
+  seed: int
+  budget: str
+  workdir: str
+  init_from: str = ''
+
+  def command(self) -> list[str]:
+    cmd = [sys.executable, '-m', 'ttq_jax.main', '--config', f'{CONFIG}:{self.row},{self.budget}',
+           '--workdir', self.workdir, f'--config.seed={self.seed}']
+    return cmd + ([f'--config.init_from={self.init_from}'] if self.init_from else [])
+
+
+class Runner:
+  """Runs jobs as subprocesses, at most `parallel` at once; logs each run's output to its workdir."""
+
+  def __init__(self, parallel: int, log=print):
+    self.pool = concurrent.futures.ThreadPoolExecutor(max(1, parallel))
+    self.log, self.lock = log, threading.Lock()
+
+  def _run(self, job: Job) -> dict:
+    path = os.path.join(job.workdir, 'result.json')
+    if not os.path.exists(path):
+      os.makedirs(job.workdir, exist_ok=True)
+      with self.lock:
+        self.log(f'[run ] {job.row} seed {job.seed} ({job.budget}) in {job.workdir}')
+      t0 = time.perf_counter()
+      env = {**os.environ, 'XLA_PYTHON_CLIENT_PREALLOCATE': 'false'}  # processes share one accelerator
+      with open(os.path.join(job.workdir, 'run.log'), 'a') as out:
+        p = subprocess.run(job.command(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
+      if p.returncode:
+        tail = open(os.path.join(job.workdir, 'run.log')).read().strip().splitlines()[-1:] or ['?']
+        raise RuntimeError(f'{job.row} seed {job.seed}: exit {p.returncode}: {tail[0]} (log: {job.workdir}/run.log)')
+      with self.lock:
+        self.log(f'[done] {job.row} seed {job.seed} in {(time.perf_counter() - t0) / 60:.1f} min')
+    with open(path) as f:
+      return json.load(f)
+
+  def submit(self, job: Job) -> concurrent.futures.Future:
+    return self.pool.submit(self._run, job)
+
+
+def run_all(seeds, budget: str, root: str, parallel: int, log=print) -> tuple[dict, dict]:
+  """Trains (or re-reads) every run: ({seed: FP result}, {(row, seed): fine-tune result})."""
+  rows = list(_protocol_config().ROWS)
+  runner = Runner(parallel, log)
+  workdir = lambda seed, row: os.path.join(root, budget, f'seed_{seed}', row)
+  fp_futures = {runner.submit(Job('fp_init', s, budget, workdir(s, 'fp_init'))): s for s in seeds}
+  fp_results, futures = {}, {}
+  for future in concurrent.futures.as_completed(fp_futures):
+    seed = fp_futures[future]
+    fp_results[seed] = future.result()
+    for row in rows:
+      futures[(row, seed)] = runner.submit(Job(row, seed, budget, workdir(seed, row), workdir(seed, 'fp_init')))
+  results = {key: f.result() for key, f in futures.items()}
+  runner.pool.shutdown()
+  return dict(sorted(fp_results.items())), results
+
+
+# --------------------------------------------------------------------------- the results JSON
+
+
+def _pct(x) -> float:
+  return round(100.0 * float(x), 4)
+
+
+def _chosen(result: dict, column: str) -> float:
+  """Test top-1 (%) of the model chosen on validation, `column` BN statistics."""
+  return _pct(result['best_on_validation'][column]['top1_accuracy'])
+
+
+def _scale_range(result: dict):
+  scales = [s for pair in (result.get('scales') or {}).values() for s in pair]
+  return [round(min(scales), 6), round(max(scales), 6)] if scales else None
+
+
+def _paired(rows: dict, metric: str) -> list[dict]:
+  out = []
+  for a, b in PAIRS:
+    if a not in rows or b not in rows:
+      continue
+    d = np.asarray(rows[a][metric], np.float64) - np.asarray(rows[b][metric], np.float64)
+    stderr = float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None
+    out.append({'a': a, 'b': b, 'metric': metric, 'mean': round(float(d.mean()), 4),
+                'stderr': None if stderr is None else round(stderr, 4), 'per_seed': [round(float(x), 4) for x in d],
+                'resolved': bool(stderr is not None and stderr > 0 and abs(d.mean()) >= 2 * stderr)})
+  return out
+
+
+def build_results(fp_results: dict, results: dict, *, budget: str, seeds, machine: str, commit: str) -> dict:
+  """The pinned JSON (accuracies in percent)."""
+  cfg = _protocol_config()
+  fp_steps, finetune_steps, batch_size, _ = cfg.BUDGETS[budget]
+  rows = {}
+  for row, (method, threshold) in cfg.ROWS.items():
+    rs = [results[(row, s)] for s in seeds]
+    rows[row] = {
+        'name': row, 'method': method, 'threshold': threshold,
+        't': cfg.T if threshold == 'max' else None, 'k': cfg.K if threshold == 'mean' else None,
+        'seeds': list(seeds),
+        'init_from': [{'fp_steps': r['init_from']['step'], 'params_sha256': r['init_from']['params_sha256']} for r in rs],
+        'test_top1_running': [_chosen(r, 'running') for r in rs],
+        'test_top1_reestimated': [_chosen(r, 'reestimated') for r in rs],
+        'val_top1_best': [_pct(r['best_on_validation']['reestimated']['validation_top1_accuracy']) for r in rs],
+        'val_top1_best_running': [_pct(r['best_on_validation']['running']['validation_top1_accuracy']) for r in rs],
+        'chosen_step': [r['best_on_validation']['reestimated']['step'] for r in rs],
+        'mean_sparsity': [round(float(np.mean(list(r['sparsity'].values()))), 4) if r.get('sparsity') else None
+                          for r in rs],
+        'scale_range': [_scale_range(r) for r in rs],
+        'ternary_parameters': [r['param_counts']['ternary'] if method != 'fp' else 0 for r in rs],
+        'elapsed_s': [round(r['elapsed_s'], 1) for r in rs],
+    }
+  return {
+      'budget': {'name': budget, 'fp_steps': fp_steps, 'finetune_steps': finetune_steps, 'batch_size': batch_size},
+      'machine': machine, 'commit': commit,
+      'rows': list(rows.values()),
+      'fp_init_test_top1': [_pct(fp_results[s]['top1_accuracy']) for s in seeds],
+      'fp_init_test_top1_running': [_pct(fp_results[s]['test']['running']['top1_accuracy']) for s in seeds],
+      'paired': _paired(rows, 'test_top1_reestimated'),
+      'paired_running': _paired(rows, 'test_top1_running'),
+      'paper_ttq_minus_fp_cifar': list(PAPER_TTQ_MINUS_FP),
+  }
+
+
+def check_same_init(data: dict) -> list[str]:
+  """Problems with the design: a seed whose fine-tunes did not all start from one FP checkpoint."""
+  problems = []
+  for i, seed in enumerate(data['rows'][0]['seeds']):
+    digests = {r['name']: r['init_from'][i]['params_sha256'] for r in data['rows']}
+    if len(set(digests.values())) != 1:
+      problems.append(f'seed {seed}: fine-tunes started from different checkpoints: {digests}')
+  return problems
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def _ms(values) -> str:
+  v = np.asarray([x for x in values if x is not None], np.float64)
+  if not len(v):
+    return '-'
+  return f'{v.mean():.2f} ± {v.std(ddof=1):.2f}' if len(v) > 1 else f'{v.mean():.2f}'
+
+
+def _claim(p: dict) -> str:
+  if p['stderr'] is None:
+    return f'{p["mean"]:+.2f} (one seed)'
+  verdict = 'resolved' if p['resolved'] else 'not resolved'
+  return f'{p["mean"]:+.2f} ± {p["stderr"]:.2f} ({verdict})'
+
+
+LABELS = {'fp': 'FP fine-tune', 'ttq_max': 'TTQ, max (t = 0.05)', 'ttq_mean': 'TTQ, mean (k = 0.7)',
+          'twn_max': 'TWN, max (t = 0.05)', 'twn_mean': 'TWN, mean (k = 0.7)'}
+
+
+def markdown(data: dict) -> str:
+  """The README table: per row mean ± std over seeds, then the paired claims."""
+  b = data['budget']
+  n = len(data['rows'][0]['seeds'])
+  lines = [f'Budget `{b["name"]}`: FP checkpoint {b["fp_steps"]} steps, each fine-tune {b["finetune_steps"]} steps, '
+           f'batch {b["batch_size"]}; {n} seeds ({", ".join(map(str, data["rows"][0]["seeds"]))}); {data["machine"]}. '
+           f'The FP checkpoints themselves: test top-1 {_ms(data["fp_init_test_top1"])} % (re-estimated BN), '
+           f'{_ms(data["fp_init_test_top1_running"])} % (running BN).', '',
+           '| row | test top-1 (%), chosen on validation, re-estimated BN | same, running BN | '
+           'best validation top-1 (%) | mean sparsity | scale range (W_p / W_n or alpha) |',
+           '|---|---|---|---|---|---|']
+  for r in data['rows']:
+    sp = [s for s in r['mean_sparsity'] if s is not None]
+    ranges = [x for x in r['scale_range'] if x]
+    scale = f'{min(x[0] for x in ranges):.3f} to {max(x[1] for x in ranges):.3f}' if ranges else '-'
+    lines.append(f'| {LABELS.get(r["name"], r["name"])} | {_ms(r["test_top1_reestimated"])} | '
+                 f'{_ms(r["test_top1_running"])} | {_ms(r["val_top1_best"])} | '
+                 f'{f"{np.mean(sp):.3f}" if sp else "-"} | {scale} |')
+  lines += ['', '| claim (paired, same seed; points of test top-1) | re-estimated BN | running BN |', '|---|---|---|']
+  running = {(p['a'], p['b']): p for p in data['paired_running']}
+  for p in data['paired']:
+    lines.append(f'| {p["a"]} − {p["b"]} | {_claim(p)} | {_claim(running[(p["a"], p["b"])])} |')
+  lo, hi = data['paper_ttq_minus_fp_cifar']
+  lines.append(f'| paper, TTQ − FP on CIFAR-10 (ResNet-20 to 56, 400 + 400 epochs) | {lo:+.2f} to {hi:+.2f} | |')
+  return '\n'.join(lines)
+
+
+def readme_block(readme: str) -> str:
+  """The generated table as it stands in README.md (between the markers)."""
+  start, end = readme.index(README_START) + len(README_START), readme.index(README_END)
+  return readme[start:end].strip('\n')
+
+
+def machine_description() -> str:
+  """The accelerator (nvidia-smi) or the CPU model and core count; no JAX backend is started."""
+  try:
+    gpus = subprocess.run(['nvidia-smi', '--query-gpu=name', '--format=csv,noheader'], capture_output=True,
+                          text=True, timeout=30).stdout.strip().splitlines()
+    if gpus:
+      return f'{len(gpus)} x {gpus[0]} (GPU), {os.cpu_count()} CPU cores'
+  except (OSError, subprocess.SubprocessError):
+    pass
+  model = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      model = next((l.split(':', 1)[1].strip() for l in f if l.startswith('model name')), model)
+  except OSError:
+    pass
+  return f'{os.cpu_count()} CPU cores ({model})'
+
+
+def commit_description() -> str:
+  try:
+    sha = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    return sha + ('+uncommitted changes' if dirty else '') if sha else 'unknown'
+  except OSError:
+    return 'unknown'
+
+
+def main(args) -> dict:
+  seeds = [int(s) for s in args.seeds.split(',')]
+  root = os.path.join(args.workdir_root, 'fashion_mnist_protocol')
+  started = time.perf_counter()
+  fp_results, results = run_all(seeds, args.budget, root, args.parallel, log=lambda m: print(m, flush=True))
+  data = build_results(fp_results, results, budget=args.budget, seeds=seeds, machine=machine_description(),
+                       commit=commit_description())
+  data['wall_s'] = round(time.perf_counter() - started, 1)
+  problems = check_same_init(data)
+  if problems:
+    raise SystemExit('; '.join(problems))
+  out = args.results or (GPU_RESULTS if args.budget == 'gpu' else RESULTS if args.budget == 'cpu'
+                         else os.path.join(root, args.budget, 'results.json'))
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, 'w') as f:
+    json.dump(data, f, indent=1)
+  print(markdown(data))
+  print(f'wrote {out} ({data["wall_s"] / 60:.1f} min)')
+  return data
