@@ -13,6 +13,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.name = 'resnet20'           # ttq_jax.models.MODELS
   config.model.bn_ghost_batch_size = 0     # > 0: BN statistics per group of N examples (the official per-GPU batch)
+  config.model.bn_unbiased_variance = False  # BN normalises training groups with var x N / (N - 1) (tensorpack)
+  config.model.bn_bias_init = 'zeros'     # zeros | uniform_unit_scaling (tensorpack's beta: U(-sqrt 3, sqrt 3))
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'cifar10'             # fashion_mnist | cifar10 | imagenet2012

@@ -9,7 +9,14 @@ script says 0.0001 after 150; the log shows 300 / 2e-4). Momentum SGD 0.9 (no Ne
 W_p / W_n; L2 2e-4 (`regularize_cost('.*/W')`: every kernel and every Wp / Wn); scales start at 1.0; no
 kernel normalisation at the switch; `conv0` full precision, `linear` ternary (its bias full precision);
 threshold t = 0.05 of max |w|; eval on the test split after every logged epoch with the running BN
-statistics. The FP twin is tensorpack's `examples/ResNet/cifar10-resnet.py`: the same schedule from 0.1.
+statistics. Batch norm as tensorpack's `BatchNorm` (models/batch_norm.py of the authors' copy): decay 0.9,
+epsilon 1e-5, training groups normalised with the unbiased variance (x 128 / 127; the moving average keeps
+the biased one), `beta` created without an initializer, i.e. TF 0.x's `get_variable` default
+`uniform_unit_scaling_initializer()`, U(-sqrt 3, sqrt 3) for a 1-D variable (the code runs on TF 0.x only:
+`tf.select`, `tf.mul`, `tf.scalar_summary`). The FP twin is tensorpack's `examples/ResNet/cifar10-resnet.py`:
+`learning_rate` starts as `tf.Variable(0.01)` and its schedule's `(1, 0.1)` takes effect from logged epoch 2
+(the semantics that make the TTQ log run epoch 1 at 0.0002), so the twin runs its first 390 steps at 0.01,
+then 0.1, x0.1 after 82 and 123, 2e-4 after 300.
 
 Deviations (named): per-channel mean/std input normalisation instead of the per-pixel mean image and
 x / 128 - 1; the running BN averages are the mean over the two 128-image groups (tensorpack kept GPU 0's);
@@ -27,6 +34,8 @@ def get_config(model: str, arg: str = ''):
   config = base.get_config()
   config.model.name = model
   config.model.bn_ghost_batch_size = 128
+  config.model.bn_unbiased_variance = True             # tensorpack BatchNorm (see the docstring)
+  config.model.bn_bias_init = 'uniform_unit_scaling'
   config.data.name = 'cifar10'
   config.data.crop_padding = 4
   config.batch_size = 256
@@ -58,9 +67,8 @@ def get_config(model: str, arg: str = ''):
   config.checkpoint_every_steps = STEPS_PER_EPOCH * 5
   if arg == 'fp':
     config.quant.method = 'fp'
-    config.learning_rate = 0.1
-    config.lr_boundaries_epochs = (82.0, 123.0, 300.0)
-    config.lr_values = (0.01, 0.001, 0.0002)
+    config.learning_rate = 0.01  # tf.Variable(0.01); the schedule's (1, 0.1) applies from logged epoch 2
+
   elif arg == 'twn':  # not an official run: TWN under the same fine-tuning recipe
     config.quant.method = 'twn'
   elif arg == 'bf16':

@@ -17,6 +17,10 @@ Variants:
             the run), not the official steps (0.1, x0.1 after 82/400 and 123/400 of each phase, ...):
             compressed into 1 + 1 epochs those leave ~88 steps at 0.1 per phase, and the FP warm start
             reached only 79.7% validation top-1 (`:paper_steps`, seed 0; the cosine FP epoch: ~89%).
+            Deviation: Flax-style batch norm (biased variance in training, `beta` from 0), not tensorpack's
+            (unbiased variance in training, `beta` from U(-sqrt 3, sqrt 3); the CIFAR rows use it:
+            `model.bn_unbiased_variance`, `model.bn_bias_init`), so the runs of
+            `configs/fashion_mnist_protocol.py` and the committed tables stay what they measured.
   `:paper_steps`  `:paper` with the official step schedule compressed to this budget (each phase: 0.1,
             x0.1 after 82/400 and 123/400, 2e-4 after 300/400; the TTQ phase's first 1/400 at 2e-4, the FP
             run's final rate, as in the official log).

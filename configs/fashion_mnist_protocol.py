@@ -52,7 +52,7 @@ T, K = 0.05, 0.7  # the paper's t; TWN's k
 FINETUNE_LEARNING_RATE = 0.05  # `:paper`'s cosine at its switch to ternary (halfway through 0.1 -> 0)
 # budget -> (FP steps, fine-tune steps, batch size, evaluations per fine-tune)
 BUDGETS = {
-    'tiny': (6, 4, 64, 2),
+    'tiny': (6, 4, 64, 1),
     'cpu': (858, 320, 128, 5),
     'gpu': (12_870, 6_435, 128, 15),
 }

@@ -1,6 +1,9 @@
 r"""Export goals, measured: ternary-layer compression (2bit >= 15x, base3 >= 19x) and export / load time.
 
-    python experiments/export_sizes.py [--workdir WORKDIR]   # a trained TTQ workdir, or random ResNet-20
+    python experiments/export_sizes.py [--workdir WORKDIR] [--json experiments/results/export_sizes.json]
+
+WORKDIR: a trained quickstart (`configs/fashion_mnist.py`) workdir; without it, a freshly initialised
+quickstart ResNet-20 (the sizes depend only on the shapes: 2 bits or log2(3) bits per ternary weight).
 
 Prints, for each packing: bytes of the ternary layers in float32 vs packed, the whole model (fp32 params
 and BN statistics vs the file), and the median wall time of export (pack + write) and load (read +
@@ -8,7 +11,9 @@ validate + decode to dense kernels), both for ResNet-20.
 """
 
 import argparse
+import json
 import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -50,10 +55,13 @@ def timed(fn, n=5):
 def main():
   p = argparse.ArgumentParser()
   p.add_argument('--workdir', default='')
+  p.add_argument('--json', default='', help='write the measurements here')
   args = p.parse_args()
   config, variables, layers, what = _variables(args.workdir)
   fp32 = sum(np.asarray(x).size * 4 for x in jax.tree.leaves(variables))
   print(f'{what}: {fp32:,} B of float32 parameters and BN statistics')
+  out = {'model': what, 'config': 'configs/fashion_mnist.py', 'machine': f'{os.cpu_count()} CPU cores, {platform.machine()}',
+         'fp32_params_and_bn_bytes': fp32, 'packings': {}}
   for packing in ('2bit', 'base3'):
     path = os.path.join(tempfile.mkdtemp(), 'model.safetensors')
 
@@ -69,6 +77,13 @@ def main():
     print(f'{packing:>5}: ternary layers {ternary_fp32:,} B -> {packed:,} B ({ternary_fp32 / packed:.2f}x); '
           f'file {size:,} B, whole model {fp32 / size:.2f}x smaller; export {t_export * 1000:.0f} ms, '
           f'load {t_load * 1000:.0f} ms (median of 5)')
+    out['packings'][packing] = {'ternary_fp32_bytes': ternary_fp32, 'ternary_packed_bytes': packed,
+                                'ternary_compression': ternary_fp32 / packed, 'file_bytes': size,
+                                'model_compression': fp32 / size, 'export_s_median': t_export, 'load_s_median': t_load}
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(out, f, indent=1)
+    print(f'wrote {args.json}')
 
 
 if __name__ == '__main__':

@@ -1,19 +1,41 @@
 #!/usr/bin/env bash
-# One prepared GPU session (device tool): benchmarks + the quantizer tests on the GPU; results in $OUT.
-# Wheels for packages the GPU image lacks travel in .whl/ (see README, "Benchmarks").
+# One prepared GPU session (the device tool), in named parts; each fits in 6 minutes on one H200, installs
+# included, and writes its results under $OUT:
+#
+#   bash experiments/gpu_check.sh bench      # train / eval step times, TTQ / FP, PyTorch, scaling, memory
+#   bash experiments/gpu_check.sh protocol   # reproduce.py --table fashion_mnist_protocol --budget gpu
+#
+# The GPU image lacks some of our dependencies and has no data: prepare both here first with
+# `bash experiments/gpu_carry.sh` (wheels into .whl/, Fashion-MNIST into .gpu_data/; both git-ignored,
+# ~35 MiB) and name `.whl` and `.gpu_data` in the device call's `carry`.
 set -u
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+PART=${1:-bench}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+case "$PART" in bench|protocol) ;; *) echo "gpu_check.sh: part '$PART' is unknown: allowed are bench, protocol" >&2; exit 2;; esac
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "gpu_check.sh: installing .whl/ failed" >&2; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 nvidia-smi -L | tee "$OUT/gpu.txt"
-python3 -c "import jax, torch; print('jax', jax.__version__, jax.devices(), 'torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
-run() { echo "+ $*"; timeout 150 python3 "$@" 2>&1 | grep -vE '^(W|I)[0-9]{4} ' ; }
-run experiments/benchmark.py --model resnet20 --batch_size 128 --compare-torch --steps 30 --json "$OUT/resnet20_f32.json" | tee "$OUT/log.txt"
-run experiments/benchmark.py --model resnet20 --batch_size 128 --dtype bfloat16 --steps 30 --json "$OUT/resnet20_bf16.json" | tee -a "$OUT/log.txt"
-run experiments/benchmark.py --model vit_small --dataset fashion_mnist --batch_size 128 --steps 30 --json "$OUT/vit_f32.json" | tee -a "$OUT/log.txt"
-run experiments/benchmark_scaling.py --steps 15 --json "$OUT/scaling.json" | tee -a "$OUT/log.txt"
-run experiments/benchmark.py --model resnet20 --methods ttq --memory --steps 2 --json "$OUT/memory.json" | tee -a "$OUT/log.txt"
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/quant 2>&1 | tail -3 | tee -a "$OUT/log.txt"
+python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
+run() { local limit=$1; shift; echo "+ $*"; timeout "$limit" python3 "$@" 2>&1 | grep -vE '^(W|I)[0-9]{4} ' ; }
+
+if [ "$PART" = bench ]; then
+  run 90 experiments/benchmark.py --model resnet20 --batch_size 128 --compare-torch --steps 30 --json "$OUT/resnet20_f32.json" | tee "$OUT/log.txt"
+  run 70 experiments/benchmark.py --model resnet20 --batch_size 128 --dtype bfloat16 --steps 30 --json "$OUT/resnet20_bf16.json" | tee -a "$OUT/log.txt"
+  run 90 experiments/benchmark_scaling.py --steps 15 --json "$OUT/scaling.json" | tee -a "$OUT/log.txt"
+  run 60 experiments/benchmark.py --model resnet20 --methods ttq --memory --steps 2 --json "$OUT/memory.json" | tee -a "$OUT/log.txt"
+  timeout 40 python3 -m pytest -q -p no:cacheprovider tests/quant 2>&1 | tail -3 | tee -a "$OUT/log.txt"
+fi
+
+if [ "$PART" = protocol ]; then
+  # 3 seeds: the FP checkpoints in parallel, then 15 fine-tunes in parallel (ResNet-20 steps are launch-bound,
+  # so processes sharing the GPU overlap their launches). Workdirs on the machine's disk; the JSON to $OUT.
+  [ -f .gpu_data/fashion-mnist/train-images-idx3-ubyte.gz ] && export TTQ_DATA_DIR=$PWD/.gpu_data/fashion-mnist
+  timeout 330 python3 experiments/reproduce.py --table fashion_mnist_protocol --budget gpu --seeds 0,1,2 \
+    --parallel 15 --workdir_root /tmp/protocol --results "$OUT/fashion_mnist_protocol_gpu.json" 2>&1 | tee "$OUT/log.txt"
+  tail -n 40 /tmp/protocol/fashion_mnist_protocol/gpu/seed_0/ttq_max/run.log > "$OUT/ttq_max_seed0.log" 2>/dev/null
+fi

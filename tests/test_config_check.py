@@ -88,3 +88,40 @@ def test_workdir_guard_on_the_ternary_kernel_lr_multiplier():
       'ternary_kernel_lr_multiplier']
   twn = {'quant': {'method': 'twn'}}
   assert config_check.changed_guarded_fields(twn, {'quant': {'method': 'twn'}, 'ternary_kernel_lr_multiplier': 10.0}) == []
+
+
+@pytest.mark.parametrize('saved_threshold,current,changed', [
+    ('max', dict(method='ttq', threshold=None), []),                # TTQ's own rule is max: the same
+    ('max', dict(method='ttq', threshold='mean'), ['quant.threshold']),
+    ('max', dict(method='twn', threshold=None), []),                # before quant.k, TWN ignored the saved 'max'
+    ('max', dict(method='twn', threshold='mean'), []),
+    ('max', dict(method='twn', threshold='max'), ['quant.threshold']),  # TWN with t: another computation
+    ('sparsity', dict(method='ttq', threshold='sparsity'), []),
+])
+def test_configs_saved_before_the_threshold_choice_compare_by_the_rule_in_force(saved_threshold, current, changed):
+  saved = {'quant': {'method': current['method'], 'threshold': saved_threshold, 't': 0.05}}  # no quant.k
+  now = {'quant': {**current, 't': 0.05, 'k': 0.7}}
+  assert config_check.changed_guarded_fields(saved, now) == changed
+
+
+def test_a_workdir_saved_without_the_new_keys_resumes(smoke_config, tmp_path, caplog):
+  """A run written before `quant.k`, `model.bn_unbiased_variance`, `model.bn_bias_init` (its config.json
+  lacks them and says threshold 'max') resumes under today's config: the values it ran with are today's
+  defaults (`VALUE_IF_ABSENT`)."""
+  import json
+  import os
+  from ttq_jax import train
+  workdir = str(tmp_path / 'run')
+  smoke_config.num_train_steps = 3
+  train.train_and_evaluate(smoke_config, workdir)
+  path = os.path.join(workdir, 'config.json')
+  saved = json.load(open(path))
+  for section, key in (('quant', 'k'), ('model', 'bn_unbiased_variance'), ('model', 'bn_bias_init')):
+    assert section + '.' + key in config_check.VALUE_IF_ABSENT
+    del saved[section][key]
+  saved['quant']['threshold'] = 'max'
+  json.dump(saved, open(path, 'w'))
+  smoke_config.num_train_steps = 6
+  with caplog.at_level('INFO'):
+    result = train.train_and_evaluate(smoke_config, workdir)
+  assert result['step'] == 6 and 'resumed from step 3' in caplog.text  # trained on from step 3, not refused

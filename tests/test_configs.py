@@ -63,3 +63,29 @@ def test_runlocal_variants_train_on_mock_data(name, tmp_path):
     with tfds.testing.mock_data(num_examples=32, policy=tfds.testing.MockPolicy.USE_CODE):
       result = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert result['step'] == 4 and result['num_examples'] > 0 and result['sparsity']
+
+
+# Every config variant that existed before the threshold became a choice, and the rule it ran: TTQ's max with
+# its t, TWN's mean with k = 0.7 (the old `twn_ternarize`), whatever `quant.threshold` / `t` said.
+OWN_RULES = [
+    ('fashion_mnist', '', 'max', 0.05), ('fashion_mnist', 'twn', 'mean', 0.7), ('fashion_mnist', 'paper', 'max', 0.05),
+    ('fashion_mnist', 'paper_steps', 'max', 0.05), ('fashion_mnist', 'smoke', 'max', 0.05),
+    ('resnet20_cifar10', '', 'max', 0.05), ('resnet20_cifar10', 'twn', 'mean', 0.7),
+    ('alexnet_imagenet', '', 'max', 0.049), ('alexnet_imagenet', 'twn', 'mean', 0.7),
+    ('resnet18_imagenet', '', 'max', 0.05), ('resnet18_imagenet', 'twn', 'mean', 0.7),
+    ('vit_fashion_mnist', '', 'max', 0.05),
+]
+
+
+@pytest.mark.parametrize('name,arg,rule,factor', OWN_RULES)
+def test_existing_configs_keep_their_threshold_rule(name, arg, rule, factor):
+  import numpy as np
+  from ttq_jax import quant
+  from ttq_jax import state as state_lib
+  config = _config(name, arg)
+  q = state_lib.quant_config(config)
+  assert config.quant.threshold is None and q.threshold_rule == rule
+  assert (q.t if rule == 'max' else q.k) == factor
+  w = np.linspace(-1.0, 2.0, 31, dtype=np.float32)
+  expected = factor * (np.abs(w).max() if rule == 'max' else np.abs(w).mean())
+  assert float(quant.threshold(w, q)) == pytest.approx(expected, rel=1e-6)

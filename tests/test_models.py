@@ -129,6 +129,46 @@ def test_ghost_batch_norm_normalises_each_group_by_hand():
                              (x[:, 0] - 1.0) / np.std(np.asarray(x[:, 0])), rtol=1e-6)
 
 
+def test_unbiased_variance_normalises_with_n_over_n_minus_1_and_averages_the_biased_one():
+  """tensorpack's BatchNorm: training groups normalised with var x N / (N - 1) (N examples per group); the
+  running average keeps the biased variance."""
+  x = jnp.array([[1.0], [3.0], [-2.0], [2.0]])  # groups of 2: {1, 3} biased var 1, {-2, 2} biased var 4
+  bn = models.BatchNorm(use_running_average=False, ghost_batch_size=2, epsilon=0.0, unbiased_variance=True)
+  variables = bn.init(jax.random.PRNGKey(0), x)
+  y, updates = bn.apply(variables, x, mutable=['batch_stats'])
+  # unbiased: var x 2 / 1 -> std sqrt(2) and sqrt(8): (1 - 2) / sqrt(2), (-2 - 0) / sqrt(8)
+  np.testing.assert_allclose(y[:, 0], [-1 / np.sqrt(2), 1 / np.sqrt(2), -2 / np.sqrt(8), 2 / np.sqrt(8)], rtol=1e-6)
+  np.testing.assert_allclose(updates['batch_stats']['var'], [0.9 + 0.1 * (1 + 4) / 2], rtol=1e-6)
+  # one group of 4 (mean 1, biased var 3.5): x 4 / 3
+  whole = models.BatchNorm(use_running_average=False, epsilon=0.0, unbiased_variance=True)
+  np.testing.assert_allclose(whole.apply(variables, x, mutable=['batch_stats'])[0][:, 0],
+                             (np.array([1.0, 3.0, -2.0, 2.0]) - 1.0) / np.sqrt(3.5 * 4 / 3), rtol=1e-6)
+
+
+def test_batch_norm_bias_init_of_tensorpack_is_uniform_sqrt_3():
+  x = jnp.zeros((2, 4096))
+  beta = models.BatchNorm(use_running_average=False, bias_init='uniform_unit_scaling').init(
+      jax.random.PRNGKey(0), x)['params']['bias']
+  assert float(jnp.max(jnp.abs(beta))) <= np.sqrt(3) and float(jnp.max(beta)) > 1.7 and float(jnp.min(beta)) < -1.7
+  assert float(jnp.var(beta)) == pytest.approx(1.0, rel=0.1)  # U(-a, a) has variance a^2 / 3 = 1
+  zeros = models.BatchNorm(use_running_average=False).init(jax.random.PRNGKey(0), x)['params']['bias']
+  np.testing.assert_array_equal(zeros, 0.0)
+
+
+@pytest.mark.parametrize('spec,unbiased,bias_init', [
+    ('configs/resnet20_cifar10.py', True, 'uniform_unit_scaling'),
+    ('configs/resnet20_cifar10.py:fp', True, 'uniform_unit_scaling'),
+    ('configs/alexnet_imagenet.py', True, 'uniform_unit_scaling'),
+    ('configs/resnet18_imagenet.py', False, 'zeros'),       # fb.resnet.torch
+    ('configs/fashion_mnist.py:paper', False, 'zeros'),     # Flax's batch norm (named deviation)
+])
+def test_configs_batch_norm_settings_reach_the_model(spec, unbiased, bias_init):
+  from ttq_jax import recipes
+  from ttq_jax import state as state_lib
+  model = state_lib.create_model(recipes.load_config(spec))
+  assert (model.bn_unbiased_variance, model.bn_bias_init) == (unbiased, bias_init)
+
+
 def test_alexnet_batch_norm_epsilon_is_the_official_1e_4():
   x = jnp.full((1, 3), 0.01)
   variables = {'params': {'scale': jnp.ones(3), 'bias': jnp.zeros(3)},
@@ -182,3 +222,5 @@ def test_unknown_model_is_a_clear_error():
 def test_ghost_batch_size_needs_batch_norm():
   with pytest.raises(ValueError, match="model.bn_ghost_batch_size=4 needs a model with batch norm"):
     models.create_model('vit_tiny', num_classes=10, quant=TTQ, ghost_batch_size=4)
+  with pytest.raises(ValueError, match="model.bn_unbiased_variance / model.bn_bias_init need a model with batch norm"):
+    models.create_model('vit_tiny', num_classes=10, quant=TTQ, bn_unbiased_variance=True)

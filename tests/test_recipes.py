@@ -45,8 +45,13 @@ def test_describe_numbers_by_hand(described):
   assert ttq20['full_precision_layers'] == ['conv0/kernel'] and ttq20['warm_start'] == 'required'
   assert {'linear/w_p', 'linear/w_n', 'res2_1/conv1/w_p'} <= set(ttq20['weight_decay_params'])
   assert not any('bn' in p or p.endswith('bias') for p in ttq20['weight_decay_params'])
+  fp20 = next(d for d in described if d['name'] == 'ResNet-20 CIFAR-10 FP')
+  # tensorpack's cifar10-resnet.py: tf.Variable(0.01), and its (1, 0.1) applies from logged epoch 2
+  assert fp20['base_learning_rate'] == 0.01 and fp20['lr_boundaries_steps'][0] == 390 and fp20['lr_values'][0] == 0.1
+  assert fp20['bn_unbiased_variance'] and fp20['bn_bias_init'] == 'uniform_unit_scaling'
   alex = next(d for d in described if d['name'] == 'AlexNet ImageNet TTQ')
   assert alex['lr_boundaries_steps'] == [56 * 10_000, 64 * 10_000] and alex['threshold_t'] == 0.049
+  assert alex['threshold'] == 'max' and alex['threshold_k'] is None
   assert 'conv1/w_p' not in alex['weight_decay_params'] and 'fc1/w_n' in alex['weight_decay_params']
 
 
@@ -79,6 +84,6 @@ def test_describe_cli_writes_the_json(tmp_path):
   assert [r['name'] for r in rows] == [r.name for r in recipes.PAPER_ROWS]
   keys = {'name', 'config', 'method', 'global_batch_size', 'total_steps', 'lr_boundaries_steps', 'lr_values',
           'base_learning_rate', 'weight_optimizer', 'scale_optimizer', 'weight_decay', 'weight_decay_params',
-          'ternary_layers', 'full_precision_layers', 'warm_start', 'normalize_init', 'threshold_t', 'dtype'}
+          'ternary_layers', 'full_precision_layers', 'warm_start', 'normalize_init', 'threshold', 'threshold_t', 'threshold_k', 'dtype'}
   assert all(keys <= set(r) for r in rows)
   assert rows[1]['scale_optimizer'] == {'name': 'sgd', 'learning_rate': 2e-4, 'momentum': 0.9, 'nesterov': False}

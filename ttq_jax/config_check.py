@@ -23,6 +23,7 @@ from ttq_jax.quant import METHODS, QuantConfig
 # config key -> the dispatch table that owns its allowed values
 CHOICES = {
     'model.name': models.MODELS,
+    'model.bn_bias_init': models.BN_BIAS_INITS,
     'data.name': input_pipeline.DATASETS,
     'data.train_crop': input_pipeline.TRAIN_CROPS,
     'quant.scale_init': state_lib.SCALE_INITS,
@@ -137,7 +138,8 @@ def flatten(d, prefix: str = '') -> dict:
 
 
 # Guarded keys added after workdirs already existed: a saved config without one ran with this value.
-VALUE_IF_ABSENT = {'ternary_kernel_lr_multiplier': 1.0, 'quant.k': 0.7}
+VALUE_IF_ABSENT = {'ternary_kernel_lr_multiplier': 1.0, 'quant.k': 0.7, 'model.bn_unbiased_variance': False,
+                   'model.bn_bias_init': 'zeros'}
 
 
 def canonical_quant(flat: dict, *, saved_before_k: bool = False) -> dict:

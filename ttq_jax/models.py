@@ -18,7 +18,9 @@ import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ttq_jax.errors import ConfigError
 from ttq_jax.quant import QuantConfig, Rule, quantize
@@ -35,25 +37,46 @@ GLOROT_UNIFORM = nn.initializers.glorot_uniform()
 TORCH_LINEAR = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 
 
+def _tf0_default_uniform(key, shape, dtype=jnp.float32):
+  """TF 0.x `get_variable`'s default initializer, `uniform_unit_scaling_initializer()`: U(-m, m) with
+  m = sqrt(3 / prod(shape[:-1])), so U(-sqrt(3), sqrt(3)) for a 1-D variable (tensorpack's BN `beta`)."""
+  m = (3.0 / max(1.0, float(np.prod(shape[:-1])))) ** 0.5
+  return jax.random.uniform(key, shape, dtype, -m, m)
+
+
+# model.bn_bias_init -> the initializer of BN's bias (beta)
+BN_BIAS_INITS: dict[str, Callable[..., jax.Array]] = {
+    'zeros': nn.initializers.zeros,                 # Flax / torch
+    'uniform_unit_scaling': _tf0_default_uniform,   # tensorpack's BatchNorm (`beta` without an initializer, TF 0.x)
+}
+
+
 class BatchNorm(nn.Module):
   """Batch norm with optional ghost batches: statistics per group of `ghost_batch_size` examples (as each
   GPU of the official multi-GPU runs normalised its own share of the batch); 0 = the whole batch.
 
   Same variables as `nn.BatchNorm` (`scale`, `bias`; `batch_stats` `mean`, `var`). The running averages
   take the mean over the groups of their means and (biased) variances.
+
+  unbiased_variance: in training, normalise with the group's variance x N / (N - 1), N the examples of
+    the group (tensorpack's `BatchNorm`, which the official code uses; its moving average keeps the
+    biased variance, as here). False: the biased variance (Flax, torch).
+  bias_init: a key of `BN_BIAS_INITS` ('zeros'; 'uniform_unit_scaling' as tensorpack's beta).
   """
 
   use_running_average: bool
   momentum: float = BN_MOMENTUM
   epsilon: float = 1e-5
   ghost_batch_size: int = 0
+  unbiased_variance: bool = False
+  bias_init: str = 'zeros'
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     features = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
+    bias = self.param('bias', BN_BIAS_INITS[self.bias_init], (features,), jnp.float32)
     ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((features,), jnp.float32))
     ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((features,), jnp.float32))
     xf = x.astype(jnp.float32)
@@ -74,13 +97,17 @@ class BatchNorm(nn.Module):
       m = self.momentum
       ra_mean.value = m * ra_mean.value + (1 - m) * jnp.mean(mean.reshape(-1, features), 0)
       ra_var.value = m * ra_var.value + (1 - m) * jnp.mean(var.reshape(-1, features), 0)
+    if self.unbiased_variance and group > 1:
+      var = var * (group / (group - 1))
     y = (xg - mean) * (scale * jnp.reciprocal(jnp.sqrt(var + self.epsilon))) + bias
     return y.reshape(x.shape).astype(self.dtype)
 
 
-def _norm(train: bool, dtype, epsilon: float, ghost_batch_size: int):
-  return functools.partial(BatchNorm, use_running_average=not train, epsilon=epsilon,
-                           ghost_batch_size=ghost_batch_size, dtype=dtype)
+def _norm(model: nn.Module, train: bool):
+  """The model's batch norm: its `bn_epsilon`, `ghost_batch_size`, `bn_unbiased_variance`, `bn_bias_init`."""
+  return functools.partial(BatchNorm, use_running_average=not train, epsilon=model.bn_epsilon,
+                           ghost_batch_size=model.ghost_batch_size, unbiased_variance=model.bn_unbiased_variance,
+                           bias_init=model.bn_bias_init, dtype=model.dtype)
 
 
 class PreActBlock(nn.Module):
@@ -118,11 +145,13 @@ class CifarPreActResNet(nn.Module):
   widths: Sequence[int] = (16, 32, 64)
   bn_epsilon: float = 1e-5
   ghost_batch_size: int = 0
+  bn_unbiased_variance: bool = False
+  bn_bias_init: str = 'zeros'
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    norm = _norm(train, self.dtype, self.bn_epsilon, self.ghost_batch_size)
+    norm = _norm(self, train)
     x = nn.Conv(self.widths[0], (3, 3), use_bias=False, kernel_init=HE_FAN_OUT, dtype=self.dtype,
                 name='conv0')(x.astype(self.dtype))
     x = nn.relu(norm(name='bn0')(x))
@@ -168,11 +197,13 @@ class ResNet(nn.Module):
   width: int = 64
   bn_epsilon: float = 1e-5
   ghost_batch_size: int = 0
+  bn_unbiased_variance: bool = False
+  bn_bias_init: str = 'zeros'
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    norm = _norm(train, self.dtype, self.bn_epsilon, self.ghost_batch_size)
+    norm = _norm(self, train)
     x = nn.Conv(self.width, (7, 7), strides=2, padding=[(3, 3), (3, 3)], use_bias=False, kernel_init=HE_FAN_OUT,
                 dtype=self.dtype, name='conv1')(x.astype(self.dtype))
     x = nn.relu(norm(name='bn1')(x))
@@ -199,11 +230,13 @@ class AlexNet(nn.Module):
   width_multiplier: float = 1.0
   bn_epsilon: float = 1e-4
   ghost_batch_size: int = 0
+  bn_unbiased_variance: bool = False
+  bn_bias_init: str = 'zeros'
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    norm = _norm(train, self.dtype, self.bn_epsilon, self.ghost_batch_size)
+    norm = _norm(self, train)
     c = lambda n: max(2, int(round(n * self.width_multiplier)) // 2 * 2)
     conv = functools.partial(nn.Conv, use_bias=False, kernel_init=GLOROT_UNIFORM, dtype=self.dtype)
     dense = functools.partial(nn.Dense, use_bias=False, kernel_init=TENSORPACK_FC, dtype=self.dtype)
@@ -300,9 +333,11 @@ def full_precision_regex(name: str, full_precision: str) -> str:
 
 
 def create_model(name: str, *, num_classes: int, quant: QuantConfig, full_precision: str = EDGES,
-                 ghost_batch_size: int = 0, dtype: Any = jnp.float32) -> nn.Module:
+                 ghost_batch_size: int = 0, bn_unbiased_variance: bool = False, bn_bias_init: str = 'zeros',
+                 dtype: Any = jnp.float32) -> nn.Module:
   """Builds model `name`; with a quantizing `quant`, every layer with a kernel is ternary except those whose
   module path matches `full_precision` (a regex over whole paths; 'edges' = `EDGE_LAYERS[name]`; '' = none).
+  The `bn_*` settings and `ghost_batch_size` apply to models with batch norm (see `BatchNorm`).
   """
   if name not in MODELS:
     raise ConfigError(f'model.name={name!r} is unknown: allowed are {", ".join(sorted(MODELS))}')
@@ -311,7 +346,13 @@ def create_model(name: str, *, num_classes: int, quant: QuantConfig, full_precis
   if ghost_batch_size and 'ghost_batch_size' not in fields:
     raise ConfigError(f'model.bn_ghost_batch_size={ghost_batch_size} needs a model with batch norm; {name!r} has '
                       'none: allowed is 0')
-  kwargs = {'ghost_batch_size': ghost_batch_size} if 'ghost_batch_size' in fields else {}
+  if 'ghost_batch_size' in fields:
+    kwargs = dict(ghost_batch_size=ghost_batch_size, bn_unbiased_variance=bn_unbiased_variance, bn_bias_init=bn_bias_init)
+  else:
+    if bn_unbiased_variance or bn_bias_init != 'zeros':
+      raise ConfigError(f'model.bn_unbiased_variance / model.bn_bias_init need a model with batch norm; {name!r} has '
+                        "none: allowed are false / 'zeros'")
+    kwargs = {}
   model = ctor(num_classes=num_classes, dtype=dtype, **kwargs)
   if not quant.quantized:
     return model

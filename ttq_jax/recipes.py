@@ -26,7 +26,8 @@ from ttq_jax import steps as steps_lib
 
 FIELDS = ('global_batch_size', 'total_steps', 'lr_boundaries_steps', 'lr_values', 'base_learning_rate',
           'weight_optimizer', 'scale_optimizer', 'weight_decay', 'weight_decay_params', 'ternary_layers',
-          'full_precision_layers', 'warm_start', 'normalize_init', 'threshold_t', 'dtype')
+          'full_precision_layers', 'warm_start', 'normalize_init', 'threshold', 'threshold_t', 'threshold_k', 'dtype',
+          'bn_unbiased_variance', 'bn_bias_init')
 
 
 def load_config(spec: str):
@@ -63,6 +64,7 @@ def describe(config) -> dict[str, Any]:
   decay = jax.tree_util.tree_flatten_with_path(optim.weight_decay_mask(params, config.weight_decay_regex))[0]
   boundaries, values = _lr_steps(config)
   quantized = config.quant.method != 'fp'
+  rule = state_lib.quant_config(config).threshold_rule  # the threshold rule in force (None: full precision)
   scale_opt = None
   if quantized and config.quant.method == 'ttq':
     scale_opt = (_optimizer(config, config.optimizer, config.learning_rate) if config.scale_optimizer == 'same'
@@ -83,9 +85,13 @@ def describe(config) -> dict[str, Any]:
       'full_precision_layers': sorted(p for p in paths if p.endswith('/kernel') and p not in ternary),
       'warm_start': config_check.warm_start(config),
       'normalize_init': bool(config.normalize_init) and quantized,
-      'threshold_t': float(config.quant.t) if quantized else None,
+      'threshold': rule,
+      'threshold_t': float(config.quant.t) if rule == 'max' else None,
+      'threshold_k': float(config.quant.k) if rule == 'mean' else None,
       'dtype': config.dtype,
       'bn_ghost_batch_size': int(config.model.bn_ghost_batch_size),
+      'bn_unbiased_variance': bool(config.model.bn_unbiased_variance),
+      'bn_bias_init': config.model.bn_bias_init,
       'eval_every_steps': int(config.eval_every_steps),
   }
 
@@ -109,6 +115,14 @@ class PaperRow:
   official: dict = dataclasses.field(default_factory=dict)  # field -> (value, source)
 
 
+def _tensorpack_bn() -> dict:
+  bn = 'czhu95/ternarynet tensorpack/models/batch_norm.py'
+  return {'bn_unbiased_variance': (True, f'{bn}: "batch_var * mul  # use unbiased variance estimator in training", '
+                                         'mul = N / (N - 1); the EMA averages the biased batch_var'),
+          'bn_bias_init': ('uniform_unit_scaling', f"{bn}: tf.get_variable('beta', [n_out]) without an initializer: TF "
+                                                   '0.x uses uniform_unit_scaling_initializer(), U(-sqrt 3, sqrt 3) for 1-D')}
+
+
 def _cifar_layers(n: int) -> list[str]:
   convs = [f'res{s}_{b}/conv{c}/kernel' for s in (1, 2, 3) for b in range(n) for c in (1, 2)]
   return sorted(convs + ['linear/kernel'])
@@ -120,16 +134,18 @@ def _cifar_official(n: int, fp: bool) -> dict:
   decay = sorted(['conv0/kernel'] + (_cifar_layers(n) if fp else
                                      [p.replace('/kernel', f'/{x}') for p in ternary for x in ('kernel', 'w_p', 'w_n')]))
   sgd = lambda lr: {'name': 'sgd', 'learning_rate': lr, 'momentum': 0.9, 'nesterov': False}
-  base = 0.1 if fp else 2e-4
+  base = 0.01 if fp else 2e-4
   script = FP_SCRIPT if fp else CIFAR_SCRIPT
   out = {
       'global_batch_size': (256, f'{script}: BATCH_SIZE = 128 per GPU; TTQ log: "Training a model of 2 tower"'),
       'total_steps': (156_000, f'{log}: 400 epochs x 390 steps ("Start training with global_step=156000" at load)'),
-      'lr_boundaries_steps': ([31_980, 47_970, 117_000] if fp else [390, 31_980, 47_970, 117_000],
-                              f'{log}: "learning_rate at epoch 2 / 83 / 124 / 301 will change"'),
-      'lr_values': ([0.01, 0.001, 0.0002] if fp else [0.1, 0.01, 0.001, 0.0002], f'{log}: learning_rate lines'),
+      'lr_boundaries_steps': ([390, 31_980, 47_970, 117_000],
+                              f'{log}: "learning_rate at epoch 2 / 83 / 124 / 301 will change"' if not fp else
+                              f'{FP_SCRIPT}: ScheduledHyperParamSetter [(1, 0.1), (82, 0.01), (123, 0.001), (300, '
+                              '0.0002)], applied from the epoch after each number as the TTQ log shows'),
+      'lr_values': ([0.1, 0.01, 0.001, 0.0002], f'{log}: learning_rate lines' if not fp else FP_SCRIPT),
       'base_learning_rate': (base, f'{log}: epoch 1 "learning_rate: 0.0002" (restored with the FP checkpoint)'
-                             if not fp else f'{FP_SCRIPT}: tf.Variable(0.1)'),
+                             if not fp else f'{FP_SCRIPT}: tf.Variable(0.01, name=\'learning_rate\')'),
       'weight_optimizer': (sgd(base), f'{script}: tf.train.MomentumOptimizer(lr, 0.9)'),
       'scale_optimizer': (None if fp else sgd(base), f'{CIFAR_SCRIPT}: one optimizer for every trainable variable'),
       'weight_decay': (2e-4, f'{script}: exponential_decay(0.0002, step, 480000, 0.2) (not reached)'),
@@ -138,8 +154,11 @@ def _cifar_official(n: int, fp: bool) -> dict:
       'full_precision_layers': (sorted(['conv0/kernel'] + (_cifar_layers(n) if fp else [])), script),
       'warm_start': ('none' if fp else 'required', f'{CIFAR_LOG}: Argv --load ../ResNet/train_log/cifar10-resnet-20'),
       'normalize_init': (False, TF + 'ternary.py: tw_ternarize uses the weights as loaded'),
+      'threshold': (None if fp else 'max', TF + 'ternary.py: tw_ternarize, thre_x = reduce_max(abs(x)) * thre'),
       'threshold_t': (None if fp else 0.05, f'{CIFAR_SCRIPT}: --t default 0.05 (not set in the log\'s Argv)'),
-      'dtype': ('float32', 'TF1 float32'),
+      'threshold_k': (None, TF + 'ternary.py: no mean rule'),
+      'dtype': ('float32', 'TF 0.x float32'),
+      **_tensorpack_bn(),
   }
   return out
 
@@ -165,8 +184,12 @@ def _alexnet_official(method: str) -> dict:
           f'conv{i}/kernel' for i in (1, 2, 3, 4)])), ALEX_SCRIPT),
       'warm_start': ('none', f'{ALEX_LOG}: trained from scratch (no --load)'),
       'normalize_init': (False, TF + 'ternary.py'),
-      'threshold_t': (None if method == 'fp' else 0.049, f'{ALEX_LOG}: Argv --t 0.049'),
-      'dtype': ('float32', 'TF1 float32'),
+      'threshold': ({'fp': None, 'ttq': 'max', 'twn': 'mean'}[method],
+                    TF + 'ternary.py (TTQ); TWN: Li & Liu 2016, delta = 0.7 * mean|w|'),
+      'threshold_t': (0.049 if method == 'ttq' else None, f'{ALEX_LOG}: Argv --t 0.049'),
+      'threshold_k': (0.7 if method == 'twn' else None, 'TWN: Li & Liu 2016, Eq. 8'),
+      'dtype': ('float32', 'TF 0.x float32'),
+      **_tensorpack_bn(),
   }
 
 

@@ -43,7 +43,10 @@ def create_model(config, *, quantized: bool = True) -> nn.Module:
   q = quant_config(config) if quantized else quant_lib.QuantConfig(method='fp')
   return models.create_model(config.model.name, num_classes=info.num_classes, quant=q,
                              full_precision=config.quant.full_precision_layers,
-                             ghost_batch_size=config.model.bn_ghost_batch_size, dtype=compute_dtype(config))
+                             ghost_batch_size=config.model.bn_ghost_batch_size,
+                             # absent from configs saved before these keys (exports' metadata): their values then
+                             bn_unbiased_variance=config.model.get('bn_unbiased_variance', False),
+                             bn_bias_init=config.model.get('bn_bias_init', 'zeros'), dtype=compute_dtype(config))
 
 
 def init_variables(model: nn.Module, rng: jax.Array, image_shape) -> dict:

@@ -1,0 +1,107 @@
+"""The paper's protocol on Fashion-MNIST (`reproduce.py --table fashion_mnist_protocol`, experiments/protocol.py):
+the entry point the GPU part calls runs end to end at the tiny budget; the results JSON keeps its pinned
+fields; paired differences by hand; the README's table is the one generated from the committed JSON."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+
+import protocol  # noqa: E402
+
+ROW_FIELDS = {'name', 'method', 'threshold', 't', 'k', 'seeds', 'init_from', 'test_top1_running',
+              'test_top1_reestimated', 'val_top1_best', 'mean_sparsity', 'scale_range'}
+TOP_FIELDS = {'budget', 'machine', 'commit', 'rows', 'fp_init_test_top1', 'paired'}
+
+
+def _check_schema(data, seeds):
+  assert TOP_FIELDS <= set(data) and set(data['budget']) >= {'name', 'fp_steps', 'finetune_steps', 'batch_size'}
+  assert [r['name'] for r in data['rows']] == ['fp', 'ttq_max', 'ttq_mean', 'twn_max', 'twn_mean']
+  for r in data['rows']:
+    assert ROW_FIELDS <= set(r) and r['seeds'] == seeds
+    assert (r['method'], r['threshold']) == {'fp': ('fp', None), 'ttq_max': ('ttq', 'max'), 'ttq_mean': ('ttq', 'mean'),
+                                             'twn_max': ('twn', 'max'), 'twn_mean': ('twn', 'mean')}[r['name']]
+    assert r['t'] == (0.05 if r['threshold'] == 'max' else None) and r['k'] == (0.7 if r['threshold'] == 'mean' else None)
+    for key in ('test_top1_running', 'test_top1_reestimated', 'val_top1_best', 'init_from', 'scale_range'):
+      assert len(r[key]) == len(seeds)
+    assert all(0 <= x <= 100 for x in r['test_top1_reestimated'])
+  assert len(data['fp_init_test_top1']) == len(seeds)
+  assert {(p['a'], p['b']) for p in data['paired']} >= {('ttq_max', 'fp'), ('ttq_max', 'twn_max'), ('ttq_max', 'ttq_mean')}
+
+
+@pytest.mark.slow
+def test_tiny_budget_end_to_end(tmp_path):
+  """One seed, two processes at a time: an FP checkpoint, then five fine-tunes of it, the JSON and the table."""
+  out = tmp_path / 'protocol.json'
+  p = subprocess.run([sys.executable, 'experiments/reproduce.py', '--table', 'fashion_mnist_protocol', '--budget', 'tiny',
+                      '--seeds', '0', '--parallel', '2', '--workdir_root', str(tmp_path / 'runs'), '--results', str(out)],
+                     cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+  data = json.loads(out.read_text())
+  _check_schema(data, [0])
+  assert data['budget'] == {'name': 'tiny', 'fp_steps': 6, 'finetune_steps': 4, 'batch_size': 64}
+  # every fine-tune started from the seed's one FP checkpoint, at its last step
+  assert len({r['init_from'][0]['params_sha256'] for r in data['rows']}) == 1
+  assert all(r['init_from'][0]['fp_steps'] == 6 for r in data['rows'])
+  rows = {r['name']: r for r in data['rows']}
+  assert rows['fp']['mean_sparsity'] == [None] and rows['fp']['scale_range'] == [None]
+  # the same threshold rule zeroes about the same share whatever the scale rule (same FP start, 4 steps)
+  assert rows['ttq_mean']['mean_sparsity'][0] > rows['ttq_max']['mean_sparsity'][0]
+  assert abs(rows['ttq_mean']['mean_sparsity'][0] - rows['twn_mean']['mean_sparsity'][0]) < 0.05
+  assert protocol.markdown(data) in p.stdout
+  # re-running re-reads the finished runs (nothing trains again)
+  again = subprocess.run([sys.executable, 'experiments/reproduce.py', '--table', 'fashion_mnist_protocol', '--budget',
+                          'tiny', '--seeds', '0', '--workdir_root', str(tmp_path / 'runs'), '--results', str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0 and '[run ]' not in again.stdout
+
+
+def _fake(values_by_row, seeds=(0, 1, 2)):
+  """A results dict with given test top-1 (re-estimated) per row and seed."""
+  rows = {}
+  for name, values in values_by_row.items():
+    rows[name] = {'test_top1_reestimated': values, 'test_top1_running': values}
+  return rows
+
+
+def test_paired_difference_and_its_standard_error_by_hand():
+  rows = _fake({'ttq_max': [90.0, 91.0, 92.5], 'fp': [89.0, 91.5, 91.0]})
+  (p,) = protocol._paired(rows, 'test_top1_reestimated')
+  # d = (1.0, -0.5, 1.5): mean 2/3, sample std sqrt(((1/3)^2 + (7/6)^2 + (5/6)^2) / 2) = sqrt(13/12)
+  assert (p['a'], p['b']) == ('ttq_max', 'fp') and p['mean'] == pytest.approx(2 / 3, abs=1e-4)
+  assert p['stderr'] == pytest.approx(np.sqrt(13 / 12) / np.sqrt(3), abs=1e-4)
+  assert not p['resolved']  # 0.667 < 2 x 0.601
+  (q,) = protocol._paired(_fake({'ttq_max': [92.0, 93.0, 94.1], 'fp': [90.0, 91.0, 92.0]}), 'test_top1_reestimated')
+  assert q['mean'] == pytest.approx(2.0333, abs=1e-4) and q['resolved']
+
+
+def test_readme_table_is_the_generated_one():
+  """The README shows exactly what `protocol.markdown` makes of the committed CPU results."""
+  data = json.load(open(protocol.RESULTS))
+  _check_schema(data, data['rows'][0]['seeds'])
+  assert data['budget']['name'] == 'cpu' and len(data['rows'][0]['seeds']) >= 3
+  assert not protocol.check_same_init(data)
+  readme = open(os.path.join(ROOT, 'README.md')).read()
+  assert protocol.readme_block(readme) == protocol.markdown(data), (
+      'README.md is stale: paste experiments/protocol.py markdown() of experiments/results/fashion_mnist_protocol.json '
+      'between the fashion_mnist_protocol markers')
+
+
+def test_unknown_budget_and_row_are_one_line_errors():
+  sys.path.insert(0, ROOT)
+  from configs import fashion_mnist_protocol
+  with pytest.raises(ValueError, match="budget 'huge' is unknown: allowed are tiny, cpu, gpu"):
+    fashion_mnist_protocol.get_config('ttq_max,huge')
+  with pytest.raises(ValueError, match="row 'bnn' is unknown: allowed are fp_init, fp, ttq_max"):
+    fashion_mnist_protocol.get_config('bnn,cpu')
+  c = fashion_mnist_protocol.get_config('twn_max,cpu')
+  assert (c.quant.method, c.quant.threshold, c.quant.t, c.num_train_steps, c.learning_rate) == ('twn', 'max', 0.05, 320, 0.05)
+  assert c.warm_start_config == 'configs/fashion_mnist_protocol.py:fp_init,cpu' and c.fp_warmup_epochs == 0
+  fp = fashion_mnist_protocol.get_config('fp_init,cpu')
+  assert (fp.quant.method, fp.num_train_steps, fp.learning_rate, fp.lr_schedule) == ('fp', 858, 0.1, 'cosine')
