@@ -72,6 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.ternary_kernel_lr_multiplier = 1.0  # TTQ: x learning rate of the latent kernels (from the switch)
 
   config.fp_warmup_epochs = 0.0            # train full precision first, then ternarize (one run)
+  config.fp_warmup_steps = 0               # > 0 overrides fp_warmup_epochs (short runs and tests)
   config.init_from = ''                    # workdir of a full-precision run to fine-tune from (fp_warmup_epochs = 0)
   config.warm_start_config = ''            # set: a TTQ run must start from a FP run of this config (init_from)
   config.normalize_init = False            # scale each quantized kernel to [-1, 1] at the switch

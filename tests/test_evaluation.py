@@ -54,3 +54,46 @@ def test_eval_step_sums_over_valid_rows_only():
   assert float(out['count']) == 2.0 and float(out['top1_correct']) == 1.0
   assert float(out['loss']) == pytest.approx(float(loss.sum()), rel=1e-6)
   assert float(out['top5_correct']) == 1.0  # the second row's label ranks 7th of 7
+
+
+@pytest.mark.slow
+def test_the_workdirs_config_decides_eval_and_export(smoke_config, tmp_path, caplog):
+  """Trained with a warm-up shortened by an override; evaluated with the config file's value (as the README's
+  commands do): the saved config decides, the headline is training's, a warning names the field; export works."""
+  import json
+  import os
+  from ttq_jax import config_check, export, train
+  workdir = str(tmp_path / 'run')
+  c = smoke_config.copy_and_resolve_references()
+  c.fp_warmup_steps = 4  # ternary from step 5 of 6
+  result = train.train_and_evaluate(c, workdir)
+  assert result['ternary_steps'] == 2 and result['param_counts']['ternary'] > 0
+  smoke_config.fp_warmup_steps = 100  # "the config file": would make step 6 a warm-up checkpoint
+  smoke_config.eval_batch_size = 128  # may change
+  with caplog.at_level('WARNING'):
+    ev = evaluation.evaluate_workdir(smoke_config, workdir)
+  assert 'fp_warmup_steps (saved 4, given 100)' in caplog.text and 'eval_batch_size (saved' not in caplog.text
+  assert ev['top1_accuracy'] == pytest.approx(result['top1_accuracy']) and ev['sparsity']
+  assert evaluation.evaluate_workdir(None, workdir)['top1_accuracy'] == pytest.approx(result['top1_accuracy'])
+  assert export.export_workdir(smoke_config, workdir)['step'] == 6  # not refused as a warm-up checkpoint
+  assert json.load(open(os.path.join(workdir, 'config.json')))['fp_warmup_steps'] == 4  # nothing rewritten
+  # explicit overrides: only what may change
+  config_check.check_overrides(workdir, ['eval_batch_size', 'data.data_dir'])
+  with pytest.raises(config_check.ConfigError, match=r'--config.quant.t cannot be changed when evaluating'):
+    config_check.check_overrides(workdir, ['eval_batch_size', 'quant.t'])
+
+
+@pytest.mark.slow
+def test_a_run_that_ends_inside_its_warm_up_says_so(smoke_config, tmp_path, caplog):
+  from ttq_jax import train
+  smoke_config.fp_warmup_steps = 10  # > the 6 steps
+  with caplog.at_level('WARNING'):
+    result = train.train_and_evaluate(smoke_config, str(tmp_path / 'run'))
+  assert 'inside its full-precision warm-up' in caplog.text
+  assert result['ternary_steps'] == 0 and result['param_counts']['ternary'] == 0 and result['sparsity'] == {}
+
+
+def test_explicit_overrides_are_read_from_the_command_line():
+  from ttq_jax import main
+  argv = ['main', '--config', 'c.py', '--config.quant.t=0.2', '--config.eval_batch_size', '64', '--workdir=w']
+  assert main.explicit_overrides(argv) == ['quant.t', 'eval_batch_size']

@@ -7,8 +7,11 @@ so nothing is allowed here that has no code behind it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+
+import ml_collections
 
 from ttq_jax import export_format
 from ttq_jax import files
@@ -17,6 +20,7 @@ from ttq_jax import models
 from ttq_jax import optim
 from ttq_jax import programs
 from ttq_jax import state as state_lib
+from ttq_jax import steps as steps_lib
 from ttq_jax.errors import ConfigError
 from ttq_jax.quant import METHODS, QuantConfig
 
@@ -37,7 +41,13 @@ CHOICES = {
 POSITIVE_INTS = ('batch_size', 'eval_batch_size', 'log_every_steps', 'checkpoint_every_steps')
 # Fields that change what the model or data are: a workdir trained with other values is refused.
 GUARDED_PREFIXES = ('model.', 'quant.', 'data.name', 'data.limit_examples', 'data.validation_examples', 'dtype', 'seed', 'fp_warmup_epochs',
-                    'init_from', 'ternary_kernel_lr_multiplier')
+                    'fp_warmup_steps', 'init_from', 'ternary_kernel_lr_multiplier')
+# What `--mode eval` / `--mode export` may change of a workdir's saved config: how to read and evaluate it, never
+# what was trained (WORKDIR/config.json decides that).
+EVAL_OVERRIDABLE = ('eval_batch_size', 'eval_step', 'restore_from', 'data.data_dir', 'data.worker_processes',
+                    'data.num_threads', 'data.prefetch_batches', 'bn_recalibration_batches', 'export.packing',
+                    'log_every_steps', 'mesh_shape', 'mesh_axes', 'compilation_cache_dir', 'xla_cpu_ynn_fusion',
+                    'allow_config_change')
 
 
 def _get(config, dotted: str):
@@ -97,9 +107,12 @@ def validate(config, *, custom_model: bool = False) -> None:
     raise ConfigError(f'ternary_kernel_lr_multiplier={config.ternary_kernel_lr_multiplier!r} must be > 0')
   if not 0.0 <= config.target_accuracy <= 1.0:
     raise ConfigError(f'target_accuracy={config.target_accuracy!r} is out of range: allowed is 0 (off) to 1')
-  if config.init_from and config.fp_warmup_epochs > 0 and config.quant.method != 'fp':
-    raise ConfigError(f'init_from={config.init_from!r} and fp_warmup_epochs={config.fp_warmup_epochs!r} are both set: '
-                      'init_from is the full-precision warm start, so set fp_warmup_epochs=0 (or drop init_from)')
+  if config.get('fp_warmup_steps', 0) < 0:
+    raise ConfigError(f'fp_warmup_steps={config.fp_warmup_steps!r} must be >= 0 (0: fp_warmup_epochs decides)')
+  if config.init_from and steps_lib.has_fp_warmup(config) and config.quant.method != 'fp':
+    raise ConfigError(f'init_from={config.init_from!r} and a full-precision warm-up (fp_warmup_epochs='
+                      f'{config.fp_warmup_epochs!r}, fp_warmup_steps={config.get("fp_warmup_steps", 0)!r}) are both '
+                      'set: init_from is the full-precision warm start, so set both to 0 (or drop init_from)')
   if config.scale_optimizer == 'adam' and config.learning_rate == 0:
     raise ConfigError("learning_rate=0 with scale_optimizer='adam': the scales' schedule is the weights' schedule "
                       'rescaled to scale_learning_rate, so learning_rate must be > 0')
@@ -116,12 +129,12 @@ def warm_start(config) -> str:
     return 'none'
   if config.warm_start_config:
     return 'required'
-  return 'in_run' if config.fp_warmup_epochs > 0 else 'none'
+  return 'in_run' if steps_lib.has_fp_warmup(config) else 'none'
 
 
 def check_warm_start(config) -> None:
   """A row that fine-tunes a full-precision model (`warm_start_config` set) never trains from scratch."""
-  if warm_start(config) == 'required' and not config.init_from and not config.fp_warmup_epochs > 0:
+  if warm_start(config) == 'required' and not config.init_from and not steps_lib.has_fp_warmup(config):
     raise ConfigError(f'this config fine-tunes a full-precision model and init_from is empty: first run '
                       f'`python -m ttq_jax.main --config {config.warm_start_config} --workdir FP_WORKDIR`, then pass '
                       f'--config.init_from=FP_WORKDIR (or --config.fp_warmup_epochs=N for an in-run warm-up)')
@@ -139,7 +152,7 @@ def flatten(d, prefix: str = '') -> dict:
 
 # Guarded keys added after workdirs already existed: a saved config without one ran with this value.
 VALUE_IF_ABSENT = {'ternary_kernel_lr_multiplier': 1.0, 'quant.k': 0.7, 'model.bn_unbiased_variance': False,
-                   'model.bn_bias_init': 'zeros'}
+                   'model.bn_bias_init': 'zeros', 'fp_warmup_steps': 0}
 
 
 def canonical_quant(flat: dict, *, saved_before_k: bool = False) -> dict:
@@ -203,3 +216,78 @@ def write_config(config, workdir: str) -> None:
   import jax
   if jax.process_index() == 0:
     files.write_json(files.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
+
+
+# --------------------------------------------------------------------------- a workdir's own config
+
+
+def _tuples(value):
+  """JSON lists back to the tuples every sequence-valued config key holds."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def _set(config, dotted: str, value) -> None:
+  *parents, leaf = dotted.split('.')
+  for part in parents:
+    config = config[part]
+  config[leaf] = value
+
+
+def check_overrides(workdir: str, keys) -> None:
+  """`--mode eval` / `export`: an explicit `--config.KEY=VALUE` may only change `EVAL_OVERRIDABLE` keys of
+  a workdir that has a saved config (it decides everything else)."""
+  bad = sorted(k for k in keys if k not in EVAL_OVERRIDABLE)
+  if bad and files.exists(files.join(workdir, 'config.json')):
+    raise ConfigError(f'--config.{bad[0]} cannot be changed when evaluating or exporting {workdir}: its config.json '
+                      f'says what was trained; allowed to change are {", ".join(EVAL_OVERRIDABLE)}')
+
+
+def workdir_config(config, workdir: str):
+  """The config of what `workdir` holds: its saved config.json, with the `EVAL_OVERRIDABLE` keys taken from
+  `config` (None: the saved config alone). Any other key where `config` differs from the saved one (e.g. a
+  config file without the overrides the run was trained with) is named in one warning and the saved value
+  is used. A workdir without config.json: `config` as it is (required then)."""
+  path = files.join(workdir, 'config.json')
+  if not files.exists(path):
+    if config is None:
+      raise ConfigError(f'workdir {workdir} has no config.json: pass --config (the config it was trained with)')
+    return config
+  try:
+    saved = json.loads(files.read_text(path))
+  except ValueError as e:
+    raise ConfigError(f'{path} is not readable JSON ({e}): pass --config and restore it') from None
+  saved_flat = {**VALUE_IF_ABSENT, **flatten(saved)}
+  if 'quant.k' not in flatten(saved) and saved_flat.get('quant.method') == 'twn':
+    saved_flat['quant.threshold'] = None  # before quant.k, TWN ran its own rule whatever threshold said
+  if config is None:
+    effective = ml_collections.ConfigDict()
+    for key, value in saved_flat.items():
+      node = effective
+      for part in key.split('.')[:-1]:
+        if part not in node:
+          node[part] = ml_collections.ConfigDict()
+        node = node[part]
+      node[key.split('.')[-1]] = _tuples(value)
+    effective.lock()
+    return effective
+  effective = ml_collections.ConfigDict(config.to_dict())  # `config`'s keys and types, unlocked
+  given = canonical_quant({**VALUE_IF_ABSENT, **flatten(json.loads(config.to_json_best_effort()))})
+  same_rule = canonical_quant(saved_flat)
+  differ = []
+  for key, value in saved_flat.items():
+    if key in EVAL_OVERRIDABLE:
+      continue
+    if json.dumps(given.get(key), sort_keys=True) != json.dumps(same_rule.get(key), sort_keys=True):
+      differ.append(f'{key} (saved {value!r}, given {given.get(key)!r})')
+    try:
+      _set(effective, key, _tuples(value))
+    except (KeyError, AttributeError):  # a key this version no longer has
+      continue
+  if differ:
+    logging.warning('the config given differs from %s in %s: the saved values are used (what may change for eval / '
+                    'export: %s)', path, ', '.join(differ[:6]) + (f' and {len(differ) - 6} more' if len(differ) > 6 else ''),
+                    ', '.join(EVAL_OVERRIDABLE))
+  effective.lock()
+  return effective

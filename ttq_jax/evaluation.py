@@ -182,7 +182,10 @@ def evaluate_workdir(config, workdir: str, *, model=None, data=None, loss_fn=Non
   """`--mode eval`: evaluates the newest (or `eval_step`) checkpoint of `workdir`, or the export named by
   `restore_from`, on the test split; writes WORKDIR/eval/step_<N>.json (export_step_<N>.json).
 
-  From Python, `model` / `data` / `loss_fn` are your own, as given to `train.train_and_evaluate`."""
+  The workdir's saved config decides what was trained (`config_check.workdir_config`: `config` may be None,
+  and only its `EVAL_OVERRIDABLE` keys apply). From Python, `model` / `data` / `loss_fn` are your own, as
+  given to `train.train_and_evaluate`."""
+  config = config_check.workdir_config(config, files.resolve(workdir))
   config = input_pipeline.with_user_data(config, data)
   config_check.validate(config, custom_model=model is not None)
   workdir = files.resolve(workdir)

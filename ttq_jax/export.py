@@ -49,13 +49,16 @@ def _check_step(config, step: int) -> None:
     start = steps.ternary_start_step(config)
     raise ExportError(
         f'checkpoint step {step} is from the full-precision warm-up (ternary training starts after step {start}, '
-        f'fp_warmup_epochs={config.fp_warmup_epochs}): its ternary codes were never trained; export a checkpoint '
+        f'fp_warmup_steps={config.get("fp_warmup_steps", 0)}, fp_warmup_epochs={config.fp_warmup_epochs}): its '
+        f'ternary codes were never trained; export a checkpoint '
         f'after step {start} (--config.eval_step) or evaluate this one with --mode eval')
 
 
 def export_workdir(config, workdir: str, *, model=None, data=None) -> dict[str, Any]:
   """Exports the newest (or `eval_step`) checkpoint to WORKDIR/export/model.safetensors (`model`, `data`:
-  your own, as given to `train.train_and_evaluate`)."""
+  your own, as given to `train.train_and_evaluate`). The workdir's saved config decides what was trained
+  (`config_check.workdir_config`; `config` may be None)."""
+  config = config_check.workdir_config(config, files.resolve(workdir))
   config = input_pipeline.with_user_data(config, data)
   config_check.validate(config, custom_model=model is not None)
   packing = config.export.packing

@@ -58,9 +58,10 @@ def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments {argv[1:]}')
   config = FLAGS.config
-  if config is None:
+  reads_workdir = FLAGS.mode in ('eval', 'export')  # the workdir's config.json is the config
+  if config is None and not reads_workdir:
     _fail('--config is required, e.g. --config configs/fashion_mnist.py')
-  if not isinstance(config, ml_collections.ConfigDict):  # ml_collections defers load errors to first use
+  if config is not None and not isinstance(config, ml_collections.ConfigDict):  # ml_collections defers load errors
     try:
       config.seed
     except OSError as e:
@@ -69,10 +70,18 @@ def main(argv):
   if not FLAGS.workdir:
     _fail('--workdir is required')
   try:
+    if reads_workdir:
+      from ttq_jax import config_check  # noqa: PLC0415 - imports JAX; only the modes that read a workdir need it
+      config_check.check_overrides(FLAGS.workdir, explicit_overrides(sys.argv))
     runner.run(config, FLAGS.workdir, FLAGS.mode, coordinator_address=FLAGS.coordinator_address,
                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   except errors.USER_ERRORS as e:  # anything else is a bug and keeps its traceback
     _fail(str(e))
+
+
+def explicit_overrides(argv) -> list[str]:
+  """The config keys set on the command line (`--config.KEY=VALUE` or `--config.KEY VALUE`)."""
+  return [a[len('--config.'):].split('=', 1)[0] for a in argv if a.startswith('--config.')]
 
 
 def parse_flags(argv):

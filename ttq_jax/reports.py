@@ -84,7 +84,12 @@ def format_protocol(protocol: dict, split: str) -> list[str]:
 
 def format_eval_table(result: dict, config, model_name: str | None = None) -> str:
   """The final summary: accuracy first, then each ternary layer's sparsity and scales."""
-  lines = [f'\n{model_name or config.model.name} on {config.data.name}, method {config.quant.method}, '
+  method = config.quant.method
+  if method != 'fp' and result.get('ternary_steps') == 0:
+    method = f'{method} (no ternary step trained: the run ended inside its full-precision warm-up)'
+  elif result.get('ternary_steps'):
+    method = f'{method}, {result["ternary_steps"]} ternary steps'
+  lines = [f'\n{model_name or config.model.name} on {config.data.name}, method {method}, '
            f'step {result["step"]}:',
            f'  test loss {result["loss"]:.4f} | top-1 {result["top1_accuracy"]:.2%}' +
            (f' | top-5 {result["top5_accuracy"]:.2%}' if 'top5_accuracy' in result else '') +

@@ -165,8 +165,12 @@ def create_mesh_and_state(config, model: nn.Module | None = None, mesh_shape=Non
 
 def restore(config, workdir: str, *, step: int | None = None, model: nn.Module | None = None,
             mesh_shape=None) -> Restored:
-  """The newest readable checkpoint of `workdir` (or exactly `step`) restored into a fresh state of
-  `config` (read only: nothing in the workdir changes). Raises CheckpointError when there is none."""
+  """The newest readable checkpoint of `workdir` (or exactly `step`) restored into a fresh state of the
+  workdir's config (read only: nothing in the workdir changes): its saved config.json decides what was trained,
+  `config` (may be None) only what `config_check.EVAL_OVERRIDABLE` lists. Raises CheckpointError when there
+  is no checkpoint."""
+  from ttq_jax import config_check  # (config_check imports this module)
+  config = config_check.workdir_config(config, workdir)
   mesh, state = create_mesh_and_state(config, model, mesh_shape)
   manager = ckpt.create_manager(workdir, read_only=True)
   restored = restore_latest(manager, state, step)

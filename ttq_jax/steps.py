@@ -38,11 +38,25 @@ def ternary_start_step(config) -> int:
 
   0 for full-precision runs (nothing changes) and for runs that start from an FP checkpoint
   (`init_from`: the warm start happened in another run); otherwise the end of the in-run FP warm-up
-  (`fp_warmup_epochs`). `config_check` refuses `init_from` together with `fp_warmup_epochs > 0`.
+  (`fp_warmup_steps` when > 0, else `fp_warmup_epochs`). `config_check` refuses `init_from` together with `fp_warmup_epochs > 0`.
   """
   if config.quant.method == 'fp' or config.init_from:
     return 0
+  if config.get('fp_warmup_steps', 0) > 0:
+    return int(config.fp_warmup_steps)
   return epochs_to_steps(config, config.fp_warmup_epochs)
+
+
+def has_fp_warmup(config) -> bool:
+  """Whether the config asks for an in-run full-precision warm-up (`fp_warmup_steps` or `fp_warmup_epochs`)."""
+  return config.get('fp_warmup_steps', 0) > 0 or config.fp_warmup_epochs > 0
+
+
+def ternary_steps(config, step: int) -> int:
+  """How many of the first `step` steps trained ternary weights (0 for FP runs and inside the warm-up)."""
+  if config.quant.method == 'fp':
+    return 0
+  return max(0, step - ternary_start_step(config))
 
 
 def is_ternary_at(config, step: int) -> bool:

@@ -296,6 +296,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
   primary = jax.process_index() == 0
   total, ternary_start = steps_lib.total_steps(config), steps_lib.ternary_start_step(config)
   warm_started = config.quant.method != 'fp' and (ternary_start > 0 or bool(config.init_from))
+  if primary and config.quant.method != 'fp' and total <= ternary_start:
+    logging.warning('this run ends at step %d, inside its full-precision warm-up (ternary training starts after step '
+                    '%d): it trains no ternary step (shorten fp_warmup_steps / fp_warmup_epochs or train longer)',
+                    total, ternary_start)
 
   # Restore.
   start_step, state = _restore_or_warm_start(config, workdir, manager, state, inputs)
@@ -354,8 +358,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
     final = {**metrics, 'bn_statistics': column, 'test': {c: m for c, (m, _) in last[1].items()}}
   else:
     final = _final_test(config, programs, state, inputs, step > ternary_start, best)
-  result = {'step': step, **final, 'selection_split': inputs.selection_split, **reports.quant_report(state, config),
-            'elapsed_s': time.perf_counter() - started}
+  trained_ternary = steps_lib.ternary_steps(config, step)
+  result = {'step': step, 'ternary_steps': trained_ternary, **final, 'selection_split': inputs.selection_split,
+            **reports.quant_report(state, config, quantized=trained_ternary > 0), 'elapsed_s': time.perf_counter() - started}
   if primary:
     result['protocol'] = reports.eval_protocol(reports.read_metrics(files.join(workdir, 'metrics.jsonl')))
   if config.target_accuracy > 0:
