@@ -1,6 +1,7 @@
 """Defaults shared by every experiment; a row's config imports this and overrides what differs.
 
-Every key is documented here; `ttq_jax.config_check.validate` checks values and choices.
+Every key is documented here (this file is the schema: `ttq_jax.config_check.validate` refuses keys that
+are not here and checks values and choices). The config is returned locked.
 """
 
 import ml_collections
@@ -92,7 +93,13 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.export = ml_collections.ConfigDict()
   config.export.packing = '2bit'           # 2bit | base3
+  # BN statistics the export carries: reestimated (those of the headline evaluation, re-estimated at export
+  # time on the same clean training batches; needs the training data) | running (training's running averages)
+  config.export.bn_statistics = 'reestimated'
 
   config.xla_cpu_ynn_fusion = 'auto'       # auto (per program, programs.CPU_PROGRAM_OPTIONS) | on | off
   config.compilation_cache_dir = 'default'  # '' = off; default = ~/.cache/ttq_jax/xla
+  # Locked: every config derives from this one, so a key that is not here (a typo) is an error in Python as on
+  # the command line (ml_collections names close matches); values of the keys above can still be set.
+  config.lock()
   return config

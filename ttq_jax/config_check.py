@@ -36,6 +36,7 @@ CHOICES = {
     'lr_schedule': optim.SCHEDULES,
     'scale_optimizer': optim.SCALE_OPTIMIZERS,
     'export.packing': export_format.PACKINGS,
+    'export.bn_statistics': export_format.BN_STATISTICS,
     'xla_cpu_ynn_fusion': programs.YNN_FUSION_MODES,
 }
 POSITIVE_INTS = ('batch_size', 'eval_batch_size', 'log_every_steps', 'checkpoint_every_steps')
@@ -46,6 +47,7 @@ GUARDED_PREFIXES = ('model.', 'quant.', 'data.name', 'data.limit_examples', 'dat
 # what was trained (WORKDIR/config.json decides that).
 EVAL_OVERRIDABLE = ('eval_batch_size', 'eval_step', 'restore_from', 'data.data_dir', 'data.worker_processes',
                     'data.num_threads', 'data.prefetch_batches', 'bn_recalibration_batches', 'export.packing',
+                    'export.bn_statistics',
                     'log_every_steps', 'mesh_shape', 'mesh_axes', 'compilation_cache_dir', 'xla_cpu_ynn_fusion',
                     'allow_config_change')
 
@@ -57,9 +59,27 @@ def _get(config, dotted: str):
   return value
 
 
+def schema_keys() -> set[str]:
+  """Every config key (flattened): those of `configs/base.py`, which documents them."""
+  from configs import base  # noqa: PLC0415 - shipped with the package (pyproject: configs*)
+  return set(flatten(base.get_config().to_dict()))
+
+
+def check_keys(config) -> None:
+  """Refuses a key that `configs/base.py` does not have (as the command line does), naming close matches."""
+  import difflib  # noqa: PLC0415
+  known = schema_keys()
+  unknown = sorted(set(flatten(config.to_dict())) - known)
+  if unknown:
+    close = difflib.get_close_matches(unknown[0], sorted(known), n=3)
+    raise ConfigError(f'config key {unknown[0]!r} is unknown' + (f': did you mean {", ".join(close)}?' if close else
+                                                                  ' (configs/base.py lists every key)'))
+
+
 def validate(config, *, custom_model: bool = False) -> None:
-  """Raises ConfigError naming the first bad value and what is allowed (`custom_model`: the model is the
-  caller's own, so `model.name` is not looked at)."""
+  """Raises ConfigError naming the first bad value or unknown key and what is allowed (`custom_model`: the
+  model is the caller's own, so `model.name` is not looked at)."""
+  check_keys(config)
   for key, table in CHOICES.items():
     if custom_model and key == 'model.name':
       continue

@@ -175,7 +175,7 @@ def _from_export(config, mesh):
             'scales': {k.removeprefix('params/'): (r['w_p'], r['w_n']) for k, r in layers.items()},
             'param_counts': {'ternary': ternary,
                              'full_precision': sum(int(np.size(x)) for x in jax.tree.leaves(variables['params'])) - ternary}}
-  return int(metadata.get('step', -1)), state, report
+  return int(metadata.get('step', -1)), state, report, metadata['bn_statistics']
 
 
 def evaluate_workdir(config, workdir: str, *, model=None, data=None, loss_fn=None) -> dict[str, Any]:
@@ -193,7 +193,7 @@ def evaluate_workdir(config, workdir: str, *, model=None, data=None, loss_fn=Non
   if config.restore_from:
     mesh = sharding_lib.create_mesh(config.mesh_shape, config.mesh_axes)
     sharding_lib.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
-    step, state, report = _from_export(config, mesh)
+    step, state, report, file_bn = _from_export(config, mesh)
     source, quantized = config.restore_from, False
     model = quant_lib.unquantized(model) if model is not None else None
   else:
@@ -205,8 +205,8 @@ def evaluate_workdir(config, workdir: str, *, model=None, data=None, loss_fn=Non
     source, quantized = 'checkpoint', steps.is_ternary_at(config, step)
     report = reports.quant_report(state, config, quantized=quantized)
   programs = programs_lib.Programs(config, mesh, state_lib.state_shardings(state), STEPS, model, loss_fn)
-  if config.restore_from:  # an export carries one set of BN statistics
-    columns = {'running': (evaluate(programs, state, eval_batches(config), quantized), state)}
+  if config.restore_from:  # an export carries one set of BN statistics (metadata `bn_statistics`)
+    columns = {file_bn: (evaluate(programs, state, eval_batches(config), quantized), state)}
   else:
     columns = evaluate_columns(config, programs, state, lambda: eval_batches(config), lambda: recalibration_batches(config),
                                quantized)

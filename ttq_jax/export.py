@@ -1,4 +1,4 @@
-"""`--mode export`: pack a workdir's ternary checkpoint into a `ttq-safetensors-v1` file, and `load`
+"""`--mode export`: pack a workdir's ternary checkpoint into a `ttq-safetensors-v2` file, and `load`
 such a file back as an inference model. The file format itself is `ttq_jax.export_format`."""
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from ttq_jax import export_format
 from ttq_jax import files
 from ttq_jax import input_pipeline
 from ttq_jax import metric_writers
+from ttq_jax import programs as programs_lib
 from ttq_jax import quant as quant_lib
 from ttq_jax import state as state_lib
 from ttq_jax import steps
-from ttq_jax.errors import ExportError
+from ttq_jax.errors import ConfigError, DataError, ExportError
 
 
 def load(path: str, model: nn.Module | None = None):
@@ -54,6 +55,26 @@ def _check_step(config, step: int) -> None:
         f'after step {start} (--config.eval_step) or evaluate this one with --mode eval')
 
 
+def _headline_bn_statistics(config, mesh, state, model, user_data: bool):
+  """(state with the BN statistics the export carries, their name): those of the headline evaluation. With
+  `export.bn_statistics='reestimated'` and `bn_recalibration_batches` > 0, re-estimated on the clean training
+  batches exactly as `--mode eval` does (same seed, same batches), so the file scores what the checkpoint's
+  headline scores; otherwise training's running averages."""
+  if config.export.bn_statistics != 'reestimated' or config.bn_recalibration_batches <= 0 or not jax.tree.leaves(
+      state.batch_stats):
+    return state, 'running'
+  from ttq_jax import evaluation  # noqa: PLC0415 - evaluation's steps and the recalibration stream
+  try:
+    batches = list(evaluation.recalibration_batches(config))
+  except (ConfigError, DataError, OSError) as e:
+    raise ExportError(f"export.bn_statistics='reestimated' re-estimates BN statistics on the training data, which is "
+                      f'not available here ({str(e).splitlines()[0][:160]}): pass the data'
+                      f'{" (data=...)" if user_data or config.data.name == input_pipeline.USER_DATA_NAME else ""} or '
+                      "export training's running statistics with --config.export.bn_statistics=running") from None
+  programs = programs_lib.Programs(config, mesh, state_lib.state_shardings(state), evaluation.STEPS, model)
+  return evaluation.recalibrate_batch_stats(programs, state, batches, quantized=True), 'reestimated'
+
+
 def export_workdir(config, workdir: str, *, model=None, data=None) -> dict[str, Any]:
   """Exports the newest (or `eval_step`) checkpoint to WORKDIR/export/model.safetensors (`model`, `data`:
   your own, as given to `train.train_and_evaluate`). The workdir's saved config decides what was trained
@@ -64,14 +85,15 @@ def export_workdir(config, workdir: str, *, model=None, data=None) -> dict[str, 
   packing = config.export.packing
   _check_method(config)
   workdir = files.resolve(workdir)
-  _, step, state, _ = state_lib.restore(config, workdir, step=None if config.eval_step < 0 else config.eval_step,
-                                        model=model)
+  mesh, step, state, _ = state_lib.restore(config, workdir, step=None if config.eval_step < 0 else config.eval_step,
+                                           model=model)
   _check_step(config, step)
+  state, bn_statistics = _headline_bn_statistics(config, mesh, state, model, data is not None)
   params, batch_stats = jax.device_get((state.params, state.batch_stats))
   tensors = export_format.build_export(params, batch_stats, state.ternary, packing)
   path = files.join(workdir, 'export', 'model.safetensors')
   if jax.process_index() == 0:
-    export_format.save(path, tensors, packing=packing, config=config, step=step)
+    export_format.save(path, tensors, packing=packing, config=config, step=step, bn_statistics=bn_statistics)
   _, _, report = export_format.read(path)
   fp32_total = _nbytes(params) + _nbytes(batch_stats)
   export_bytes = files.size(path)

@@ -1,4 +1,4 @@
-"""The packed ternary file format `ttq-safetensors-v1` (spec: docs/export_format.md): codes, packing,
+"""The packed ternary file format `ttq-safetensors-v2` (spec: docs/export_format.md): codes, packing,
 writing and reading. The export job (`--mode export`) is `ttq_jax.export`.
 
 Each ternary kernel is stored as 2-bit codes (4 per byte) or base-3 digits (5 per byte) plus its
@@ -20,6 +20,9 @@ from ttq_jax.quant.packing import PACKINGS, Packing, check_packing, codes_from_t
 
 FORMAT = 'ttq-safetensors-v2'
 FORMATS = ('ttq-safetensors-v1', FORMAT)  # v1: per-tensor scales only (read as such)
+# The BN statistics a file carries (metadata `bn_statistics`; files without it carry `running`)
+BN_STATISTICS = {'reestimated': 're-estimated on clean training batches at export time (the headline evaluation)',
+                 'running': "training's running averages (what the checkpoint holds)"}
 REQUIRED_SUFFIXES = ('/codes', '/shape', '/w_p', '/w_n')
 SUFFIXES = REQUIRED_SUFFIXES + ('/scale_shape',)  # scale_shape (v2): only for per-channel scales
 
@@ -66,11 +69,15 @@ def build_export(params, batch_stats, layers, packing: str) -> dict[str, np.ndar
   return tensors
 
 
-def save(path: str, tensors: dict[str, np.ndarray], *, packing: str, config, step: int) -> None:
-  """Writes atomically (`files.write_bytes`, local or a bucket): a failed export leaves nothing behind."""
+def save(path: str, tensors: dict[str, np.ndarray], *, packing: str, config, step: int,
+         bn_statistics: str = 'running') -> None:
+  """Writes atomically (`files.write_bytes`, local or a bucket): a failed export leaves nothing behind.
+  `bn_statistics`: which BN statistics `tensors` carry (a key of `BN_STATISTICS`)."""
   from safetensors.numpy import save
   check_packing(packing)
-  metadata = {'format': FORMAT, 'packing': packing, 'step': str(int(step)),
+  if bn_statistics not in BN_STATISTICS:
+    raise ExportError(f'bn_statistics={bn_statistics!r} is unknown: allowed are {", ".join(BN_STATISTICS)}')
+  metadata = {'format': FORMAT, 'packing': packing, 'step': str(int(step)), 'bn_statistics': bn_statistics,
               'config': config.to_json_best_effort() if hasattr(config, 'to_json_best_effort') else json.dumps(config)}
   files.write_bytes(path, save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata))
 
@@ -96,6 +103,10 @@ def read(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     raise ExportError(f'{path}: not a readable safetensors file ({type(e).__name__}: {str(e)[:160]})') from None
   if metadata.get('format') not in FORMATS:
     raise ExportError(f'{path}: __metadata__ format={metadata.get("format")!r} is unknown: allowed are {", ".join(FORMATS)}')
+  metadata.setdefault('bn_statistics', 'running')  # files written before the key carried training's statistics
+  if metadata['bn_statistics'] not in BN_STATISTICS:
+    raise ExportError(f'{path}: __metadata__ bn_statistics={metadata["bn_statistics"]!r} is unknown: allowed are '
+                      f'{", ".join(BN_STATISTICS)}')
   packing = metadata.get('packing')
   if packing not in PACKINGS:
     raise ExportError(f'{path}: __metadata__ packing={packing!r} is unknown: allowed are {", ".join(PACKINGS)}')

@@ -77,13 +77,19 @@ def register_dataset(name: str, *, train, test, num_classes: int | None = None, 
 
   `train` / `test`: random-access sources of {'image': HWC array, 'label': int} examples (`len` and
   indexing, e.g. a grain data source) or `(images, labels)` arrays. uint8 images are normalised on the
-  device with `mean` / `std` (per channel, in image units; default 0 / 1), other dtypes go as float32.
+  device with `mean` / `std` (per channel, in image units; required for uint8 images), other dtypes go as
+  float32 (mean / std default 0 / 1).
   `num_classes` defaults to 1 + the largest training label when the data are arrays.
   """
   if name in DATASETS and name not in USER_SOURCES:  # re-registering your own name replaces it
     raise ConfigError(f'data name {name!r} is a built-in dataset: register yours under another name')
   train, test = (ArraySource(*x) if isinstance(x, tuple) else x for x in (train, test))
-  image_shape = tuple(_as_example(train[0])['image'].shape)
+  first = np.asarray(_as_example(train[0])['image'])
+  image_shape = tuple(first.shape)
+  if first.dtype == np.uint8 and (mean is None or std is None):
+    raise ConfigError(f'register_dataset({name!r}): the images are uint8 (0-255) and mean / std are not given, so they '
+                      'would enter the model unnormalised: pass mean=... and std=... (per channel, in 0-255 units), '
+                      'or float images')
   if num_classes is None:
     if not isinstance(train, ArraySource):
       raise ConfigError(f'register_dataset({name!r}): pass num_classes for a source that is not (images, labels) arrays')

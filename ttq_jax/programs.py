@@ -83,7 +83,7 @@ class Programs:
       if name not in self.steps:
         raise KeyError(f'no step {name!r} in these programs: {sorted(self.steps)}')
       step = self.steps[name]
-      fn = functools.partial(step.fn, apply_fn=self.models[quantized].apply, info=self.info, dtype=self.dtype,
+      fn = functools.partial(step.fn, apply_fn=state_lib.apply_fn(self.models[quantized]), info=self.info, dtype=self.dtype,
                              loss_fn=self.loss_fn)
       rep = sharding_lib.replicated(self.mesh)
       batch_sh = {k: sharding_lib.batch_sharding(self.mesh) for k in batch}

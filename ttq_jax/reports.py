@@ -22,7 +22,22 @@ def quant_report(state, config, quantized: bool = True) -> dict[str, Any]:
   weights = quant_lib.ternary_weights(params, layers)  # thresholds computed once for both reports
   return {'sparsity': {p: tw.sparsity for p, tw in weights.items()},
           'scales': {p: (float(np.mean(tw.w_p)), float(np.mean(tw.w_n))) for p, tw in weights.items()},
+          'layer_rules': quant_lib.layer_rules(layers),
           'param_counts': quant_lib.count_params(params, layers)}
+
+
+def rules_differ_from_config(layers, config) -> str:
+  """'' when every ternary layer quantizes as `config.quant` says (method, threshold rule and its factor),
+  else a line naming the first layer whose rule differs (a `quantize()`d model's rules decide)."""
+  expected = quant_lib.rule_settings(quant_lib.QuantConfig.from_mapping(config.quant))
+  for layer in layers:
+    got = quant_lib.rule_settings(layer.quant)
+    mismatch = {k: (expected.get(k), v) for k, v in got.items() if k != 'scale_granularity' and expected.get(k) != v}
+    if mismatch:
+      details = ', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in mismatch.items())
+      return (f'config.quant is not what the model\'s rules do (layer {layer.path!r}: {details}); the rules decide, '
+              'and result.json lists each layer\'s settings (layer_rules)')
+  return ''
 
 
 def flat_quant_scalars(report: dict) -> dict[str, float]:
@@ -113,7 +128,10 @@ def format_eval_table(result: dict, config, model_name: str | None = None) -> st
   if counts:
     lines.append(f'  parameters: {counts["ternary"]:,} ternary, {counts["full_precision"]:,} full precision')
   if result.get('sparsity'):
-    rows = [(path.rsplit('/', 1)[0], f'{s:.3f}', f'{result["scales"][path][0]:+.4f}',
-             f'{result["scales"][path][1]:+.4f}') for path, s in result['sparsity'].items()]
-    lines.append(metric_writers.table(rows, ('layer', 'sparsity', 'w_p', 'w_n')))
+    rules = result.get('layer_rules') or {}
+    describe = lambda r: ' '.join([r['method'], r['threshold']] + [f'{k}={r[k]:g}' for k in ('t', 'k', 'sparsity') if k in r])
+    rows = [(path.rsplit('/', 1)[0], describe(rules[path]) if path in rules else '-', f'{s:.3f}',
+             f'{result["scales"][path][0]:+.4f}', f'{result["scales"][path][1]:+.4f}')
+            for path, s in result['sparsity'].items()]
+    lines.append(metric_writers.table(rows, ('layer', 'rule', 'sparsity', 'w_p', 'w_n')))
   return '\n'.join(lines)

@@ -3,6 +3,7 @@ a workdir's state (mesh + state + checkpoint in one call for eval, export, noteb
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, NamedTuple
 
 import flax
@@ -49,13 +50,34 @@ def create_model(config, *, quantized: bool = True) -> nn.Module:
                              bn_bias_init=config.model.get('bn_bias_init', 'zeros'), dtype=compute_dtype(config))
 
 
+def accepts_train(model: nn.Module) -> bool:
+  """Whether the model's `__call__` takes `train=` (the plain model's, for a quantize()d one)."""
+  params = inspect.signature(type(quant_lib.unquantized(model)).__call__).parameters
+  return 'train' in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _train_kwargs(model: nn.Module, train: bool) -> dict:
+  return {'train': train} if accepts_train(model) else {}
+
+
+def apply_fn(model: nn.Module) -> Callable:
+  """`model.apply`, called by the steps as `apply(variables, images, train=..., **kw)`; for a model whose
+  `__call__` has no `train` argument (no batch norm or dropout to switch), `train` is not passed."""
+  if accepts_train(model):
+    return model.apply
+  def apply(variables, *args, train=None, **kwargs):
+    del train
+    return model.apply(variables, *args, **kwargs)
+  return apply
+
+
 def init_variables(model: nn.Module, rng: jax.Array, image_shape) -> dict:
-  return model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+  return model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), **_train_kwargs(model, False))
 
 
 def ternary_layers(model: nn.Module, image_shape) -> tuple[quant_lib.TernaryLayer, ...]:
   """The model's ternary layers, from its module tree (`quant.ternary_layers`)."""
-  return quant_lib.ternary_layers(model, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+  return quant_lib.ternary_layers(model, jnp.zeros((1, *image_shape), jnp.float32), **_train_kwargs(model, False))
 
 
 def create_train_state(config, model: nn.Module, mesh, rng: jax.Array | None = None) -> TrainState:
@@ -69,7 +91,7 @@ def create_train_state(config, model: nn.Module, mesh, rng: jax.Array | None = N
   def make():
     variables = init_variables(model, init_rng, info.image_shape)
     params = variables['params']
-    return TrainState.create(apply_fn=model.apply, params=params, tx=optim.create_optimizer(config, params, layers),
+    return TrainState.create(apply_fn=apply_fn(model), params=params, tx=optim.create_optimizer(config, params, layers),
                              batch_stats=variables.get('batch_stats', {}), ternary=layers)
 
   abstract = jax.eval_shape(make)

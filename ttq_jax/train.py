@@ -272,7 +272,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
   """Trains (resuming from the newest readable checkpoint in `workdir`) and evaluates on the test split.
 
   Bring your own (Python callers; the CLI builds everything from the config): `model`, any Flax model
-  (e.g. `quant.quantize(my_model, rules)`; called as `model.apply(variables, images, train=...)`); `data`,
+  (e.g. `quant.quantize(my_model, rules)`; called as `model.apply(variables, images, train=...)`, without
+  `train` when its `__call__` has no such argument); `data`,
   a dict of `input_pipeline.register_dataset` arguments (train / test sources or arrays, ...); `loss_fn`,
   `(logits, labels) -> per-example loss`. Checkpoints, resume, logging, eval and export work the same.
   Returns the final eval metrics with the quantization report.
@@ -290,6 +291,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
   sharding_lib.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
   inputs = _Input.create(config, mesh)  # a missing dataset fails here
   state = state_lib.create_train_state(config, model or state_lib.create_model(config), mesh)
+  if model is not None and jax.process_index() == 0 and (mismatch := reports.rules_differ_from_config(state.ternary, config)):
+    logging.warning('%s', mismatch)
   config_check.write_config(config, workdir)
   programs = create_programs(config, mesh, state, model, loss_fn)
   manager = ckpt.create_manager(workdir, max_to_keep=config.keep_checkpoints)

@@ -90,8 +90,10 @@ def test_output_equals_the_model_with_kernels_ternarized_by_hand():
 
 def test_unselected_layers_are_bit_for_bit_the_fp_model():
   model = quant.quantize(Zoo(), [Rule(module_path='nothing'), Rule(module_path='head', method='fp')])
-  with pytest.warns(UserWarning, match="rules that selected no layer: 'nothing'"):
+  with pytest.warns(UserWarning, match="rules that selected no layer: 'nothing'") as record:
     variables = model.init(jax.random.PRNGKey(0), X)
+  message = str(record[0].message)  # names every layer the rules could have selected
+  assert all(p in message for p in ('head', *TTQ_LAYERS)), message
   np.testing.assert_array_equal(model.apply(variables, X), Zoo().apply(variables, X))
 
 
@@ -147,8 +149,14 @@ def test_an_embedding_table_is_refused():
     @nn.compact
     def __call__(self, tokens):
       return nn.Dense(3)(nn.Embed(10, 4, name='emb')(tokens))
-  with pytest.raises(ValueError, match="selects the nn.Embed at 'emb': embedding tables cannot be ternary"):
-    quant.quantize(WithEmbed(), [Rule(module_path='.*')]).init(jax.random.PRNGKey(0), jnp.zeros((2, 3), jnp.int32))
+  tokens = jnp.array([[1, 2, 3], [4, 5, 9]], jnp.int32)
+  with pytest.raises(ValueError, match="method='ttq'\\) selects the nn.Embed at 'emb': embedding tables cannot be ternary"):
+    quant.quantize(WithEmbed(), [Rule(module_path='.*')]).init(jax.random.PRNGKey(0), tokens)
+  # an 'fp' rule asks for nothing, so it may select the table (the README's `Rule('embed|head', method='fp')`)
+  model = quant.quantize(WithEmbed(), [Rule(module_path='emb', method='fp'), Rule(module_path='.*')])
+  variables = model.init(jax.random.PRNGKey(0), tokens)
+  assert set(variables['params']['Dense_0']) == {'kernel', 'bias', 'w_p', 'w_n'} and set(variables['params']['emb']) == {'embedding'}
+  assert [l.path for l in quant.ternary_layers(model, tokens)] == ['Dense_0']
 
 
 def test_attention_projections_are_dense_general():

@@ -19,7 +19,9 @@ from ttq_jax.quant.layers import TernaryConv
 from ttq_jax.quant.layers import TernaryDense
 from ttq_jax.quant.report import count_params
 from ttq_jax.quant.report import layer_scales
+from ttq_jax.quant.report import layer_rules
 from ttq_jax.quant.report import layer_sparsity
+from ttq_jax.quant.report import rule_settings
 from ttq_jax.quant.report import ternary_kernels
 from ttq_jax.quant.report import ternary_weights
 from ttq_jax.quant.rules import Rule

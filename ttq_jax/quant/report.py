@@ -49,6 +49,26 @@ def layer_scales(params: Mapping[str, Any], layers: Sequence[TernaryLayer]) -> d
   return {p: (float(jnp.mean(tw.w_p)), float(jnp.mean(tw.w_n))) for p, tw in ternary_weights(params, layers).items()}
 
 
+def rule_settings(quant) -> dict[str, Any]:
+  """A layer's quantization settings as reported: method, the threshold rule in force and its factor, and
+  (for rules) the scale granularity."""
+  rule = quant.threshold_rule
+  out = {'method': quant.method, 'threshold': rule}
+  if rule is not None:
+    out[{'max': 't', 'mean': 'k', 'sparsity': 'sparsity'}[rule]] = float(getattr(quant, {'max': 't', 'mean': 'k',
+                                                                                        'sparsity': 'sparsity'}[rule]))
+  if quant.method == 'ttq' and quant.positive_scales:
+    out['positive_scales'] = True
+  if getattr(quant, 'scale_granularity', 'tensor') != 'tensor':
+    out['scale_granularity'] = quant.scale_granularity
+  return out
+
+
+def layer_rules(layers: Sequence[TernaryLayer]) -> dict[str, dict[str, Any]]:
+  """{kernel path: `rule_settings` of the layer}."""
+  return {layer.kernel_path: rule_settings(layer.quant) for layer in layers}
+
+
 def count_params(params: Mapping[str, Any], layers: Sequence[TernaryLayer]) -> dict[str, int]:
   """{'ternary': #weights stored as ternary codes, 'full_precision': #other parameters (scales included)}."""
   total = sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(params))

@@ -9,7 +9,7 @@ A layer is selected by its module path (slash-joined names, as in the params tre
 decides, a layer that no rule matches stays full precision. Layers with a `kernel` parameter can be
 ternary: `nn.Dense`, `nn.DenseGeneral` (and so `nn.MultiHeadDotProductAttention`), `nn.Conv` (1-D to
 3-D, any padding, dilation and feature groups), `nn.ConvTranspose` and `nn.Einsum`. An `nn.Embed` table
-selected by a rule is refused (an embedding lookup is not a matrix product; quantizing it is not the
+selected by a quantizing rule is refused (an 'fp' rule may select it) (an embedding lookup is not a matrix product; quantizing it is not the
 paper's method). Biases and normalisation parameters are never quantized.
 
 How: during the model's `__call__`, a Flax method interceptor gives each selected layer a `param`
@@ -108,19 +108,22 @@ class _Session:
   """The rules of one call of a quantized model and the layers they selected in it."""
 
   def __init__(self, rules: Sequence[Rule]):
-    self.rules, self.selected, self.broadcast = tuple(rules), {}, {}
+    self.rules, self.selected, self.broadcast, self.layers = tuple(rules), {}, {}, set()
 
   def intercept(self, next_fun, args, kwargs, context):
     module = context.module
     if context.method_name != '__call__' or module.scope is None:
       return next_fun(*args, **kwargs)
     path = '/'.join(module.scope.path)
+    if isinstance(module, (nn.Embed,) + KERNEL_LAYERS):
+      self.layers.add(path)
     rule = first_rule(self.rules, path)
     if rule is None or not isinstance(module, (nn.Embed,) + KERNEL_LAYERS):
       return next_fun(*args, **kwargs)  # not selected, or a container: its layers are looked at one by one
-    if isinstance(module, nn.Embed):
-      raise ValueError(f'Rule(module_path={rule.module_path!r}) selects the nn.Embed at {path!r}: embedding tables '
-                       f'cannot be ternary; layers with a kernel can: {", ".join(c.__name__ for c in KERNEL_LAYERS)}')
+    if isinstance(module, nn.Embed) and rule.method != 'fp':  # an 'fp' rule asks for nothing: any layer may match it
+      raise ValueError(f'Rule(module_path={rule.module_path!r}, method={rule.method!r}) selects the nn.Embed at '
+                       f'{path!r}: embedding tables cannot be ternary; layers with a kernel can: '
+                       f'{", ".join(c.__name__ for c in KERNEL_LAYERS)} (an \'fp\' rule may select it)')
     self.selected[path] = rule
     if rule.method == 'fp':
       return next_fun(*args, **kwargs)
@@ -158,8 +161,8 @@ def _quantized_call(self, *args, **kwargs):
   if self.is_initializing():
     unused = [r.module_path for r in session.rules if r not in session.selected.values()]
     if unused:
-      warnings.warn(f'quantize: rules that selected no layer: {", ".join(repr(u) for u in unused)} '
-                    f'(layer paths: {", ".join(sorted(session.selected)) or "none selected"})', stacklevel=2)
+      warnings.warn(f'quantize: rules that selected no layer: {", ".join(repr(u) for u in unused)} (the model\'s '
+                    f'layer paths: {", ".join(sorted(session.layers)) or "none"})', stacklevel=2)
   return out
 
 
