@@ -43,3 +43,44 @@ def test_byo_example_end_to_end(tmp_path):
       return nn.Dense(10, name='classifier')(nn.Conv(8, (3, 3), name='conv_0')(x).mean(axis=(1, 2)))
   with pytest.raises(CheckpointError, match='has no kernel of the same path and shape for 2 of this model'):
     train.train_and_evaluate(config, str(tmp_path / 'other'), model=quant.quantize(Other(), byo_model.RULES), data=data)
+
+
+@pytest.mark.slow
+def test_own_model_without_train_argument_and_own_data_rules(tmp_path):
+  """A model whose `__call__` has no `train` trains (train is passed only when accepted); uint8 images without
+  mean / std are refused in one line; the workdir alone (and the model) exports, evaluating needs the data."""
+  import jax.numpy as jnp
+  import numpy as np
+  from ttq_jax import evaluation, export, quant, train
+  from ttq_jax.errors import ConfigError
+  from configs import fashion_mnist
+
+  class NoTrain(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(10, name='head')(nn.Dense(16, name='hidden')(x.reshape(x.shape[0], -1)))
+
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (256, 28, 28, 1)).astype(np.uint8)
+  labels = rng.integers(0, 10, 256)
+  config = fashion_mnist.get_config('smoke')
+  config.mesh_shape, config.compilation_cache_dir, config.num_train_steps = (1, 1), '', 2
+  config.data.limit_examples, config.bn_recalibration_batches = 0, 0
+  with pytest.raises(ConfigError, match='the images are uint8 .* mean / std are not given'):
+    train.train_and_evaluate(config, str(tmp_path / 'refused'), model=NoTrain(),
+                             data={'train': (images, labels), 'test': (images, labels)})
+  data = {'train': (images, labels), 'test': (images[:64], labels[:64]), 'mean': (127.5,), 'std': (73.9,)}
+  model = quant.quantize(NoTrain(), [quant.Rule(module_path='hidden')])
+  result = train.train_and_evaluate(config, str(tmp_path / 'run'), model=model, data=data)
+  assert result['step'] == 2 and list(result['sparsity']) == ['hidden/kernel']
+  assert result['layer_rules'] == {'hidden/kernel': {'method': 'ttq', 'threshold': 'max', 't': 0.05}}
+  from ttq_jax import input_pipeline
+  input_pipeline.USER_SOURCES.clear()  # as in a new process: the data is gone, the workdir remains
+  input_pipeline.DATASETS.pop(input_pipeline.USER_DATA_NAME)
+  summary = export.export_workdir(None, str(tmp_path / 'run'), model=model)
+  assert summary['step'] == 2 and summary['layers']['params/hidden/kernel']['numel'] == 784 * 16
+  with pytest.raises(ConfigError, match=r"data.name='user' is your own data.*pass data="):
+    evaluation.evaluate_workdir(None, str(tmp_path / 'run'), model=model)
+  ev = evaluation.evaluate_workdir(None, str(tmp_path / 'run'), model=model, data=data)
+  assert ev['top1_accuracy'] == pytest.approx(result['top1_accuracy'])
+  del jnp

@@ -127,3 +127,21 @@ def test_a_workdir_saved_without_the_new_keys_resumes(smoke_config, tmp_path, ca
   with caplog.at_level('INFO'):
     result = train.train_and_evaluate(smoke_config, workdir)
   assert result['step'] == 6 and 'resumed from step 3' in caplog.text  # trained on from step 3, not refused
+
+
+def test_batch_size_larger_than_the_training_split_is_refused(smoke_config):
+  smoke_config.batch_size = 100_000
+  with pytest.raises(ConfigError, match=r'batch_size=100000 is larger than the training split \(512 examples of '
+                                        r'fashion_mnist\): allowed is 1 to 512'):
+    config_check.validate(smoke_config)
+
+
+def test_configs_are_locked_and_unknown_keys_are_refused_in_python(smoke_config):
+  from configs import fashion_mnist
+  c = fashion_mnist.get_config()
+  with pytest.raises(AttributeError, match='Did you mean "num_train_steps"'):
+    c.num_train_step = 3
+  c.unlock()
+  c.num_train_step = 3  # a config built by hand (unlocked): validate refuses it as the command line would
+  with pytest.raises(ConfigError, match="config key 'num_train_step' is unknown: did you mean num_train_steps"):
+    config_check.validate(c)

@@ -33,7 +33,7 @@ def test_a_bug_prints_its_traceback(tmp_path):
   exit status 1, no one-line `error:`."""
   config = tmp_path / 'broken.py'
   config.write_text('from configs import fashion_mnist\n\n\ndef get_config():\n'
-                    "  c = fashion_mnist.get_config('smoke')\n  del c['export']\n  return c\n")
+                    "  c = fashion_mnist.get_config('smoke')\n  c.unlock()\n  del c['export']\n  return c\n")
   r = subprocess.run([sys.executable, '-m', 'ttq_jax.main', '--config', str(config), '--workdir', str(tmp_path / 'w')],
                      cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert r.returncode == 1 and 'Traceback' in r.stderr, r.stderr[-2000:]
@@ -55,3 +55,38 @@ def test_console_filter_keeps_our_info_lines_only(pathname, shown):
   assert f.filter(record)
   record.msg = 'Given directory is read only=%s'  # ... but for orbax's note on a manager we open read-only
   assert f.filter(record) is shown
+
+
+def test_interrupted_exits_130_and_other_user_errors_2(monkeypatch, capsys):
+  """The one-line `error:` of a user error, with its exit code: 130 for an interrupt that has saved what it
+  could, 2 otherwise."""
+  from ttq_jax import main
+  with pytest.raises(SystemExit) as e:
+    main._fail('interrupted during the final test evaluation', errors.Interrupted.exit_code)
+  assert e.value.code == 130 and capsys.readouterr().err == 'error: interrupted during the final test evaluation\n'
+  with pytest.raises(SystemExit) as e:
+    main._fail('bad value')
+  assert e.value.code == 2
+
+
+@pytest.mark.slow
+def test_sigint_during_the_final_evaluation_is_one_line(smoke_config, tmp_path, monkeypatch):
+  """SIGINT (KeyboardInterrupt) while the test split is evaluated at the end: the run's last checkpoint is
+  saved; the error says so, as an `Interrupted` (exit 130 from the command line)."""
+  from ttq_jax import checkpoint as ckpt, train
+  smoke_config.data.validation_examples = 128  # so the final test evaluation is its own phase
+
+  def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(train, '_final_test', interrupted)
+  with pytest.raises(errors.Interrupted, match=r'interrupted during the final test evaluation; the checkpoint of '
+                                               r'step 6 is saved in .*`--mode eval` evaluates it'):
+    train.train_and_evaluate(smoke_config, str(tmp_path / 'run'))
+  assert 6 in ckpt.create_manager(str(tmp_path / 'run'), read_only=True).all_steps()
+
+
+def test_unwritable_workdir_in_eval_and_export_is_one_line_before_any_work(smoke_config):
+  from ttq_jax import evaluation, export
+  for fn in (evaluation.evaluate_workdir, export.export_workdir):
+    with pytest.raises(errors.ConfigError, match=r"workdir='/proc/ttq_jax_test' is not writable"):
+      fn(smoke_config, '/proc/ttq_jax_test')

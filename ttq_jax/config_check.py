@@ -115,6 +115,10 @@ def validate(config, *, custom_model: bool = False) -> None:
   for key in POSITIVE_INTS:
     if int(_get(config, key)) <= 0:
       raise ConfigError(f'{key}={_get(config, key)!r} must be a positive integer')
+  examples = input_pipeline.train_size(config.data)
+  if config.batch_size > examples:
+    raise ConfigError(f'batch_size={config.batch_size!r} is larger than the training split ({examples} examples of '
+                      f'{config.data.name}): allowed is 1 to {examples}')
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ConfigError(f'num_epochs={config.num_epochs!r} must be > 0 (or set num_train_steps > 0)')
   if config.learning_rate < 0 or config.scale_learning_rate < 0:
@@ -199,7 +203,7 @@ def changed_guarded_fields(saved: dict, current: dict) -> list[str]:
           json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True)]
 
 
-def _check_writable(workdir: str) -> None:
+def check_writable(workdir: str) -> None:
   """Creates `workdir` and writes and deletes a probe file in it, or fails in one line naming it."""
   probe = files.join(workdir, f'.write_test-{os.getpid()}')
   try:
@@ -213,7 +217,7 @@ def _check_writable(workdir: str) -> None:
 
 def prepare_workdir(config, workdir: str, write: bool = True) -> None:
   """Creates `workdir` (or fails in one line), refuses a changed model/data config, saves config.json."""
-  _check_writable(workdir)
+  check_writable(workdir)
   path = files.join(workdir, 'config.json')
   current = json.loads(config.to_json_best_effort())
   if files.exists(path):

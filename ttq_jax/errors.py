@@ -25,4 +25,9 @@ class NonFiniteError(FloatingPointError):
   """Loss or gradients stopped being finite."""
 
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, ExportError, NonFiniteError)
+class Interrupted(RuntimeError):
+  """SIGINT / SIGTERM where no checkpoint could be taken (e.g. during the final evaluation): says what is saved."""
+  exit_code = 130
+
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ExportError, NonFiniteError, Interrupted)

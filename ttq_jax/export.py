@@ -79,8 +79,9 @@ def export_workdir(config, workdir: str, *, model=None, data=None) -> dict[str, 
   """Exports the newest (or `eval_step`) checkpoint to WORKDIR/export/model.safetensors (`model`, `data`:
   your own, as given to `train.train_and_evaluate`). The workdir's saved config decides what was trained
   (`config_check.workdir_config`; `config` may be None)."""
+  config_check.check_writable(files.resolve(workdir))  # results are written there: refuse before any work
   config = config_check.workdir_config(config, files.resolve(workdir))
-  config = input_pipeline.with_user_data(config, data)
+  config = input_pipeline.with_user_data(config, data, files.resolve(workdir))
   config_check.validate(config, custom_model=model is not None)
   packing = config.export.packing
   _check_method(config)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gzip
+import json
 import os
 import signal
 import struct
@@ -81,7 +82,7 @@ def register_dataset(name: str, *, train, test, num_classes: int | None = None, 
   float32 (mean / std default 0 / 1).
   `num_classes` defaults to 1 + the largest training label when the data are arrays.
   """
-  if name in DATASETS and name not in USER_SOURCES:  # re-registering your own name replaces it
+  if name in DATASETS and name not in USER_SOURCES and name != USER_DATA_NAME:  # your own name: replaced
     raise ConfigError(f'data name {name!r} is a built-in dataset: register yours under another name')
   train, test = (ArraySource(*x) if isinstance(x, tuple) else x for x in (train, test))
   first = np.asarray(_as_example(train[0])['image'])
@@ -103,11 +104,20 @@ def register_dataset(name: str, *, train, test, num_classes: int | None = None, 
   return info
 
 
-def with_user_data(config, data):
+USER_DATA_INFO = 'user_dataset.json'  # WORKDIR/user_dataset.json: the DatasetInfo of the data a run trained on
+
+
+def with_user_data(config, data, workdir: str | None = None):
   """`config` itself without `data`; else registers `data` (a dict of `register_dataset`'s arguments:
   train, test, and optionally num_classes, mean, std) as the dataset 'user' and returns a copy of
-  `config` that reads it."""
+  `config` that reads it. Without `data`, a `workdir` that trained on your own data (its config says
+  data.name 'user') makes that data's shapes and normalisation known again (WORKDIR/user_dataset.json), so the
+  model can be rebuilt (export); reading examples then needs `data` (a one-line error says so)."""
   if data is None:
+    if (workdir and config.data.name == USER_DATA_NAME and USER_DATA_NAME not in USER_SOURCES
+        and files.exists(files.join(workdir, USER_DATA_INFO))):
+      saved = json.loads(files.read_text(files.join(workdir, USER_DATA_INFO)))
+      DATASETS[USER_DATA_NAME] = DatasetInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
     return config
   register_dataset(USER_DATA_NAME, **dict(data))
   config = config.copy_and_resolve_references()
@@ -264,6 +274,9 @@ def _get_source(data_config, split: str):
   name = data_config.name
   info = dataset_info(name)
   limit = int(data_config.get('limit_examples', 0) or 0)
+  if name == USER_DATA_NAME and name not in USER_SOURCES:
+    raise ConfigError(f"data.name={name!r} is your own data, which this process does not have: pass data=... (the "
+                      'train / test arrays or sources the run was trained on)')
   if name in USER_SOURCES:
     source = USER_SOURCES[name][split]
     return _Head(source, limit) if limit else source

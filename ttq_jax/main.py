@@ -25,9 +25,9 @@ flags.DEFINE_bool('log_libraries', False, "Also show the libraries' INFO logging
 config_flags.DEFINE_config_file('config', None, 'Config file (PATH[:ARG]).', lock_config=True)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
   print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
+  sys.exit(code)
 
 
 class QuietLibraries(logging.Filter):
@@ -76,7 +76,7 @@ def main(argv):
     runner.run(config, FLAGS.workdir, FLAGS.mode, coordinator_address=FLAGS.coordinator_address,
                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   except errors.USER_ERRORS as e:  # anything else is a bug and keeps its traceback
-    _fail(str(e))
+    _fail(str(e), getattr(e, 'exit_code', 2))
 
 
 def explicit_overrides(argv) -> list[str]:

@@ -38,7 +38,7 @@ from ttq_jax import reports
 from ttq_jax import sharding as sharding_lib
 from ttq_jax import state as state_lib
 from ttq_jax import steps as steps_lib
-from ttq_jax.errors import NonFiniteError
+from ttq_jax.errors import Interrupted, NonFiniteError
 
 
 def train_step(state: state_lib.TrainState, batch, *, apply_fn, info, dtype, loss_fn=None):
@@ -114,6 +114,10 @@ class StopSignal(contextlib.AbstractContextManager):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
     return False
+
+
+def primary_process() -> bool:
+  return jax.process_index() == 0
 
 
 def is_due(step: int, every: int) -> bool:
@@ -294,6 +298,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
   if model is not None and jax.process_index() == 0 and (mismatch := reports.rules_differ_from_config(state.ternary, config)):
     logging.warning('%s', mismatch)
   config_check.write_config(config, workdir)
+  if data is not None and primary_process():  # what export needs to rebuild the model without the data
+    files.write_json(files.join(workdir, input_pipeline.USER_DATA_INFO),
+                     dataclasses.asdict(input_pipeline.dataset_info(config.data.name)))
   programs = create_programs(config, mesh, state, model, loss_fn)
   manager = ckpt.create_manager(workdir, max_to_keep=config.keep_checkpoints)
   primary = jax.process_index() == 0
@@ -360,7 +367,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
     column, metrics = evaluation.headline(last[1])
     final = {**metrics, 'bn_statistics': column, 'test': {c: m for c, (m, _) in last[1].items()}}
   else:
-    final = _final_test(config, programs, state, inputs, step > ternary_start, best)
+    try:
+      final = _final_test(config, programs, state, inputs, step > ternary_start, best)
+    except KeyboardInterrupt:
+      raise Interrupted(f'interrupted during the final test evaluation; the checkpoint of step {step} is saved in '
+                        f'{workdir}: `--mode eval` evaluates it') from None
   trained_ternary = steps_lib.ternary_steps(config, step)
   result = {'step': step, 'ternary_steps': trained_ternary, **final, 'selection_split': inputs.selection_split,
             **reports.quant_report(state, config, quantized=trained_ternary > 0), 'elapsed_s': time.perf_counter() - started}
