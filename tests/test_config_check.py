@@ -38,7 +38,7 @@ def test_every_allowed_value_validates_and_an_unknown_one_is_named(smoke_config,
 
 
 @pytest.mark.parametrize('overrides,message', [
-    ({'init_from': '/runs/fp', 'fp_warmup_epochs': 1.0}, "init_from='/runs/fp' and fp_warmup_epochs=1.0 are both set"),
+    ({'init_from': '/runs/fp', 'fp_warmup_epochs': 1.0}, "init_from='/runs/fp' and a full-precision warm-up \\(fp_warmup_epochs=1.0, fp_warmup_steps=0\\) are both set"),
     ({'learning_rate': 0.0}, 'learning_rate=0 with scale_optimizer=.adam.'),
     ({'ternary_kernel_lr_multiplier': 0.0}, 'ternary_kernel_lr_multiplier=0.0 must be > 0'),
     ({'batch_size': 0}, 'batch_size=0 must be a positive integer'),

@@ -81,6 +81,14 @@ def test_the_workdirs_config_decides_eval_and_export(smoke_config, tmp_path, cap
   config_check.check_overrides(workdir, ['eval_batch_size', 'data.data_dir'])
   with pytest.raises(config_check.ConfigError, match=r'--config.quant.t cannot be changed when evaluating'):
     config_check.check_overrides(workdir, ['eval_batch_size', 'quant.t'])
+  import subprocess
+  import sys
+  from tests.conftest import ROOT
+  p = subprocess.run([sys.executable, '-m', 'ttq_jax.main', '--config', 'configs/fashion_mnist.py', '--workdir', workdir,
+                      '--mode', 'eval', '--config.quant.t=0.2'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  errors = [l for l in p.stderr.splitlines() if l.startswith('error:')]
+  assert p.returncode == 2 and len(errors) == 1 and 'Traceback' not in p.stderr, p.stderr[-2000:]
+  assert '--config.quant.t cannot be changed' in errors[0]
 
 
 @pytest.mark.slow

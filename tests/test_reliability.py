@@ -183,7 +183,7 @@ def _bad_cases(tmp_path):
       'eval without checkpoints': (['--mode=eval'], 'has no checkpoints to evaluate'),
       'missing config': (None, '--config is required'),
       'init_from with warm-up': (['--config.init_from=/runs/fp', '--config.fp_warmup_epochs=1.0'],
-                                 "init_from='/runs/fp' and fp_warmup_epochs=1.0 are both set"),
+                                 "init_from='/runs/fp' and a full-precision warm-up (fp_warmup_epochs=1.0"),
   }, unwritable
 
 
@@ -208,7 +208,7 @@ def test_bad_input_is_one_line_with_nonzero_exit(tmp_path, case):
     cmd = _cli(workdir, *extra)
   env = dict(ENV, XLA_FLAGS='--xla_force_host_platform_device_count=4')
   r = _run(cmd, timeout=120, env=env)
-  assert r.returncode != 0
+  assert r.returncode == 2, r.stderr[-2000:]  # the README's exit code for bad input
   err = [l for l in r.stderr.splitlines() if l.startswith('error:')]
   assert len(err) == 1 and expected in err[0], r.stderr[-2000:]
   assert 'Traceback' not in r.stderr and 'Traceback' not in r.stdout

@@ -110,6 +110,9 @@ def format_eval_table(result: dict, config, model_name: str | None = None) -> st
            (f' | top-5 {result["top5_accuracy"]:.2%}' if 'top5_accuracy' in result else '') +
            f' | {result.get("num_examples", "?")} examples' +
            (f' ({result["bn_statistics"]} BN statistics)' if 'bn_statistics' in result else '')]
+  columns = result.get('test') or {}
+  if len(columns) > 1:  # every figure with the BN statistics it was computed with
+    lines.append('  test top-1 by BN statistics: ' + ' | '.join(f'{c} {m["top1_accuracy"]:.2%}' for c, m in columns.items()))
   if 'protocol' in result:
     lines += format_protocol(result['protocol'], result.get('selection_split', 'test'))
   for column, r in (result.get('best_on_validation') or {}).items():
