@@ -4,7 +4,11 @@ the warm start of a run from another run's checkpoint (`init_from`)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import re
+import socket
+import time
 from typing import Any, Callable, Sequence
 
 import flax
@@ -40,32 +44,130 @@ def abstract_like(state: Any) -> Any:
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
 
+# --------------------------------------------------------------------------- reading a step
+#
+# What can go wrong when a step is read, and what `restore_latest` does about it:
+#   corrupt    (a half-written or damaged step: missing or truncated files, DATA_LOSS / NOT_FOUND / OUT_OF_RANGE
+#              from the store, no tree metadata): fall back to the newest readable older step;
+#   transient  (the store did not answer: UNAVAILABLE, DEADLINE_EXCEEDED, connection errors, timeouts, HTTP 429
+#              / 5xx): retry after RETRY_DELAYS_S (60 s in all, on top of gcsfs's / tensorstore's own retries),
+#              then fail in one line with nothing moved;
+#   structure  (the step holds another state structure: decided from the trees, not from message text): fail in
+#              one line with nothing moved;
+#   anything else is a bug (ours, or in a converter) and raises with its traceback, nothing moved.
+
+RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+CORRUPT_STATUS = re.compile(r'\b(DATA_LOSS|NOT_FOUND|OUT_OF_RANGE)\b')
+TRANSIENT_STATUS = re.compile(r'\b(UNAVAILABLE|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED)\b')
+
+
+class CorruptStepError(Exception):
+  """A step that cannot be what was saved (e.g. no tree metadata): read as corrupt."""
+
+
+class StructureMismatchError(CheckpointError):
+  """The step holds another state structure than the run builds."""
+
+
+def _causes(e: BaseException):
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    yield e
+    e = e.__cause__ or e.__context__
+
+
+def classify_read_error(e: BaseException) -> str:
+  """'corrupt', 'transient' or 'bug' for an exception raised while reading a step: by exception type where
+  one exists, otherwise by the store's status code (tensorstore puts it in the message)."""
+  for x in _causes(e):
+    if isinstance(x, CorruptStepError):
+      return 'corrupt'
+    if isinstance(x, (ConnectionError, TimeoutError, socket.timeout)):
+      return 'transient'
+    if isinstance(x, (FileNotFoundError, json.JSONDecodeError)):
+      return 'corrupt'
+    code = getattr(x, 'code', None)
+    if type(x).__name__ == 'HttpError' and isinstance(code, int):  # gcsfs, after its own retries
+      return 'transient' if code == 429 or code >= 500 else 'corrupt' if code == 404 else 'bug'
+    message = str(x)
+    if TRANSIENT_STATUS.search(message):
+      return 'transient'
+    if CORRUPT_STATUS.search(message) or (isinstance(x, KeyError) and 'was not found in the checkpoint' in message):
+      return 'corrupt'
+  return 'bug'
+
+
+def _key_name(key) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def leaf_shapes(tree) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """{leaf path (names, as a checkpoint stores them): shape} of a pytree or a checkpoint's tree metadata."""
+  return {tuple(_key_name(k) for k in path): tuple(getattr(leaf, 'shape', ()) or ())
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _saved_shapes(manager, step: int) -> dict:
+  """The leaf paths and shapes that step `step` saved for its state (its tree metadata)."""
+  metadata = ocp.StandardCheckpointer().metadata(manager.directory / str(step) / 'state')
+  shapes = leaf_shapes(getattr(metadata, 'item_metadata', metadata))
+  if not shapes:
+    raise CorruptStepError(f'step {step} has no tree metadata for its state (missing _METADATA?)')
+  return shapes
+
+
 def _restore_step(manager, step: int, abstract, legacy: Sequence[Callable]):
+  """(state, data state) of `step`, in `abstract`'s structure or, when the step's tree is that of an older
+  state format (`legacy`), converted from it. A step with another tree raises StructureMismatchError."""
+  saved = _saved_shapes(manager, step)
   args = lambda a: ocp.args.Composite(state=ocp.args.StandardRestore(a), data=ocp.args.JsonRestore())
-  try:
-    restored = manager.restore(step, args=args(abstract))
-    return restored['state'], restored['data']
-  except ValueError as e:
-    if 'tree structures do not match' not in str(e):
-      raise
-    for older_format in legacy:  # a checkpoint written by an earlier version of the state
-      older_abstract, convert = older_format(abstract)
-      try:
-        restored = manager.restore(step, args=args(older_abstract))
-      except ValueError:
-        continue
+  candidates = [(abstract, lambda state: state)] + [older_format(abstract) for older_format in legacy]
+  for target, convert in candidates:
+    if leaf_shapes(target) == saved:
+      restored = manager.restore(step, args=args(target))
       return convert(restored['state']), restored['data']
-    raise
+  want = leaf_shapes(abstract)
+  differ = sorted(set(want.items()) ^ set(saved.items()))
+  detail = ', '.join('/'.join(path) + f' {list(shape)}' for path, shape in differ[:3])
+  raise StructureMismatchError(
+      f'the checkpoints in {manager.directory} hold another state structure than this run builds (step {step} differs '
+      f'in {len(differ)} leaves, e.g. {detail}): other model, quantization or optimizer settings (e.g. '
+      'ternary_kernel_lr_multiplier, scale_granularity); use the config they were written with; nothing was moved')
+
+
+def _read_with_retries(manager, step: int, abstract, legacy: Sequence[Callable]):
+  """`_restore_step`, retried on transient store errors; raises CheckpointError once they are spent."""
+  for attempt, delay in enumerate((*RETRY_DELAYS_S, None)):
+    try:
+      return _restore_step(manager, step, abstract, legacy)
+    except StructureMismatchError:
+      raise
+    except Exception as e:  # noqa: BLE001 - classified; bugs re-raised below with their traceback
+      if classify_read_error(e) != 'transient':
+        raise
+      first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+      if delay is None:
+        raise CheckpointError(f'reading checkpoint step {step} in {manager.directory} failed {attempt + 1} times with a '
+                              f'transient store error ({type(e).__name__}: {first}); nothing was moved: run again when '
+                              'the store answers') from None
+      logging.warning('checkpoint step %d: transient store error (%s: %s); retrying in %.0f s', step,
+                      type(e).__name__, first, delay)
+      time.sleep(delay)
 
 
 def restore_latest(manager: ocp.CheckpointManager, target: Any, step: int | None = None,
                    legacy: Sequence[Callable] = ()):
   """Restores the newest readable step (or exactly `step`) into `target`'s structure/shardings.
 
-  Returns (step, state, data_state) or None when the directory holds no checkpoint. Unreadable
-  newer steps are skipped with a warning; when no step is readable raises CheckpointError and
-  deletes nothing. `legacy`: functions `abstract -> (abstract of an older state format, converter of
-  such a restored state to the current one)`, tried when the on-disk tree does not match `target`.
+  Returns (step, state, data_state) or None when the directory holds no checkpoint. A corrupt newer step
+  is skipped with a warning (the caller may quarantine it); a transient store error is retried, then is a
+  CheckpointError; a step with another state structure is a CheckpointError; anything else raises as it is.
+  Nothing is moved or deleted here. `legacy`: functions `abstract -> (abstract of an older state format,
+  converter of such a restored state to the current one)`, used when a step's tree is that older one.
   """
   steps = sorted(manager.all_steps(), reverse=True)
   if not steps:
@@ -79,18 +181,19 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any, step: int | None
   errors = []
   for s in steps:
     try:
-      state, data = _restore_step(manager, s, abstract, legacy)
-      if errors:
-        logging.warning('restored step %d after skipping unreadable newer steps: %s', s, '; '.join(errors))
-      return s, state, dict(data or {})
-    except Exception as e:  # orbax raises many types for truncated / missing files
+      state, data = _read_with_retries(manager, s, abstract, legacy)
+    except CheckpointError:
+      raise
+    except Exception as e:  # noqa: BLE001 - corrupt steps fall back; anything else is re-raised
+      if classify_read_error(e) != 'corrupt':
+        raise
       msg = f'step {s}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}'
-      logging.warning('checkpoint %s is unreadable, trying an older one', msg)
+      logging.warning('checkpoint %s is unreadable (corrupt), trying an older one', msg)
       errors.append(msg)
-  if all('tree structures do not match' in e for e in errors):
-    raise CheckpointError(f'the checkpoints in {manager.directory} hold another state structure than this run builds '
-                          '(other model, quantization or optimizer settings, e.g. ternary_kernel_lr_multiplier); '
-                          'use the config they were written with; nothing was deleted')
+      continue
+    if errors:
+      logging.warning('restored step %d after skipping corrupt newer steps: %s', s, '; '.join(errors))
+    return s, state, dict(data or {})
   raise CheckpointError(f'no readable checkpoint in {manager.directory} ({len(errors)} tried; newest error: '
                         f'{errors[0]}); nothing was deleted')
 

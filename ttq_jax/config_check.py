@@ -259,13 +259,21 @@ def _set(config, dotted: str, value) -> None:
   config[leaf] = value
 
 
-def check_overrides(workdir: str, keys) -> None:
+def check_overrides(workdir: str, keys, config=None) -> None:
   """`--mode eval` / `export`: an explicit `--config.KEY=VALUE` may only change `EVAL_OVERRIDABLE` keys of
-  a workdir that has a saved config (it decides everything else)."""
+  a workdir that has a saved config (it decides everything else); repeating a saved value changes nothing and
+  passes (`config`: the config with the overrides applied)."""
+  path = files.join(workdir, 'config.json')
   bad = sorted(k for k in keys if k not in EVAL_OVERRIDABLE)
-  if bad and files.exists(files.join(workdir, 'config.json')):
-    raise ConfigError(f'--config.{bad[0]} cannot be changed when evaluating or exporting {workdir}: its config.json '
-                      f'says what was trained; allowed to change are {", ".join(EVAL_OVERRIDABLE)}')
+  if not bad or not files.exists(path):
+    return
+  saved = canonical_quant({**VALUE_IF_ABSENT, **flatten(json.loads(files.read_text(path)))})
+  given = canonical_quant({**VALUE_IF_ABSENT, **flatten(json.loads(config.to_json_best_effort()))}) if config else {}
+  changed = [k for k in bad if not config or json.dumps(given.get(k), sort_keys=True) != json.dumps(saved.get(k), sort_keys=True)]
+  if changed:
+    raise ConfigError(f'--config.{changed[0]} cannot be changed when evaluating or exporting {workdir}: its config.json '
+                      f'says what was trained ({changed[0]}={saved.get(changed[0])!r}); allowed to change are '
+                      f'{", ".join(EVAL_OVERRIDABLE)}')
 
 
 def workdir_config(config, workdir: str):
