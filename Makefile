@@ -28,7 +28,7 @@ demo: venv data
 	$(PY) -m ttq_jax.main --config configs/fashion_mnist.py --workdir $(WORKDIR) --mode eval
 
 test: venv data
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) workdirs

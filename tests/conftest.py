@@ -82,11 +82,15 @@ def gcs():
     yield emulator
 
 
-@pytest.fixture
-def smoke_config():
+def make_smoke_config():
   """The quickstart's smoke variant on one device (tests that need more devices set mesh_shape)."""
   from configs import fashion_mnist
   config = fashion_mnist.get_config('smoke')
   config.mesh_shape = (1, 1)
   config.compilation_cache_dir = ''
   return config
+
+
+@pytest.fixture
+def smoke_config():
+  return make_smoke_config()

@@ -32,9 +32,9 @@ def _write_idx(path, array):
     f.write(header + array.astype(np.uint8).tobytes())
 
 
-def fake_fashion_mnist(d, n=20, corrupt=None):
+def fake_fashion_mnist(d, n=20, corrupt=None, seed=0):
   os.makedirs(d, exist_ok=True)
-  rng = np.random.default_rng(0)
+  rng = np.random.default_rng(seed)
   for split, (img, lab) in ip.FASHION_MNIST_FILES.items():
     _write_idx(os.path.join(d, img), rng.integers(0, 255, (n, 28, 28)))
     _write_idx(os.path.join(d, lab), rng.integers(0, 10, (n,)))
@@ -43,10 +43,22 @@ def fake_fashion_mnist(d, n=20, corrupt=None):
       f.write(b'\x00\x00\x08\x03' + b'\x00' * 5)
 
 
-def test_data_dir_is_searched_first(tmp_path):
-  fake_fashion_mnist(tmp_path)
-  images, _ = ip.load_fashion_mnist('train', str(tmp_path))
-  assert images.shape == (20, 28, 28, 1)
+def test_data_dir_is_searched_first(tmp_path, monkeypatch):
+  """Three folders hold different files (sizes 20, 7, 9): an explicit data_dir wins over $TTQ_DATA_DIR and
+  Debian's folder; without it $TTQ_DATA_DIR wins over Debian's. Checked by the pixels read, not only shapes."""
+  fake_fashion_mnist(tmp_path / 'cfg', n=20, seed=1)
+  fake_fashion_mnist(tmp_path / 'env', n=7, seed=2)
+  fake_fashion_mnist(tmp_path / 'debian', n=9, seed=3)
+  monkeypatch.setenv('TTQ_DATA_DIR', str(tmp_path / 'env'))
+  monkeypatch.setattr(ip, 'DEBIAN_FASHION_MNIST', str(tmp_path / 'debian'))
+  expected = lambda seed, n: np.random.default_rng(seed).integers(0, 255, (n, 28, 28)).astype(np.uint8)[..., None]
+  images, _ = ip.load_fashion_mnist('train', str(tmp_path / 'cfg'))
+  np.testing.assert_array_equal(images, expected(1, 20))
+  images, _ = ip.load_fashion_mnist('train')
+  np.testing.assert_array_equal(images, expected(2, 7))
+  monkeypatch.delenv('TTQ_DATA_DIR')
+  images, _ = ip.load_fashion_mnist('train')
+  np.testing.assert_array_equal(images, expected(3, 9))
 
 
 def test_missing_files_error_says_where_it_looked(tmp_path, monkeypatch):
@@ -366,12 +378,22 @@ def test_imagenet_like_set_is_read_as_imagenet_arrayrecord(imagenet_like_dir):
   assert (len(train), len(test)) == (48, 20)
   ex = train[3]
   assert isinstance(ex['image'], bytes) and ex['image'][:2] == b'\xff\xd8'  # not decoded by tfds
-  assert ip.decode_image(ex['image']).shape in ((75, 100, 3), (100, 75, 3), (60, 80, 3))
+  decoded = ip.decode_image(ex['image'])
+  assert decoded.shape in ((75, 100, 3), (100, 75, 3), (60, 80, 3))
+  # the pixels are the JPEG's: an independent decoder (PIL) agrees to within libjpeg's rounding
+  import io
+  from PIL import Image
+  reference = np.asarray(Image.open(io.BytesIO(ex['image'])).convert('RGB'))
+  assert np.abs(decoded.astype(int) - reference.astype(int)).max() <= 2 and reference.std() > 10
+  # and the eval batch holds example 0 of the split, short side 256 and centre crop of its decode
+  first = np.asarray(Image.open(io.BytesIO(test[0]['image'])).convert('RGB'))
   batch = ip.train_dataset(c, local_batch_size=8, seed=0)[1]
   assert batch['image'].shape == (8, 224, 224, 3) and batch['image'].dtype == np.uint8
   assert batch['label'].dtype == np.int32 and batch['label'].shape == (8,)
   evals = list(ip.eval_batches(c, global_batch_size=16))
   assert evals[0]['image'].shape == (16, 224, 224, 3) and sum(b['mask'].sum() for b in evals) == 20
+  want = ip.imagenet_eval_crop(first)
+  assert np.abs(evals[0]['image'][0].astype(int) - want.astype(int)).mean() < 1.0
 
 
 @pytest.mark.slow

@@ -28,33 +28,62 @@ def programs_state_batches(config, mesh_shape, n=3):
   return programs, state, [sharding_lib.global_batch(ds[i], mesh) for i in range(n)]
 
 
+@pytest.fixture(scope='module')
+def smoke_run(tmp_path_factory):
+  """(workdir, result, config) of one smoke training run that the end-to-end tests below read."""
+  from tests.conftest import make_smoke_config
+  config = make_smoke_config()
+  config.target_accuracy = 0.01  # any trained model beats 1%: the first eval reaches it
+  workdir = str(tmp_path_factory.mktemp('smoke_run') / 'run')
+  return workdir, train.train_and_evaluate(config, workdir), config
+
+
 @pytest.mark.slow
-def test_train_and_evaluate_end_to_end(smoke_config, tmp_path):
-  workdir = str(tmp_path / 'run')
-  smoke_config.target_accuracy = 0.01  # any trained model beats 1%: the first eval reaches it
-  result = train.train_and_evaluate(smoke_config, workdir)
+def test_end_to_end_result(smoke_run):
+  _, result, _ = smoke_run
+  assert result['step'] == 6 and result['ternary_steps'] == 6 and result['num_examples'] == 512
+  assert 0.0 <= result['top1_accuracy'] <= 1.0 and np.isfinite(result['loss']) and len(result['sparsity']) == 6
   assert result['target']['step'] == 6 and 0 < result['target']['seconds'] <= result['elapsed_s']
-  assert result['step'] == 6 and 0.0 <= result['top1_accuracy'] <= 1.0 and result['num_examples'] == 512
-  assert np.isfinite(result['loss']) and len(result['sparsity']) == 6
+
+
+@pytest.mark.slow
+def test_end_to_end_metrics_rows(smoke_run):
+  workdir, result, _ = smoke_run
   rows = metrics_rows(workdir)
   assert [r['step'] for r in rows] == [2, 4, 6] and all('train_loss' in r for r in rows)
-  # both BN columns: the running statistics of training and re-estimated ones (the headline, when computed)
+  assert rows[-1]['time_to_target_s'] == pytest.approx(result['target']['seconds'])
+  assert 0 < rows[0]['elapsed_s'] < rows[-1]['elapsed_s'] and 'time_to_target_s' not in rows[0]
+  assert 'w_p/res1_0/conv1' in rows[0] and 'sparsity/mean' in rows[0]
+
+
+@pytest.mark.slow
+def test_end_to_end_both_bn_columns(smoke_run):
+  """The running statistics of training and re-estimated ones (the headline, when computed)."""
+  workdir, result, _ = smoke_run
+  rows = metrics_rows(workdir)
   assert result['bn_statistics'] == 'reestimated' and set(result['test']) == {'running', 'reestimated'}
   assert rows[-1]['eval_bnre_top1_accuracy'] == pytest.approx(result['top1_accuracy'])
   assert rows[-1]['eval_top1_accuracy'] == pytest.approx(result['test']['running']['top1_accuracy'])
   assert result['protocol']['running']['final'] == rows[-1]['eval_top1_accuracy']
-  assert rows[-1]['time_to_target_s'] == pytest.approx(result['target']['seconds'])
-  assert 0 < rows[0]['elapsed_s'] < rows[-1]['elapsed_s'] and 'time_to_target_s' not in rows[0]
-  assert 'w_p/res1_0/conv1' in rows[0] and 'sparsity/mean' in rows[0]
+
+
+@pytest.mark.slow
+def test_end_to_end_workdir_files(smoke_run):
+  workdir, _, _ = smoke_run
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
   assert json.load(open(os.path.join(workdir, 'config.json')))['model']['name'] == 'resnet_tiny'
-  # --mode eval on the newest checkpoint reproduces the final evaluation and writes its JSON
-  ev = evaluation.evaluate_workdir(smoke_config, workdir)
+
+
+@pytest.mark.slow
+def test_end_to_end_mode_eval_reproduces_the_final_evaluation(smoke_run):
+  """--mode eval on the newest checkpoint reproduces the final evaluation and writes its JSON; the
+  checkpoint keeps training's running statistics (re-estimated ones never leak into it)."""
+  workdir, result, config = smoke_run
+  ev = evaluation.evaluate_workdir(config, workdir)
   saved = json.load(open(os.path.join(workdir, 'eval', 'step_6.json')))
   assert saved['top1_accuracy'] == pytest.approx(result['top1_accuracy'])
   assert saved['loss'] == pytest.approx(result['loss'], rel=1e-6)
   assert saved['test']['running']['top1_accuracy'] == pytest.approx(result['test']['running']['top1_accuracy'])
-  # the checkpoint keeps training's running statistics: re-estimated ones never leak into it
   assert saved['test']['running'] != saved['test']['reestimated']
   for key in ('step', 'loss', 'top1_accuracy', 'top5_accuracy', 'sparsity', 'w_p', 'w_n'):
     assert key in saved

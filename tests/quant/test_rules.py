@@ -191,3 +191,24 @@ def test_rule_validation():
     Rule(module_path='(')
   with pytest.raises(ValueError, match="quant.method='binary' is unknown"):
     Rule(method='binary')
+
+
+@pytest.mark.parametrize('layer,x_shape', [
+    (lambda: nn.ConvTranspose(3, (3, 3), strides=(2, 2), name='layer'), (2, 5, 5, 2)),
+    (lambda: nn.Conv(3, (2, 3, 3), name='layer'), (2, 4, 6, 6, 2)),     # 3-D convolution
+])
+def test_conv_transpose_and_3d_conv_against_hand_ternarized_kernels(layer, x_shape):
+  class One(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return layer()(x)
+  x = jax.random.normal(jax.random.PRNGKey(1), x_shape)
+  model = quant.quantize(One(), [Rule(module_path='layer')])
+  params = model.init(jax.random.PRNGKey(0), x)['params']
+  params = {'layer': dict(params['layer'], w_p=jnp.float32(1.3), w_n=jnp.float32(0.7))}
+  k = np.asarray(params['layer']['kernel'])
+  delta = 0.05 * np.abs(k).max()
+  by_hand = np.where(k > delta, 1.3, np.where(k < -delta, -0.7, 0.0)).astype(np.float32)
+  assert 0 < np.mean(by_hand == 0) < 0.5
+  plain = {'layer': {'kernel': jnp.asarray(by_hand), 'bias': params['layer']['bias']}}
+  np.testing.assert_allclose(model.apply({'params': params}, x), One().apply({'params': plain}, x), rtol=1e-5, atol=1e-5)
