@@ -206,14 +206,15 @@ def markdown(data: dict) -> str:
            f'batch {b["batch_size"]}; {n} seeds ({", ".join(map(str, data["rows"][0]["seeds"]))}); {data["machine"]}. '
            f'The FP checkpoints themselves: test top-1 {_ms(data["fp_init_test_top1"])} % (re-estimated BN), '
            f'{_ms(data["fp_init_test_top1_running"])} % (running BN).', '',
-           '| row | test top-1 (%), chosen on validation, re-estimated BN | same, running BN | '
+           '| row | test top-1 (%), chosen on validation, re-estimated BN | per seed | same, running BN | '
            'best validation top-1 (%) | mean sparsity | scale range (W_p / W_n or alpha) |',
-           '|---|---|---|---|---|---|']
+           '|---|---|---|---|---|---|---|']
   for r in data['rows']:
     sp = [s for s in r['mean_sparsity'] if s is not None]
     ranges = [x for x in r['scale_range'] if x]
     scale = f'{min(x[0] for x in ranges):.3f} to {max(x[1] for x in ranges):.3f}' if ranges else '-'
-    lines.append(f'| {LABELS.get(r["name"], r["name"])} | {_ms(r["test_top1_reestimated"])} | '
+    per_seed = ' / '.join(f'{x:.2f}' for x in r['test_top1_reestimated'])
+    lines.append(f'| {LABELS.get(r["name"], r["name"])} | {_ms(r["test_top1_reestimated"])} | {per_seed} | '
                  f'{_ms(r["test_top1_running"])} | {_ms(r["val_top1_best"])} | '
                  f'{f"{np.mean(sp):.3f}" if sp else "-"} | {scale} |')
   lines += ['', '| claim (paired, same seed; points of test top-1) | re-estimated BN | running BN |', '|---|---|---|']

@@ -116,10 +116,6 @@ class StopSignal(contextlib.AbstractContextManager):
     return False
 
 
-def primary_process() -> bool:
-  return jax.process_index() == 0
-
-
 def is_due(step: int, every: int) -> bool:
   return every > 0 and step % every == 0
 
@@ -295,15 +291,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
   sharding_lib.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
   inputs = _Input.create(config, mesh)  # a missing dataset fails here
   state = state_lib.create_train_state(config, model or state_lib.create_model(config), mesh)
-  if model is not None and jax.process_index() == 0 and (mismatch := reports.rules_differ_from_config(state.ternary, config)):
+  primary = jax.process_index() == 0
+  if model is not None and primary and (mismatch := reports.rules_differ_from_config(state.ternary, config)):
     logging.warning('%s', mismatch)
   config_check.write_config(config, workdir)
-  if data is not None and primary_process():  # what export needs to rebuild the model without the data
+  if data is not None and primary:  # what export needs to rebuild the model without the data
     files.write_json(files.join(workdir, input_pipeline.USER_DATA_INFO),
                      dataclasses.asdict(input_pipeline.dataset_info(config.data.name)))
   programs = create_programs(config, mesh, state, model, loss_fn)
   manager = ckpt.create_manager(workdir, max_to_keep=config.keep_checkpoints)
-  primary = jax.process_index() == 0
   total, ternary_start = steps_lib.total_steps(config), steps_lib.ternary_start_step(config)
   warm_started = config.quant.method != 'fp' and (ternary_start > 0 or bool(config.init_from))
   if primary and config.quant.method != 'fp' and total <= ternary_start:
