@@ -217,7 +217,7 @@ def evaluate_workdir(config, workdir: str, *, model=None, data=None, loss_fn=Non
             'sparsity': report['sparsity'],
             'w_p': {k: v[0] for k, v in report['scales'].items()},
             'w_n': {k: v[1] for k, v in report['scales'].items()},
-            'param_counts': report['param_counts'],
+            'param_counts': report['param_counts'], 'layer_rules': report.get('layer_rules', {}),
             'params_bytes_fp32': _params_bytes(state.params) + _params_bytes(state.batch_stats)}
   if jax.process_index() == 0:
     name = f'step_{int(step)}.json' if source == 'checkpoint' else f'export_step_{int(step)}.json'

@@ -90,6 +90,10 @@ def parse_flags(argv):
     return FLAGS(argv)
   except flags.Error as e:
     lines = [l for l in str(e).splitlines() if l.strip()]
+    if "flag 'config." in str(e) and not any(a == '--config' or a.startswith('--config=') for a in argv):
+      _fail(f'{explicit_overrides(argv)[0] if explicit_overrides(argv) else "a --config.KEY override"}: overrides '
+            'need a --config file (for --mode eval / export, e.g. the one the run was trained with; the '
+            "workdir's config.json still decides what was trained)")
     _fail(lines[0] if len(lines) == 1 else f'{lines[0].split(":")[0]}: {lines[-1].strip()}')
   except (KeyError, AttributeError) as e:  # an override of a key the config does not have
     _fail(f'unknown config key in an override: {str(e).strip(chr(34)).strip(chr(39))} '
