@@ -179,22 +179,26 @@ VALUE_IF_ABSENT = {'ternary_kernel_lr_multiplier': 1.0, 'quant.k': 0.7, 'model.b
                    'model.bn_bias_init': 'zeros', 'fp_warmup_steps': 0}
 
 
-def canonical_quant(flat: dict, *, saved_before_k: bool = False) -> dict:
-  """`flat` (a flattened config) with `quant.threshold` as the rule in force: None is the method's own
-  rule. A config saved before `quant.k` existed ran TWN with TWN's own rule whatever its `quant.threshold`
-  said (`saved_before_k`)."""
+def saved_values(saved: dict) -> dict:
+  """A saved config.json, flattened, as the run it describes ran: keys added since take `VALUE_IF_ABSENT`, and
+  a config saved before `quant.k` existed ran TWN with TWN's own rule whatever its `quant.threshold` said."""
+  flat = flatten(saved)
+  out = {**VALUE_IF_ABSENT, **flat}
+  if 'quant.k' not in flat and out.get('quant.method') == 'twn':
+    out['quant.threshold'] = None
+  return out
+
+
+def canonical_quant(flat: dict) -> dict:
+  """`flat` (a flattened config) with `quant.threshold` as the rule in force: None is the method's own rule."""
   flat = dict(flat)
-  method = flat.get('quant.method')
-  if saved_before_k and method == 'twn':
-    flat['quant.threshold'] = None
   if flat.get('quant.threshold') is None:
-    flat['quant.threshold'] = METHODS.get(method)
+    flat['quant.threshold'] = METHODS.get(flat.get('quant.method'))
   return flat
 
 
 def changed_guarded_fields(saved: dict, current: dict) -> list[str]:
-  saved_flat = flatten(saved)
-  a = canonical_quant({**VALUE_IF_ABSENT, **saved_flat}, saved_before_k='quant.k' not in saved_flat)
+  a = canonical_quant(saved_values(saved))
   b = canonical_quant({**VALUE_IF_ABSENT, **flatten(current)})
   keys = sorted(set(a) | set(b))
   if b.get('quant.method') != 'ttq':  # only TTQ runs use it (and only then is it in the optimizer state)
@@ -267,7 +271,7 @@ def check_overrides(workdir: str, keys, config=None) -> None:
   bad = sorted(k for k in keys if k not in EVAL_OVERRIDABLE)
   if not bad or not files.exists(path):
     return
-  saved = canonical_quant({**VALUE_IF_ABSENT, **flatten(json.loads(files.read_text(path)))})
+  saved = canonical_quant(saved_values(json.loads(files.read_text(path))))
   given = canonical_quant({**VALUE_IF_ABSENT, **flatten(json.loads(config.to_json_best_effort()))}) if config else {}
   changed = [k for k in bad if not config or json.dumps(given.get(k), sort_keys=True) != json.dumps(saved.get(k), sort_keys=True)]
   if changed:
@@ -290,9 +294,7 @@ def workdir_config(config, workdir: str):
     saved = json.loads(files.read_text(path))
   except ValueError as e:
     raise ConfigError(f'{path} is not readable JSON ({e}): pass --config and restore it') from None
-  saved_flat = {**VALUE_IF_ABSENT, **flatten(saved)}
-  if 'quant.k' not in flatten(saved) and saved_flat.get('quant.method') == 'twn':
-    saved_flat['quant.threshold'] = None  # before quant.k, TWN ran its own rule whatever threshold said
+  saved_flat = saved_values(saved)
   if config is None:
     effective = ml_collections.ConfigDict()
     for key, value in saved_flat.items():
