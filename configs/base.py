@@ -33,12 +33,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.prefetch_batches = 2         # batches put on the device ahead of the step
 
   config.quant = ml_collections.ConfigDict()
-  config.quant.method = 'ttq'              # the scale rule: ttq (trained W_p / W_n) | twn (analytic alpha) | fp
+  # The scale rule (ttq_jax.quant.METHODS): ttq (trained W_p / W_n) | twn (analytic alpha) | bitnet (BitNet b1.58's
+  # absmean, its own threshold only) | fp
+  config.quant.method = 'ttq'
   # Module-path regex (whole path) of the layers kept full precision; every other layer with a kernel is
   # ternary. 'edges' = the model's first and last layer (models.EDGE_LAYERS); '' = none.
   config.quant.full_precision_layers = 'edges'
-  # The threshold rule, for either method: None = the method's own (ttq: max with t; twn: mean with k);
-  # max (delta = t * max|w|) | mean (delta = k * mean|w|) | sparsity (a fixed zero fraction).
+  # The threshold rule (ttq_jax.quant.THRESHOLDS): None = the method's own (ttq: max with t; twn: mean with k;
+  # bitnet: absmean); for ttq and twn: max (delta = t * max|w|) | mean (delta = k * mean|w|) | sparsity (a fixed
+  # zero fraction).
   config.quant.threshold = ml_collections.config_dict.placeholder(str)
   config.quant.t = 0.05                    # paper: 0.05
   config.quant.k = 0.7                     # TWN: 0.7
@@ -47,6 +50,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.quant.w_n_init = 1.0
   config.quant.scale_init = 'constant'     # constant (w_p_init / w_n_init) | mean_abs (mean |w| per sign)
   config.quant.positive_scales = False     # forward uses |w_p|, |w_n| (official code: no guard)
+  # The input of each quantized layer: float (as it comes) | int8 (BitNet b1.58's 8-bit absmax per position)
+  config.quant.activations = 'float'
 
   config.dtype = 'float32'                 # float32 | bfloat16 (activations and ternary kernels)
   config.batch_size = 128                  # global

@@ -10,6 +10,8 @@ table of experiments/results/fashion_mnist_seeds.md.
 Variants:
   `:fp`     the full-precision twin (two epochs).
   `:twn`    TWN (Li & Liu 2016) in place of TTQ, same recipe.
+  `:bitnet` BitNet b1.58's absmean ternary weights (Ma et al. 2024; float activations) in place of TTQ,
+            same recipe (its own threshold, 0.5 * mean|w|; straight-through gradient).
   `:paper`  the official CIFAR recipe (tw-cifar10-resnet.py) at this budget: SGD momentum 0.9 without
             Nesterov for weights *and* scales, scales from 1.0, L2 2e-4 on kernels and scales, no kernel
             normalisation, the last layer ternary (only conv0 full precision), batch 128, the FP warm start
@@ -64,6 +66,8 @@ def get_config(arg: str = ''):
     config.quant.method = 'fp'
   elif arg == 'twn':
     config.quant.method = 'twn'
+  elif arg == 'bitnet':
+    config.quant.method = 'bitnet'
   elif arg in ('paper', 'paper_steps'):
     config.quant.full_precision_layers = 'conv0'  # `linear` ternary, as tw-cifar10-resnet.py
     config.optimizer = 'sgd'
@@ -97,5 +101,5 @@ def get_config(arg: str = ''):
     config.eval_every_steps = 0
     config.target_accuracy = 0.0
   elif arg:
-    raise ValueError(f'config argument {arg!r} is unknown: allowed are fp, twn, paper, paper_steps, smoke')
+    raise ValueError(f'config argument {arg!r} is unknown: allowed are fp, twn, bitnet, paper, paper_steps, smoke')
   return config

@@ -47,6 +47,7 @@ FASHION_MNIST_ROWS = {  # row -> (slug, config)
     'TTQ, paper recipe': ('ttq_paper', 'configs/fashion_mnist.py:paper'),
     'TTQ, our recipe (quickstart)': ('ttq_ours', 'configs/fashion_mnist.py'),
     'TWN': ('twn', 'configs/fashion_mnist.py:twn'),
+    'BitNet b1.58 weights (absmean)': ('bitnet', 'configs/fashion_mnist.py:bitnet'),
     'TTQ, paper recipe with its step schedule compressed': ('ttq_paper_steps', 'configs/fashion_mnist.py:paper_steps'),
 }
 
@@ -160,7 +161,8 @@ def main():
                  'fashion_mnist_protocol: the JSON (default experiments/results/fashion_mnist_protocol[_gpu].json for '
                  'the cpu [gpu] budget, the workdir for tiny)')
   p.add_argument('--allow-cpu', action='store_true')
-  p.add_argument('--only', default='', help='comma-separated substrings: run only matching rows')
+  p.add_argument('--only', default='', help='comma-separated substrings: run only matching rows (fashion_mnist: the '
+                 'other rows keep their runs from the results JSON)')
   p.add_argument('--collect-only', action='store_true', help='fashion_mnist: table of the finished runs, train nothing')
   args = p.parse_args()
   if args.describe:
@@ -178,9 +180,15 @@ def main():
   with open(os.path.join(root, 'reproduce.log'), 'a') as log:
     if args.table == 'fashion_mnist':
       seeds = [int(s) for s in args.seeds.split(',')]
+      out = args.results or os.path.join(ROOT, 'experiments', 'results', 'fashion_mnist_seeds.md')
+      # rows left out by --only keep their runs from the results file (each run's result.json is kept whole)
+      previous = {}
+      if args.only and os.path.exists(out.replace('.md', '.json')):
+        with open(out.replace('.md', '.json')) as f:
+          previous = json.load(f)
       results = {}
       for row, (slug, config) in FASHION_MNIST_ROWS.items():
-        results[row] = []
+        results[row] = [] if wanted(row) else previous.get(row, [])
         for seed in seeds if wanted(row) else []:
           r = Run(row, config, os.path.join(root, slug, f'seed_{seed}'))
           if not args.collect_only:
@@ -191,7 +199,6 @@ def main():
           except RuntimeError as e:
             print(f'[fail] {e}', flush=True)
       body = fashion_mnist_table(results, seeds)
-      out = args.results or os.path.join(ROOT, 'experiments', 'results', 'fashion_mnist_seeds.md')
       command = f'--table fashion_mnist --seeds {args.seeds}'
     else:
       results, missing, workdirs = {}, {}, {}

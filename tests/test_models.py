@@ -1,5 +1,6 @@
 """Model tests: parameter counts by hand formula, which layers are ternary, output shapes."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -181,7 +182,7 @@ def test_alexnet_batch_norm_epsilon_is_the_official_1e_4():
 def test_batch_norm_and_biases_never_quantized():
   """Even with every layer ternary, only kernels are ternary: every BN parameter and every bias stays out
   of the ternary set, and a ternary layer adds its bias in full precision."""
-  from ttq_jax.quant import TernaryDense, ternary_weights
+  from ttq_jax.quant import Rule, quantize, ternary_weights
   model = models.create_model('resnet_tiny', num_classes=10, quant=TTQ, full_precision='')
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), train=False)['params']
   layers = quant.ternary_layers(model, jnp.zeros((1, 28, 28, 1)), train=False)
@@ -194,7 +195,7 @@ def test_batch_norm_and_biases_never_quantized():
   kernels = {'/'.join(k.key for k in p[:-1]) + '/kernel': int(np.prod(v.shape))
              for p, v in jax.tree_util.tree_flatten_with_path(params)[0] if p[-1].key == 'kernel'}
   assert count_params(params, layers)['ternary'] == sum(kernels[p] for p in ternary) == sum(kernels.values())
-  layer = TernaryDense(2, quant=TTQ)
+  layer = quantize(nn.Dense(2), [Rule()])
   v = layer.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))
   v = {'params': dict(v['params'], bias=jnp.array([0.123, -0.456]))}
   np.testing.assert_array_equal(layer.apply(v, jnp.zeros((1, 3))), np.float32([[0.123, -0.456]]))

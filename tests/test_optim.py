@@ -106,7 +106,8 @@ def test_masks_name_what_each_setting_applies_to():
   ternary = optim.ternary_kernel_mask(params, layers)  # the layers found in the module tree, not names
   assert ternary['Conv_0']['kernel'] and ternary['Block']['TernaryDense_3']['kernel']
   assert not ternary['TernaryConv_0']['kernel'] and not ternary['TernaryConv_0']['bias']
-  assert not optim.ternary_kernel_mask(params, layers, method='twn')['Conv_0']['kernel']
+  twn = (TernaryLayer('Conv_0', QuantConfig(method='twn')), TernaryLayer('Block/TernaryDense_3', QuantConfig(method='bitnet')))
+  assert not any(jax.tree.leaves(optim.ternary_kernel_mask(params, twn)))  # no trained scales: no multiplier
 
 
 @pytest.mark.parametrize('multiplier', [3.0, 0.5])

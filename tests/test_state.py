@@ -100,20 +100,20 @@ def test_checkpoints_written_with_the_unused_rng_still_restore(smoke_config, tmp
 
 
 def test_an_explicitly_named_ternary_layer_gets_every_treatment(smoke_config):
-  """Found in the module tree, not by name: a TernaryConv named 'features' (and a quantize()d Dense named
-  'proj') get the latent-kernel multiplier, the scale init at the switch, reports and packed export."""
+  """Found in the module tree, not by name: a Conv named 'features' and a Dense named 'proj', each selected by
+  its own rule, get the latent-kernel multiplier, the scale init at the switch, reports and packed export."""
   import flax.linen as nn
   from ttq_jax import export_format, quant, reports
 
   class Net(nn.Module):
     @nn.compact
     def __call__(self, x, train=False):
-      x = quant.TernaryConv(4, (3, 3), quant=QuantConfig(), name='features')(x)
+      x = nn.Conv(4, (3, 3), name='features')(x)
       return nn.Dense(10, name='proj')(x.mean(axis=(1, 2)))
 
   c = smoke_config
   c.ternary_kernel_lr_multiplier, c.quant.scale_init, c.lr_schedule = 3.0, 'mean_abs', 'constant'
-  model = quant.quantize(Net(), [quant.Rule(module_path='proj')])
+  model = quant.quantize(Net(), [quant.Rule(module_path='features'), quant.Rule(module_path='proj')])
   _, state = state_lib.create_mesh_and_state(c, model)
   assert [l.path for l in state.ternary] == ['features', 'proj']
   grads = jax.tree.map(jnp.ones_like, state.params)

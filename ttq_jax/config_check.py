@@ -133,7 +133,7 @@ def validate(config, *, custom_model: bool = False) -> None:
     raise ConfigError(f'target_accuracy={config.target_accuracy!r} is out of range: allowed is 0 (off) to 1')
   if config.get('fp_warmup_steps', 0) < 0:
     raise ConfigError(f'fp_warmup_steps={config.fp_warmup_steps!r} must be >= 0 (0: fp_warmup_epochs decides)')
-  if config.init_from and steps_lib.has_fp_warmup(config) and config.quant.method != 'fp':
+  if config.init_from and steps_lib.has_fp_warmup(config) and steps_lib.is_quantized(config):
     raise ConfigError(f'init_from={config.init_from!r} and a full-precision warm-up (fp_warmup_epochs='
                       f'{config.fp_warmup_epochs!r}, fp_warmup_steps={config.get("fp_warmup_steps", 0)!r}) are both '
                       'set: init_from is the full-precision warm start, so set both to 0 (or drop init_from)')
@@ -149,7 +149,7 @@ WARM_STARTS = ('required', 'in_run', 'none')
 def warm_start(config) -> str:
   """'required': the run refuses to start without a full-precision checkpoint (`init_from`); 'in_run': its
   own full-precision warm-up (`fp_warmup_epochs`); 'none': ternary from the first step (or a FP run)."""
-  if config.quant.method == 'fp':
+  if not steps_lib.is_quantized(config):
     return 'none'
   if config.warm_start_config:
     return 'required'
@@ -176,7 +176,7 @@ def flatten(d, prefix: str = '') -> dict:
 
 # Guarded keys added after workdirs already existed: a saved config without one ran with this value.
 VALUE_IF_ABSENT = {'ternary_kernel_lr_multiplier': 1.0, 'quant.k': 0.7, 'model.bn_unbiased_variance': False,
-                   'model.bn_bias_init': 'zeros', 'fp_warmup_steps': 0}
+                   'model.bn_bias_init': 'zeros', 'fp_warmup_steps': 0, 'quant.activations': 'float'}
 
 
 def saved_values(saved: dict) -> dict:
@@ -193,7 +193,8 @@ def canonical_quant(flat: dict) -> dict:
   """`flat` (a flattened config) with `quant.threshold` as the rule in force: None is the method's own rule."""
   flat = dict(flat)
   if flat.get('quant.threshold') is None:
-    flat['quant.threshold'] = METHODS.get(flat.get('quant.method'))
+    method = METHODS.get(flat.get('quant.method'))
+    flat['quant.threshold'] = method.own_threshold if method else None
   return flat
 
 
@@ -201,7 +202,8 @@ def changed_guarded_fields(saved: dict, current: dict) -> list[str]:
   a = canonical_quant(saved_values(saved))
   b = canonical_quant({**VALUE_IF_ABSENT, **flatten(current)})
   keys = sorted(set(a) | set(b))
-  if b.get('quant.method') != 'ttq':  # only TTQ runs use it (and only then is it in the optimizer state)
+  method = METHODS.get(b.get('quant.method'))
+  if not (method and method.trained_scales):  # only TTQ runs use it (and only then is it in the optimizer state)
     keys = [k for k in keys if k != 'ternary_kernel_lr_multiplier']
   return [k for k in keys if k.startswith(GUARDED_PREFIXES) and
           json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True)]

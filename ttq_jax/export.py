@@ -25,15 +25,16 @@ from ttq_jax.errors import ConfigError, DataError, ExportError
 
 def load(path: str, model: nn.Module | None = None):
   """(model, variables): the inference model (ternary layers as plain layers holding the dense ternary
-  kernels rebuilt from the codes) and its variables, ready for `model.apply(variables, x, ...)`.
+  kernels rebuilt from the codes; the layers whose input was quantized in training, metadata `activations`,
+  quantize it again) and its variables, ready for `model.apply(variables, x, ...)`.
 
   Built-in models are rebuilt from the config stored in the file. For your own model pass `model` (the
   plain one, or its `quant.quantize`d version: the plain model is returned)."""
   variables, metadata, _ = export_format.read(path)
-  if model is not None:
-    return quant_lib.unquantized(model), variables
-  config = ml_collections.ConfigDict(json.loads(metadata['config']))
-  return state_lib.create_model(config, quantized=False), variables
+  modes = json.loads(metadata.get('activations', '{}'))  # layers whose input the trained model quantized
+  if model is None:
+    model = state_lib.create_model(ml_collections.ConfigDict(json.loads(metadata['config'])), quantized=False)
+  return quant_lib.with_activation_modes(model, modes), variables
 
 
 def _nbytes(tree) -> int:
@@ -41,8 +42,9 @@ def _nbytes(tree) -> int:
 
 
 def _check_method(config) -> None:
-  if config.quant.method == 'fp':
-    raise ExportError('quant.method=fp has no ternary layers to pack: export a ttq or twn run')
+  if not steps.is_quantized(config):
+    methods = ', '.join(n for n, m in quant_lib.METHODS.items() if m.quantized)
+    raise ExportError(f'quant.method={config.quant.method} has no ternary layers to pack: export a run of {methods}')
 
 
 def _check_step(config, step: int) -> None:
@@ -93,8 +95,11 @@ def export_workdir(config, workdir: str, *, model=None, data=None) -> dict[str, 
   params, batch_stats = jax.device_get((state.params, state.batch_stats))
   tensors = export_format.build_export(params, batch_stats, state.ternary, packing)
   path = files.join(workdir, 'export', 'model.safetensors')
+  image_shape = input_pipeline.dataset_info(config.data.name).image_shape
+  modes = state_lib.activation_modes(model or state_lib.create_model(config), image_shape)
   if jax.process_index() == 0:
-    export_format.save(path, tensors, packing=packing, config=config, step=step, bn_statistics=bn_statistics)
+    export_format.save(path, tensors, packing=packing, config=config, step=step, bn_statistics=bn_statistics,
+                       activations=modes)
   _, _, report = export_format.read(path)
   fp32_total = _nbytes(params) + _nbytes(batch_stats)
   export_bytes = files.size(path)

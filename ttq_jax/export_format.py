@@ -70,15 +70,22 @@ def build_export(params, batch_stats, layers, packing: str) -> dict[str, np.ndar
 
 
 def save(path: str, tensors: dict[str, np.ndarray], *, packing: str, config, step: int,
-         bn_statistics: str = 'running') -> None:
+         bn_statistics: str = 'running', activations: dict[str, str] | None = None) -> None:
   """Writes atomically (`files.write_bytes`, local or a bucket): a failed export leaves nothing behind.
-  `bn_statistics`: which BN statistics `tensors` carry (a key of `BN_STATISTICS`)."""
+  `bn_statistics`: which BN statistics `tensors` carry (a key of `BN_STATISTICS`); `activations`: {module path:
+  mode} of the layers whose input the model quantizes (`quant.activation_modes`; metadata `activations`, JSON,
+  written only when not empty)."""
   from safetensors.numpy import save
   check_packing(packing)
   if bn_statistics not in BN_STATISTICS:
     raise ExportError(f'bn_statistics={bn_statistics!r} is unknown: allowed are {", ".join(BN_STATISTICS)}')
   metadata = {'format': FORMAT, 'packing': packing, 'step': str(int(step)), 'bn_statistics': bn_statistics,
               'config': config.to_json_best_effort() if hasattr(config, 'to_json_best_effort') else json.dumps(config)}
+  if activations:
+    unknown = sorted(set(activations.values()) - set(quant_lib.ACTIVATIONS))
+    if unknown:
+      raise ExportError(f'activations={unknown[0]!r} is unknown: allowed are {", ".join(quant_lib.ACTIVATIONS)}')
+    metadata['activations'] = json.dumps(activations, sort_keys=True)
   files.write_bytes(path, save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata))
 
 

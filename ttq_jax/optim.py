@@ -114,9 +114,9 @@ def weight_decay_mask(params, regex: str) -> Any:
   return jax.tree_util.tree_map_with_path(lambda p, _: bool(pattern.search(path_str(p))), params)
 
 
-def ternary_kernel_mask(params, layers, method: str = 'ttq') -> Any:
-  """True for the latent kernels of the `layers` (`quant.TernaryLayer`s) whose method is `method`."""
-  kernels = {layer.kernel_path for layer in layers if layer.quant.method == method}
+def ternary_kernel_mask(params, layers) -> Any:
+  """True for the latent kernels of the `layers` (`quant.TernaryLayer`s) whose method trains its scales."""
+  kernels = {layer.kernel_path for layer in layers if layer.quant.spec.trained_scales}
   return jax.tree_util.tree_map_with_path(lambda p, _: path_str(p) in kernels, params)
 
 
@@ -138,10 +138,10 @@ def create_optimizer(config, params, layers=()) -> optax.GradientTransformation:
         config.weight_decay, mask=weight_decay_mask(params, config.weight_decay_regex)))
   chain.append(inner)
   multiplier = config.ternary_kernel_lr_multiplier
-  if multiplier != 1.0 and any(layer.quant.method == 'ttq' for layer in layers):
+  if multiplier != 1.0 and any(layer.quant.spec.trained_scales for layer in layers):
     # TTQ's latent gradient is w_p * g (or w_n * g), and behind batch norm g ~ 1 / w_p, so the latent
     # kernels of a ternary layer move ~mean|w| times slower than the same kernels in full precision
-    # (or TWN, whose STE gradient is g: no multiplier there). This restores their pace from the switch on.
+    # (or TWN / BitNet, whose STE gradient is g: no multiplier there). This restores their pace from the switch on.
     start = steps.ternary_start_step(config)
     chain.append(optax.masked(
         optax.scale_by_schedule(lambda count: jnp.where(count >= start, multiplier, 1.0)),

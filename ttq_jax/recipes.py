@@ -63,10 +63,10 @@ def describe(config) -> dict[str, Any]:
   paths = [optim.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   decay = jax.tree_util.tree_flatten_with_path(optim.weight_decay_mask(params, config.weight_decay_regex))[0]
   boundaries, values = _lr_steps(config)
-  quantized = config.quant.method != 'fp'
+  quantized = steps_lib.is_quantized(config)
   rule = state_lib.quant_config(config).threshold_rule  # the threshold rule in force (None: full precision)
   scale_opt = None
-  if quantized and config.quant.method == 'ttq':
+  if quantized and state_lib.quant_config(config).spec.trained_scales:
     scale_opt = (_optimizer(config, config.optimizer, config.learning_rate) if config.scale_optimizer == 'same'
                  else _optimizer(config, 'adam', config.scale_learning_rate))
   return {

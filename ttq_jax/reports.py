@@ -100,7 +100,7 @@ def format_protocol(protocol: dict, split: str) -> list[str]:
 def format_eval_table(result: dict, config, model_name: str | None = None) -> str:
   """The final summary: accuracy first, then each ternary layer's sparsity and scales."""
   method = config.quant.method
-  if method != 'fp' and result.get('ternary_steps') == 0:
+  if quant_lib.METHODS[config.quant.method].quantized and result.get('ternary_steps') == 0:
     method = f'{method} (no ternary step trained: the run ended inside its full-precision warm-up)'
   elif result.get('ternary_steps'):
     method = f'{method}, {result["ternary_steps"]} ternary steps'

@@ -75,6 +75,11 @@ def init_variables(model: nn.Module, rng: jax.Array, image_shape) -> dict:
   return model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), **_train_kwargs(model, False))
 
 
+def activation_modes(model: nn.Module, image_shape) -> dict[str, str]:
+  """{module path: activations} of the model's layers with quantized inputs (`quant.activation_modes`)."""
+  return quant_lib.activation_modes(model, jnp.zeros((1, *image_shape), jnp.float32), **_train_kwargs(model, False))
+
+
 def ternary_layers(model: nn.Module, image_shape) -> tuple[quant_lib.TernaryLayer, ...]:
   """The model's ternary layers, from its module tree (`quant.ternary_layers`)."""
   return quant_lib.ternary_layers(model, jnp.zeros((1, *image_shape), jnp.float32), **_train_kwargs(model, False))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from ttq_jax import input_pipeline
+from ttq_jax.quant.methods import METHODS
 
 
 def steps_per_epoch(config) -> int:
@@ -32,6 +33,11 @@ def total_steps(config) -> int:
   return max(1, int(math.ceil(config.num_epochs * steps_per_epoch(config))))
 
 
+def is_quantized(config) -> bool:
+  """Whether the config's method quantizes (`quant.METHODS[config.quant.method].quantized`)."""
+  return METHODS[config.quant.method].quantized
+
+
 def ternary_start_step(config) -> int:
   """The number of full-precision steps before ternary training: steps after it train (and evaluate)
   the ternary model.
@@ -40,7 +46,7 @@ def ternary_start_step(config) -> int:
   (`init_from`: the warm start happened in another run); otherwise the end of the in-run FP warm-up
   (`fp_warmup_steps` when > 0, else `fp_warmup_epochs`). `config_check` refuses `init_from` together with `fp_warmup_epochs > 0`.
   """
-  if config.quant.method == 'fp' or config.init_from:
+  if not is_quantized(config) or config.init_from:
     return 0
   if config.get('fp_warmup_steps', 0) > 0:
     return int(config.fp_warmup_steps)
@@ -54,7 +60,7 @@ def has_fp_warmup(config) -> bool:
 
 def ternary_steps(config, step: int) -> int:
   """How many of the first `step` steps trained ternary weights (0 for FP runs and inside the warm-up)."""
-  if config.quant.method == 'fp':
+  if not is_quantized(config):
     return 0
   return max(0, step - ternary_start_step(config))
 
@@ -66,4 +72,4 @@ def is_ternary_at(config, step: int) -> bool:
   happens before step W + 1, so a checkpoint at W is still the full-precision model.
   """
   start = ternary_start_step(config)
-  return config.quant.method != 'fp' and (step > start or start == 0)
+  return is_quantized(config) and (step > start or start == 0)

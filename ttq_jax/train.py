@@ -228,7 +228,7 @@ def _run_eval(config, programs, state, inputs: _Input, quantized: bool):
   """(eval columns of the selection split, their metrics-row entries); `state` is not changed."""
   t0 = time.perf_counter()
   columns = inputs.evaluate(programs, state, quantized, inputs.selection_split)
-  row = {'eval_seconds': time.perf_counter() - t0, 'eval_ternary': float(quantized and config.quant.method != 'fp')}
+  row = {'eval_seconds': time.perf_counter() - t0, 'eval_ternary': float(quantized and steps_lib.is_quantized(config))}
   for column, (metrics, _) in columns.items():
     row.update({f'{reports.BN_COLUMNS[column]}{k}': v for k, v in metrics.items()})
   return columns, row
@@ -301,8 +301,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
   programs = create_programs(config, mesh, state, model, loss_fn)
   manager = ckpt.create_manager(workdir, max_to_keep=config.keep_checkpoints)
   total, ternary_start = steps_lib.total_steps(config), steps_lib.ternary_start_step(config)
-  warm_started = config.quant.method != 'fp' and (ternary_start > 0 or bool(config.init_from))
-  if primary and config.quant.method != 'fp' and total <= ternary_start:
+  warm_started = steps_lib.is_quantized(config) and (ternary_start > 0 or bool(config.init_from))
+  if primary and steps_lib.is_quantized(config) and total <= ternary_start:
     logging.warning('this run ends at step %d, inside its full-precision warm-up (ternary training starts after step '
                     '%d): it trains no ternary step (shorten fp_warmup_steps / fp_warmup_epochs or train longer)',
                     total, ternary_start)

@@ -32,6 +32,11 @@ def _config(method, threshold):
   return QuantConfig(method=method, threshold=threshold, t=0.05, k=0.7, sparsity=0.5)
 
 
+def _kernel(w, w_p, w_n, q):
+  """The forward kernel of q's method (`quant.METHODS[q.method].kernel`), as a selected layer computes it."""
+  return quant.METHODS[q.method].kernel(w, w_p, w_n, q)
+
+
 @pytest.mark.parametrize('threshold', ['max', 'mean', 'sparsity'])
 def test_delta_by_value(threshold):
   assert float(quant.threshold(W, _config('ttq', threshold))) == pytest.approx(DELTAS[threshold], rel=1e-6)
@@ -42,7 +47,7 @@ def test_forward_and_gradients_by_value(method, threshold):
   codes = np.asarray(CODES[threshold])
   q = _config(method, threshold)
   if method == 'ttq':
-    kernel = lambda w, w_p, w_n: quant.quantize_kernel(w, w_p, w_n, q)
+    kernel = lambda w, w_p, w_n: _kernel(w, w_p, w_n, q)
     expected = np.where(codes > 0, W_P, np.where(codes < 0, -W_N, 0.0))
     out, grads = jax.value_and_grad(lambda *a: jnp.sum(kernel(*a) * G), argnums=(0, 1, 2))(W, jnp.float32(W_P),
                                                                                            jnp.float32(W_N))
@@ -53,7 +58,7 @@ def test_forward_and_gradients_by_value(method, threshold):
     assert float(dw_n) == pytest.approx(-g[codes < 0].sum())  # the corrected sign: wt = -w_n
     np.testing.assert_allclose(dw, np.where(codes > 0, W_P, np.where(codes < 0, W_N, 1.0)) * g, rtol=1e-6)
   else:
-    kernel = lambda w: quant.quantize_kernel(w, None, None, q)
+    kernel = lambda w: _kernel(w, None, None, q)
     np.testing.assert_allclose(kernel(W), codes * ALPHA[threshold], rtol=1e-6)
     np.testing.assert_allclose(jax.grad(lambda w: jnp.sum(kernel(w) * G))(W), G)  # straight through
   tw = TernaryWeights.from_latent(W, jnp.float32(W_P), jnp.float32(W_N), q)  # what reports and export use
@@ -69,8 +74,8 @@ def test_none_is_the_methods_own_rule(method):
   own = QuantConfig(method=method)
   assert own.threshold is None and own.threshold_rule == {'ttq': 'max', 'twn': 'mean'}[method]
   explicit = QuantConfig(method=method, threshold=own.threshold_rule)
-  a = quant.quantize_kernel(W, jnp.float32(W_P), jnp.float32(W_N), own)
-  np.testing.assert_array_equal(a, quant.quantize_kernel(W, jnp.float32(W_P), jnp.float32(W_N), explicit))
+  a = _kernel(W, jnp.float32(W_P), jnp.float32(W_N), own)
+  np.testing.assert_array_equal(a, _kernel(W, jnp.float32(W_P), jnp.float32(W_N), explicit))
   if method == 'twn':
     np.testing.assert_array_equal(a, quant.twn_ternarize(W))
     np.testing.assert_allclose(a, np.asarray(CODES['mean']) * ALPHA['mean'], rtol=1e-6)
@@ -78,9 +83,9 @@ def test_none_is_the_methods_own_rule(method):
 
 def test_twn_ignores_t_unless_max_is_named():
   """The old README's `method=twn, t=0.1` changed nothing; the max rule must be named to use t."""
-  base = quant.quantize_kernel(W, None, None, QuantConfig(method='twn'))
-  np.testing.assert_array_equal(base, quant.quantize_kernel(W, None, None, QuantConfig(method='twn', t=0.1)))
-  named = quant.quantize_kernel(W, None, None, QuantConfig(method='twn', threshold='max', t=0.1))
+  base = _kernel(W, None, None, QuantConfig(method='twn'))
+  np.testing.assert_array_equal(base, _kernel(W, None, None, QuantConfig(method='twn', t=0.1)))
+  named = _kernel(W, None, None, QuantConfig(method='twn', threshold='max', t=0.1))
   assert int(jnp.sum(named == 0)) == int(np.sum(np.abs(np.asarray(W)) <= 0.2)) == 5
 
 

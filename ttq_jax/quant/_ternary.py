@@ -13,6 +13,7 @@ TWN (Li & Liu 2016) is here too as the untrained-scale baseline.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -181,3 +182,98 @@ def twn_ternarize(w: jax.Array, delta: jax.Array | None = None) -> jax.Array:
     alpha = twn_scale(w, delta)
   wt = jnp.where(jnp.abs(w) > delta.astype(w.dtype), jnp.sign(w) * alpha.astype(w.dtype), jnp.zeros((), w.dtype))
   return w + jax.lax.stop_gradient(wt - w)
+
+
+def effective_scales(w_p, w_n, positive: bool):
+  """The scales the forward pass uses: |w_p|, |w_n| with `positive_scales` (they cannot flip sign), else as stored."""
+  if positive:
+    return jnp.abs(w_p), jnp.abs(w_n)
+  return w_p, w_n
+
+
+# --------------------------------------------------------------------------- BitNet b1.58 (Ma et al. 2024)
+#
+# The published training code ("The Era of 1-bit LLMs: training tips, code and FAQ"):
+#   weight_quant(w):     s = 1 / mean|w|.clamp(min=1e-5);  (w * s).round().clamp(-1, 1) / s
+#   activation_quant(x): s = 127 / max|x|.clamp(min=1e-5) over the last axis;  (x * s).round().clamp(-128, 127) / s
+#   both used as  w + (quant(w) - w).detach():  the gradient is the identity, none reaches the scale.
+# torch.round rounds half to even, as jnp.round. Decisions are taken in float32 whatever the compute dtype.
+
+BITNET_EPS = 1e-5
+
+
+def bitnet_scale(w: jax.Array, axes=None) -> jax.Array:
+  """s = 1 / max(mean|w|, 1e-5) in float32 (over `axes`, keepdims; None: the whole tensor, 0-d); no gradient."""
+  a = jnp.abs(jnp.asarray(w, jnp.float32))
+  mean = jnp.mean(a) if axes is None else jnp.mean(a, axis=axes, keepdims=True)
+  return jax.lax.stop_gradient(1.0 / jnp.maximum(mean, BITNET_EPS))
+
+
+def bitnet_inverse_scale(w: jax.Array, axes=None) -> jax.Array:
+  """1 / s: the magnitude of a nonzero BitNet weight (equal to what `(w * s).round().clamp(-1, 1) / s` gives)."""
+  return 1.0 / bitnet_scale(w, axes)
+
+
+def bitnet_codes(w: jax.Array, inverse_scale: jax.Array) -> jax.Array:
+  """clip(round(w * s), -1, 1) in float32, rounding half to even; s = 1 / inverse_scale as `bitnet_scale` has it."""
+  s = 1.0 / inverse_scale
+  return jnp.clip(jnp.round(jnp.asarray(w, jnp.float32) * s), -1.0, 1.0)
+
+
+def bitnet_delta(w: jax.Array) -> jax.Array:
+  """BitNet's threshold in the table's terms: 0.5 * max(mean|w|, 1e-5) (per tensor; no gradient)."""
+  return jax.lax.stop_gradient(0.5 / bitnet_scale(w))
+
+
+def bitnet_ternarize_fwd(w, axes):
+  s = bitnet_scale(w, axes)
+  q = jnp.clip(jnp.round(jnp.asarray(w, jnp.float32) * s), -1.0, 1.0) / s
+  return q.astype(w.dtype), None
+
+
+def bitnet_ternarize_bwd(axes, residuals, g):
+  del axes, residuals
+  return (g,)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _bitnet_ternarize(w, axes):
+  return bitnet_ternarize_fwd(w, axes)[0]
+
+
+_bitnet_ternarize.defvjp(bitnet_ternarize_fwd, bitnet_ternarize_bwd)
+
+
+def bitnet_ternarize(w: jax.Array, axes=None) -> jax.Array:
+  """BitNet b1.58's weight quantizer: clip(round(w * s), -1, 1) / s, s = 1 / max(mean|w|, 1e-5) per tensor
+  (`axes`=None) or over `axes` (per output feature). Straight-through: dw = g exactly; the scale gets none."""
+  return _bitnet_ternarize(w, None if axes is None else tuple(axes))
+
+
+INT8_MAX = 127.0
+
+
+def absmax_int8_fwd(x, axes):
+  s = INT8_MAX / jnp.maximum(jnp.max(jnp.abs(jnp.asarray(x, jnp.float32)), axis=axes, keepdims=True), BITNET_EPS)
+  q = jnp.clip(jnp.round(jnp.asarray(x, jnp.float32) * s), -128.0, 127.0) / s
+  return q.astype(x.dtype), None
+
+
+def absmax_int8_bwd(axes, residuals, g):
+  del axes, residuals
+  return (g,)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _absmax_int8(x, axes):
+  return absmax_int8_fwd(x, axes)[0]
+
+
+_absmax_int8.defvjp(absmax_int8_fwd, absmax_int8_bwd)
+
+
+def absmax_int8(x: jax.Array, axes) -> jax.Array:
+  """BitNet b1.58's 8-bit activations: per position (max over `axes`, the contracted input axes),
+  s = 127 / max(max|x|, 1e-5), x_q = clip(round(x * s), -128, 127) / s. Straight-through: dx = g."""
+  axes = tuple(int(a) % x.ndim for a in axes)
+  return _absmax_int8(x, axes)

@@ -1,10 +1,12 @@
 """The quantization settings of a layer: one frozen, keyword-only dataclass.
 
-Two choices are separate: the *method* is the scale rule ('ttq': trained W_p / W_n; 'twn': TWN's analytic
-alpha = mean of |w| above delta; 'fp': no quantization) and the *threshold* is the rule for delta ('max':
-t * max|w|, the TTQ paper's; 'mean': k * mean|w|, TWN's; 'sparsity': a fixed zero fraction). Left at
-None, the threshold is the method's own rule (`METHODS[method]`), so `QuantConfig(method='twn')` is TWN
-exactly as Li & Liu define it and `QuantConfig()` is TTQ as the paper defines it.
+Two choices are separate: the *method* is the scale rule (`METHODS`: 'ttq' trained W_p / W_n; 'twn' TWN's
+analytic alpha = mean of |w| above delta; 'bitnet' BitNet b1.58's absmean; 'fp' no quantization) and the
+*threshold* is the rule for delta (`THRESHOLDS`: 'max' t * max|w|, the TTQ paper's; 'mean' k * mean|w|,
+TWN's; 'sparsity' a fixed zero fraction; 'absmean' BitNet's, which only BitNet takes). Left at None, the
+threshold is the method's own rule (`METHODS[method].own_threshold`), so `QuantConfig(method='twn')` is TWN
+exactly as Li & Liu define it and `QuantConfig()` is TTQ as the paper defines it. A third, independent
+choice is what the layer's input goes through (`activations`).
 """
 
 from __future__ import annotations
@@ -16,15 +18,7 @@ import jax
 
 from ttq_jax.quant import _ternary
 from ttq_jax.quant._ternary import check_positive, check_unit_interval
-
-# method -> its own threshold rule (what `threshold=None` means); 'fp' has none.
-METHODS: dict[str, str | None] = {'ttq': 'max', 'twn': 'mean', 'fp': None}
-# threshold rule -> delta(kernel, quant) (no gradient)
-THRESHOLDS: dict[str, Callable[[jax.Array, 'QuantConfig'], jax.Array]] = {
-    'max': lambda w, q: _ternary.delta_from_max(w, q.t),            # TTQ paper Eq. 9
-    'mean': lambda w, q: _ternary.delta_from_mean(w, q.k),          # TWN (Li & Liu 2016)
-    'sparsity': lambda w, q: _ternary.delta_from_sparsity(w, q.sparsity),
-}
+from ttq_jax.quant.methods import ACTIVATIONS, METHODS, THRESHOLDS, Method
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -32,17 +26,20 @@ class QuantConfig:
   """How a ternary layer quantizes its kernel.
 
   Attributes:
-    method: the scale rule: 'ttq' (trained w_p / w_n, the paper), 'twn' (alpha = mean |w| above delta,
-      Li & Liu 2016) or 'fp' (no quantization).
-    threshold: the delta rule: None (the method's own: 'max' for ttq, 'mean' for twn), 'max'
-      (delta = t * max|w|, paper Eq. 9), 'mean' (delta = k * mean|w|, TWN's) or 'sparsity' (a fixed
-      zero fraction). Any rule works with either method.
+    method: the scale rule, a key of `METHODS`: 'ttq' (trained w_p / w_n, the paper), 'twn' (alpha =
+      mean |w| above delta, Li & Liu 2016), 'bitnet' (BitNet b1.58's absmean, Ma et al. 2024) or 'fp'.
+    threshold: the delta rule, a key of `THRESHOLDS` or None (the method's own: 'max' for ttq, 'mean' for
+      twn, 'absmean' for bitnet): 'max' (delta = t * max|w|, paper Eq. 9), 'mean' (delta = k * mean|w|,
+      TWN's) or 'sparsity' (a fixed zero fraction) combine with ttq and twn; bitnet takes only its own.
     t: threshold factor for 'max' (paper: 0.05).
     k: threshold factor for 'mean' (TWN: 0.7).
     sparsity: zero fraction for 'sparsity' (paper sweeps 0 to 0.5).
     w_p_init, w_n_init: initial scales (official code: 1.0).
     positive_scales: use |w_p|, |w_n| in the forward pass so the scales cannot flip sign
       (the official code has no such guard).
+    activations: 'float' (the input as it comes) or 'int8' (BitNet b1.58's 8-bit absmax per position over
+      the layer's contracted input axes, straight-through; with any method: 'bitnet' + 'int8' is W1.58A8).
+      BitLinear also RMS-normalises its input before quantizing it: that norm is the model's, not this.
   """
 
   method: str = 'ttq'
@@ -53,31 +50,37 @@ class QuantConfig:
   w_p_init: float = 1.0
   w_n_init: float = 1.0
   positive_scales: bool = False
+  activations: str = 'float'
 
   def __post_init__(self):
     if self.method not in METHODS:
       raise ValueError(f'quant.method={self.method!r} is unknown: allowed are {", ".join(METHODS)}')
-    if self.threshold is not None and self.threshold not in THRESHOLDS:
-      raise ValueError(f'quant.threshold={self.threshold!r} is unknown: allowed are None (the method\'s own), '
-                       f'{", ".join(THRESHOLDS)}')
+    METHODS[self.method].check_threshold(self.threshold)
+    if self.activations not in ACTIVATIONS:
+      raise ValueError(f'quant.activations={self.activations!r} is unknown: allowed are {", ".join(ACTIVATIONS)}')
     check_unit_interval('quant.t', self.t)
     check_positive('quant.k', self.k)
     check_unit_interval('quant.sparsity', self.sparsity)
 
   @property
+  def spec(self) -> Method:
+    """The method's entry of `METHODS`."""
+    return METHODS[self.method]
+
+  @property
   def quantized(self) -> bool:
-    return self.method != 'fp'
+    return self.spec.quantized
 
   @property
   def threshold_rule(self) -> str | None:
     """The threshold rule in force: `threshold`, or the method's own when None (None for 'fp')."""
     if not self.quantized:
       return None
-    return self.threshold or METHODS[self.method]
+    return self.threshold or self.spec.own_threshold
 
   def delta(self, kernel: jax.Array) -> jax.Array:
     """The layer's threshold for `kernel` under the rule in force (no gradient)."""
-    return THRESHOLDS[self.threshold_rule](kernel, self)
+    return THRESHOLDS[self.threshold_rule].delta(kernel, self)
 
   @classmethod
   def from_mapping(cls, m: Mapping[str, Any]) -> 'QuantConfig':

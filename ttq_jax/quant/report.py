@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ttq_jax.quant.methods import THRESHOLDS
 from ttq_jax.quant.rules import TernaryLayer
 from ttq_jax.quant.weights import TernaryWeights
 
@@ -29,7 +30,7 @@ def ternary_weights(params: Mapping[str, Any], layers: Sequence[TernaryLayer]) -
     w_p, w_n = module.get('w_p'), module.get('w_n')
     if w_p is not None:
       w_p, w_n = jnp.reshape(w_p, layer.scale_shape), jnp.reshape(w_n, layer.scale_shape)
-    out[layer.kernel_path] = TernaryWeights.from_latent(module['kernel'], w_p, w_n, layer.quant)
+    out[layer.kernel_path] = TernaryWeights.from_latent(module['kernel'], w_p, w_n, layer.quant, layer.scale_shape)
   return out
 
 
@@ -44,23 +45,25 @@ def layer_sparsity(params: Mapping[str, Any], layers: Sequence[TernaryLayer]) ->
 
 
 def layer_scales(params: Mapping[str, Any], layers: Sequence[TernaryLayer]) -> dict[str, tuple[float, float]]:
-  """{kernel path: (w_p, w_n)} as used in the forward pass (TWN: its computed alpha twice; per-channel
+  """{kernel path: (w_p, w_n)} as used in the forward pass (TWN, BitNet: the computed scale twice; per-channel
   scales: their mean over channels)."""
   return {p: (float(jnp.mean(tw.w_p)), float(jnp.mean(tw.w_n))) for p, tw in ternary_weights(params, layers).items()}
 
 
 def rule_settings(quant) -> dict[str, Any]:
   """A layer's quantization settings as reported: method, the threshold rule in force and its factor, and
-  (for rules) the scale granularity."""
+  what differs from the defaults (positive scales, scale granularity, activations)."""
   rule = quant.threshold_rule
   out = {'method': quant.method, 'threshold': rule}
-  if rule is not None:
-    out[{'max': 't', 'mean': 'k', 'sparsity': 'sparsity'}[rule]] = float(getattr(quant, {'max': 't', 'mean': 'k',
-                                                                                        'sparsity': 'sparsity'}[rule]))
-  if quant.method == 'ttq' and quant.positive_scales:
+  factor = THRESHOLDS[rule].factor if rule is not None else None
+  if factor is not None:
+    out[factor] = float(getattr(quant, factor))
+  if quant.spec.trained_scales and quant.positive_scales:
     out['positive_scales'] = True
   if getattr(quant, 'scale_granularity', 'tensor') != 'tensor':
     out['scale_granularity'] = quant.scale_granularity
+  if quant.activations != 'float':
+    out['activations'] = quant.activations
   return out
 
 

@@ -9,14 +9,15 @@ A layer is selected by its module path (slash-joined names, as in the params tre
 decides, a layer that no rule matches stays full precision. Layers with a `kernel` parameter can be
 ternary: `nn.Dense`, `nn.DenseGeneral` (and so `nn.MultiHeadDotProductAttention`), `nn.Conv` (1-D to
 3-D, any padding, dilation and feature groups), `nn.ConvTranspose` and `nn.Einsum`. An `nn.Embed` table
-selected by a quantizing rule is refused (an 'fp' rule may select it) (an embedding lookup is not a matrix product; quantizing it is not the
-paper's method). Biases and normalisation parameters are never quantized.
+selected by a quantizing rule is refused (an 'fp' rule may select it): an embedding lookup is not a matrix
+product; quantizing it is not the paper's method. Biases and normalisation parameters are never quantized.
 
 How: during the model's `__call__`, a Flax method interceptor gives each selected layer a `param`
-that returns the ternary kernel (`ternarize`, the paper's custom_vjp) computed from the float32
-latent kernel and the layer's own `w_p` / `w_n`; everything else about the layer is unchanged. So
-the params tree is the plain model's tree plus the scales, and a full-precision checkpoint of the
-plain model loads into it as it is (the paper's fine-tuning recipe).
+that returns the ternary kernel of the rule's method (`METHODS[method].kernel`: for 'ttq' the paper's
+custom_vjp with the layer's own `w_p` / `w_n`) computed from the float32 latent kernel, and with
+`activations='int8'` quantizes the layer's input; everything else about the layer is unchanged. So the
+params tree is the plain model's tree plus the trained scales (ttq only), and a full-precision checkpoint
+of the plain model loads into it as it is (the paper's fine-tuning recipe).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ttq_jax.quant.config import QuantConfig
-from ttq_jax.quant.layers import TernaryConv, TernaryDense, quantize_kernel
+from ttq_jax.quant.methods import ACTIVATIONS
 
 SCALE_GRANULARITIES = ('tensor', 'channel')
 # Layers whose `kernel` parameter is their weight matrix (output features on the kernel's last axes,
@@ -44,7 +45,7 @@ KERNEL_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose, nn.Einsum
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Rule(QuantConfig):
   """Which layers (`module_path`, a regex over the whole slash-joined module path) and how (the
-  `QuantConfig` fields: method, threshold, t, k, sparsity, w_p_init, w_n_init, positive_scales).
+  `QuantConfig` fields: method, threshold, t, k, sparsity, w_p_init, w_n_init, positive_scales, activations).
 
   scale_granularity: 'tensor' (one w_p and one w_n per layer, the paper) or 'channel' (one per output
     feature: the kernel's output axes, flattened for DenseGeneral / Einsum with several; an extension
@@ -93,10 +94,25 @@ def scale_shapes(module: nn.Module, kernel_shape, rule: Rule) -> tuple[tuple[int
   return (int(np.prod([kernel_shape[i] for i in axes])),), broadcast
 
 
-def ternary_kernel(kernel: jax.Array, w_p, w_n, rule: Rule) -> jax.Array:
-  """The kernel a selected layer computes with: `quantize_kernel` (the same code as TernaryConv /
-  TernaryDense) on the float32 latent kernel, as `TernaryWeights` decides its codes."""
-  return quantize_kernel(kernel.astype(jnp.float32), w_p, w_n, rule).astype(kernel.dtype)
+def ternary_kernel(kernel: jax.Array, w_p, w_n, rule: QuantConfig, scale_shape=()) -> jax.Array:
+  """The kernel a selected layer computes with: its method's forward kernel (`METHODS[rule.method].kernel`,
+  with the method's gradient rule) on the float32 latent kernel, as `TernaryWeights` decides its codes."""
+  return rule.spec.kernel(kernel.astype(jnp.float32), w_p, w_n, rule, scale_shape).astype(kernel.dtype)
+
+
+def input_axes(module: nn.Module, x_ndim: int) -> tuple[int, ...]:
+  """The axes of a layer's input that its kernel contracts: the feature axis of Dense, `axis` of
+  DenseGeneral, the input letters the output lacks of Einsum, the channel axis (last, per pixel) of Conv and
+  ConvTranspose."""
+  if isinstance(module, nn.Einsum):
+    inputs, output = module.einsum_str.replace(' ', '').split('->')
+    letters = inputs.split(',')[0].replace('...', '')
+    lead = x_ndim - len(letters)
+    return tuple(lead + i for i, c in enumerate(letters) if c not in output)
+  if isinstance(module, nn.DenseGeneral):
+    axis = module.axis if isinstance(module.axis, Sequence) else (module.axis,)
+    return tuple(sorted(a % x_ndim for a in axis))
+  return (x_ndim - 1,)
 
 
 # --------------------------------------------------------------------------- the interceptor
@@ -120,12 +136,16 @@ class _Session:
     rule = first_rule(self.rules, path)
     if rule is None or not isinstance(module, (nn.Embed,) + KERNEL_LAYERS):
       return next_fun(*args, **kwargs)  # not selected, or a container: its layers are looked at one by one
-    if isinstance(module, nn.Embed) and rule.method != 'fp':  # an 'fp' rule asks for nothing: any layer may match it
+    if isinstance(module, nn.Embed) and (rule.quantized or rule.activations != 'float'):  # an 'fp' rule asks for nothing
       raise ValueError(f'Rule(module_path={rule.module_path!r}, method={rule.method!r}) selects the nn.Embed at '
                        f'{path!r}: embedding tables cannot be ternary; layers with a kernel can: '
                        f'{", ".join(c.__name__ for c in KERNEL_LAYERS)} (an \'fp\' rule may select it)')
     self.selected[path] = rule
-    if rule.method == 'fp':
+    quantize_input = ACTIVATIONS[rule.activations]
+    if quantize_input is not None and not isinstance(module, nn.Embed) and args:
+      x = args[0]
+      args = (quantize_input(x, input_axes(module, jnp.ndim(x))),) + tuple(args[1:])
+    if not rule.quantized:
       return next_fun(*args, **kwargs)
     real_param = module.param
 
@@ -134,12 +154,12 @@ class _Session:
       if name != 'kernel':
         return value
       w_p = w_n = None
-      if rule.method == 'ttq':
-        stored, broadcast = scale_shapes(module, value.shape, rule)
-        self.broadcast[path] = broadcast
+      stored, broadcast = scale_shapes(module, value.shape, rule)
+      self.broadcast[path] = broadcast
+      if rule.spec.trained_scales:
         w_p = real_param('w_p', nn.initializers.constant(rule.w_p_init), stored, jnp.float32).reshape(broadcast)
         w_n = real_param('w_n', nn.initializers.constant(rule.w_n_init), stored, jnp.float32).reshape(broadcast)
-      return ternary_kernel(value, w_p, w_n, rule)
+      return ternary_kernel(value, w_p, w_n, rule, broadcast)
 
     object.__setattr__(module, 'param', param)  # this instance only, for this call
     try:
@@ -186,7 +206,7 @@ def _settings(model: nn.Module) -> dict[str, Any]:
 
 class TernaryLayer(NamedTuple):
   """A layer whose kernel is ternary: its module `path` (the kernel is `path + '/kernel'`), its settings
-  (`quant`: method 'ttq' or 'twn', threshold, ...) and the shape its `w_p` / `w_n` take against the
+  (`quant`: a quantizing method of `METHODS`, threshold, ...) and the shape its `w_p` / `w_n` take against the
   kernel (`scale_shape`: () per tensor; 1s except on the output axes per channel)."""
   path: str
   quant: QuantConfig
@@ -197,28 +217,21 @@ class TernaryLayer(NamedTuple):
     return f'{self.path}/kernel' if self.path else 'kernel'
 
 
-def _trace(model: nn.Module, example_args, example_kwargs) -> tuple[_Session, dict[str, QuantConfig]]:
-  """Traces `model.init` (jax.eval_shape: nothing is computed) recording the layers that rules select
-  and the explicit `TernaryConv` / `TernaryDense` layers (whatever their names)."""
-  session, explicit = _Session(getattr(type(model), 'ttq_rules', ())), {}
-
-  def record(next_fun, args, kwargs, context):
-    module = context.module
-    if context.method_name == '__call__' and isinstance(module, (TernaryConv, TernaryDense)):
-      explicit['/'.join(module.scope.path)] = module.quant
-    return next_fun(*args, **kwargs)
+def _trace(model: nn.Module, example_args, example_kwargs) -> _Session:
+  """Traces `model.init` (jax.eval_shape: nothing is computed) recording the layers that rules select."""
+  session = _Session(getattr(type(model), 'ttq_rules', ()))
 
   def init():
     token = _ACTIVE.set(session)  # a quantize()d model's own call then runs inside this session
     try:
-      with nn.intercept_methods(session.intercept), nn.intercept_methods(record):
+      with nn.intercept_methods(session.intercept):
         return model.init(jax.random.PRNGKey(0), *example_args, **example_kwargs)
     finally:
       _ACTIVE.reset(token)
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')
     jax.eval_shape(init)
-  return session, explicit
+  return session
 
 
 def unquantized(model: nn.Module) -> nn.Module:
@@ -232,18 +245,34 @@ def selected_layers(model: nn.Module, *example_args, **example_kwargs) -> dict[s
   """{module path: rule} of the layers a quantize()d model's rules select (rule method 'fp' included)."""
   if getattr(type(model), 'ttq_rules', None) is None:
     raise TypeError(f'selected_layers: {type(model).__name__} is not a quantize()d model')
-  return dict(_trace(model, example_args, example_kwargs)[0].selected)
+  return dict(_trace(model, example_args, example_kwargs).selected)
+
+
+def activation_modes(model: nn.Module, *example_args, **example_kwargs) -> dict[str, str]:
+  """{module path: `activations`} of the layers whose input is quantized ('int8'), whatever their method
+  (an 'fp' rule may quantize activations too); empty for a model without such rules."""
+  if getattr(type(model), 'ttq_rules', None) is None:
+    return {}
+  selected = _trace(model, example_args, example_kwargs).selected
+  return {path: rule.activations for path, rule in sorted(selected.items()) if rule.activations != 'float'}
+
+
+def with_activation_modes(model: nn.Module, modes: dict[str, str]) -> nn.Module:
+  """The plain `model` with the input of each layer of `modes` ({module path: activations}) quantized and its
+  kernel left as it is: an exported model (dense ternary kernels) computes as the trained one."""
+  model = unquantized(model)
+  if not modes:
+    return model
+  return quantize(model, [Rule(module_path=re.escape(path), method='fp', activations=mode) for path, mode in modes.items()])
 
 
 def ternary_layers(model: nn.Module, *example_args, **example_kwargs) -> tuple[TernaryLayer, ...]:
-  """Every layer of `model` whose kernel is ternary, decided once from the module tree (rules of a
-  quantize()d model, explicit TernaryConv / TernaryDense layers), never from names. Sorted by path.
+  """Every layer of `model` whose kernel is ternary, decided once from the module tree (the rules of a
+  quantize()d model), never from names. Sorted by path.
 
   Every consumer (optimizer masks, the scale init at the switch to ternary, reports, parameter counts,
   export) takes this answer.
   """
-  session, explicit = _trace(model, example_args, example_kwargs)
-  layers = [TernaryLayer(path, rule, session.broadcast.get(path, ())) for path, rule in session.selected.items()
-            if rule.method != 'fp']
-  layers += [TernaryLayer(path, q) for path, q in explicit.items() if q.method != 'fp']
-  return tuple(sorted(layers))
+  session = _trace(model, example_args, example_kwargs)
+  return tuple(sorted(TernaryLayer(path, rule, session.broadcast.get(path, ()))
+                      for path, rule in session.selected.items() if rule.quantized))

@@ -4,9 +4,9 @@
     weights.dense()                                        # the kernel the forward pass computes with
     weights.pack('2bit') / TernaryWeights.unpack(...)      # bytes for export (ttq_jax.quant.packing)
 
-Codes are decided by `_ternary.ternary_masks` on the float32 latent kernel, the same function the
-forward quantizer (`ternarize`) uses, so what is reported and exported is what the network computed
-with, also when the model computes in bfloat16.
+Codes are decided by the method's entry of `METHODS` on the float32 latent kernel, with the same functions
+its forward kernel uses (`_ternary.ternary_masks` for ttq / twn, `bitnet_codes` for bitnet), so what is
+reported and exported is what the network computed with, also when the model computes in bfloat16.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ttq_jax.quant import _ternary
 from ttq_jax.quant import packing as packing_lib
 from ttq_jax.quant.config import QuantConfig
 
@@ -26,12 +25,6 @@ from ttq_jax.quant.config import QuantConfig
 def threshold(kernel: jax.Array, quant: QuantConfig) -> jax.Array:
   """The layer's delta under its config (the rule `quant.threshold_rule`; no gradient)."""
   return quant.delta(kernel)
-
-
-def effective_scales(w_p: jax.Array, w_n: jax.Array, quant: QuantConfig) -> tuple[jax.Array, jax.Array]:
-  if quant.positive_scales:
-    return jnp.abs(w_p), jnp.abs(w_n)
-  return w_p, w_n
 
 
 @flax.struct.dataclass
@@ -44,22 +37,13 @@ class TernaryWeights:
 
   @classmethod
   def from_latent(cls, kernel: jax.Array, w_p: jax.Array | None, w_n: jax.Array | None,
-                  quant: QuantConfig) -> 'TernaryWeights':
-    """The ternary weights a latent kernel stands for under `quant` ('ttq': trained w_p / w_n; 'twn': its
-    computed alpha twice, w_p / w_n ignored), each with the threshold rule in force
-    (`quant.threshold_rule`). Decisions are taken in float32."""
-    kernel = jnp.asarray(kernel, jnp.float32)
-    if quant.method == 'twn':
-      delta = threshold(kernel, quant)
-      positive, negative = _ternary.ternary_masks(kernel, delta)
-      w_p = w_n = _ternary.twn_scale(kernel, delta)
-    elif quant.method == 'ttq':
-      positive, negative = _ternary.ternary_masks(kernel, threshold(kernel, quant))
-      w_p, w_n = effective_scales(jnp.asarray(w_p), jnp.asarray(w_n), quant)
-    else:
-      raise ValueError(f"quant.method={quant.method!r} has no ternary weights: allowed are 'ttq', 'twn'")
-    codes = jnp.where(positive, 1, jnp.where(negative, -1, 0)).astype(jnp.int8)
-    return cls(codes, jnp.asarray(w_p, jnp.float32), jnp.asarray(w_n, jnp.float32))
+                  quant: QuantConfig, scale_shape=()) -> 'TernaryWeights':
+    """The ternary weights a latent kernel stands for under `quant`: the codes and scales of its method
+    (`METHODS[quant.method].weights`: 'ttq' the trained w_p / w_n; 'twn' and 'bitnet' their computed scale
+    twice, w_p / w_n ignored), with the threshold rule in force. Decisions are taken in float32.
+    `scale_shape`: the scales' broadcast shape against the kernel (() per tensor)."""
+    codes, w_p, w_n = quant.spec.weights(jnp.asarray(kernel, jnp.float32), w_p, w_n, quant, scale_shape)
+    return cls(codes, w_p, w_n)
 
   def dense(self, dtype: Any = jnp.float32) -> jax.Array:
     """The kernel as the forward pass uses it (scales rounded once to `dtype`)."""
