@@ -31,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # experiments/protocol.py
 
+from configs import paper_rows  # noqa: E402
 from ttq_jax import recipes  # noqa: E402
 
 
@@ -56,7 +57,7 @@ def _slug(name: str) -> str:
   return ''.join(c if c.isalnum() else '_' for c in name.lower()).strip('_')
 
 
-def missing_requirements(row: recipes.PaperRow, allow_cpu: bool) -> str:
+def missing_requirements(row: paper_rows.PaperRow, allow_cpu: bool) -> str:
   needs = []
   try:
     import tensorflow_datasets as tfds
@@ -117,7 +118,7 @@ def fashion_mnist_table(results: dict[str, list[dict]], seeds) -> str:
 def paper_table(results: dict[str, dict], missing: dict[str, str]) -> str:
   lines = ['| row | final / best / mean of last 5 test error (%), running BN | same, re-estimated BN | '
            'paper error (%) |', '|---|---|---|---|']
-  for row in recipes.PAPER_ROWS:
+  for row in paper_rows.PAPER_ROWS:
     if row.name not in results:
       lines.append(f'| {row.name} | not run: {missing.get(row.name, "?")} | - | {row.paper_error} |')
       continue
@@ -131,7 +132,7 @@ def paper_table(results: dict[str, dict], missing: dict[str, str]) -> str:
 
 
 def describe(args) -> None:
-  described = [recipes.describe_row(row) for row in recipes.PAPER_ROWS]
+  described = [paper_rows.describe_row(row) for row in paper_rows.PAPER_ROWS]
   for d in described:
     print(f'{d["name"]} ({d["config"]}): batch {d["global_batch_size"]}, {d["total_steps"]:,} steps, lr '
           f'{d["base_learning_rate"]:g} -> {d["lr_values"]} at {d["lr_boundaries_steps"]}, '
@@ -142,7 +143,7 @@ def describe(args) -> None:
     print(f'wrote {args.json}')
   if args.markdown:
     with open(args.markdown, 'w') as f:
-      f.write(recipes.markdown(described, recipes.PAPER_ROWS) + '\n')
+      f.write(recipes.markdown(described, paper_rows.PAPER_ROWS) + '\n')
     print(f'wrote {args.markdown}')
 
 
@@ -202,7 +203,7 @@ def main():
       command = f'--table fashion_mnist --seeds {args.seeds}'
     else:
       results, missing, workdirs = {}, {}, {}
-      for row in recipes.PAPER_ROWS:
+      for row in paper_rows.PAPER_ROWS:
         need = 'skipped (--only)' if not wanted(row.name) else missing_requirements(row, args.allow_cpu)
         init_from = workdirs.get(row.init_from_row, '')
         if not need and row.init_from_row and not init_from:

@@ -105,7 +105,7 @@ def test_configs_saved_before_the_threshold_choice_compare_by_the_rule_in_force(
 
 
 def test_a_workdir_saved_without_the_new_keys_resumes(smoke_config, tmp_path, caplog):
-  """A run written before `quant.k`, `model.bn_*`, `fp_warmup_steps` (its config.json
+  """A run written before `quant.k`, `model.bn_*`, `fp_warmup_steps`, `quant.activations` (its config.json
   lacks them and says threshold 'max') resumes under today's config: the values it ran with are today's
   defaults (`VALUE_IF_ABSENT`)."""
   import json
@@ -116,7 +116,8 @@ def test_a_workdir_saved_without_the_new_keys_resumes(smoke_config, tmp_path, ca
   train.train_and_evaluate(smoke_config, workdir)
   path = os.path.join(workdir, 'config.json')
   saved = json.load(open(path))
-  for section, key in (('quant', 'k'), ('model', 'bn_unbiased_variance'), ('model', 'bn_bias_init')):
+  for section, key in (('quant', 'k'), ('model', 'bn_unbiased_variance'), ('model', 'bn_bias_init'),
+                       ('quant', 'activations')):
     assert section + '.' + key in config_check.VALUE_IF_ABSENT
     del saved[section][key]
   assert 'fp_warmup_steps' in config_check.VALUE_IF_ABSENT

@@ -164,9 +164,9 @@ def test_batch_norm_bias_init_of_tensorpack_is_uniform_sqrt_3():
     ('configs/fashion_mnist.py:paper', False, 'zeros'),     # Flax's batch norm (named deviation)
 ])
 def test_configs_batch_norm_settings_reach_the_model(spec, unbiased, bias_init):
-  from ttq_jax import recipes
+  from configs import paper_rows
   from ttq_jax import state as state_lib
-  model = state_lib.create_model(recipes.load_config(spec))
+  model = state_lib.create_model(paper_rows.load_config(spec))
   assert (model.bn_unbiased_variance, model.bn_bias_init) == (unbiased, bias_init)
 
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from ttq_jax import config_check
+from configs import paper_rows
 from ttq_jax import recipes
 from ttq_jax import train
 from ttq_jax.errors import ConfigError
@@ -18,19 +19,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope='module')
 def described():
-  return [recipes.describe_row(row) for row in recipes.PAPER_ROWS]
+  return [paper_rows.describe_row(row) for row in paper_rows.PAPER_ROWS]
 
 
 def test_docs_recipes_md_is_what_the_configs_describe(described):
   with open(os.path.join(ROOT, 'docs', 'recipes.md')) as f:
     committed = f.read()
-  assert committed == recipes.markdown(described, recipes.PAPER_ROWS) + '\n', (
+  assert committed == recipes.markdown(described, paper_rows.PAPER_ROWS) + '\n', (
       'docs/recipes.md is stale: python experiments/reproduce.py --table paper --describe --markdown docs/recipes.md')
 
 
-@pytest.mark.parametrize('name', [r.name for r in recipes.PAPER_ROWS if 'CIFAR' in r.name or 'AlexNet' in r.name])
+@pytest.mark.parametrize('name', [r.name for r in paper_rows.PAPER_ROWS if 'CIFAR' in r.name or 'AlexNet' in r.name])
 def test_cifar_and_alexnet_rows_run_the_official_recipe(described, name):
-  row = next(r for r in recipes.PAPER_ROWS if r.name == name)
+  row = next(r for r in paper_rows.PAPER_ROWS if r.name == name)
   d = next(d for d in described if d['name'] == name)
   assert set(row.official) == set(recipes.FIELDS)  # every field has an official value and a source
   for field, (official, source) in row.official.items():
@@ -38,7 +39,7 @@ def test_cifar_and_alexnet_rows_run_the_official_recipe(described, name):
 
 
 def test_describe_numbers_by_hand(described):
-  """Spot checks against the official log, independent of the table in recipes.py."""
+  """Spot checks against the official log, independent of the table in configs/paper_rows.py."""
   ttq20 = next(d for d in described if d['name'] == 'ResNet-20 CIFAR-10 TTQ')
   assert ttq20['lr_boundaries_steps'][0] == 390 and ttq20['total_steps'] == 400 * 390
   assert len(ttq20['ternary_layers']) == 19 and 'linear/kernel' in ttq20['ternary_layers']  # 18 convs + linear
@@ -58,7 +59,7 @@ def test_describe_numbers_by_hand(described):
 @pytest.mark.parametrize('config', ['configs/resnet20_cifar10.py', 'configs/resnet56_cifar10.py',
                                     'configs/resnet18_imagenet.py'])
 def test_fine_tuning_rows_refuse_to_train_from_scratch(config, tmp_path):
-  c = recipes.load_config(config)
+  c = paper_rows.load_config(config)
   with pytest.raises(ConfigError, match=f'first run `python -m ttq_jax.main --config {config}:fp'):
     train.train_and_evaluate(c, str(tmp_path / 'wd'))
   assert not os.path.exists(tmp_path / 'wd')  # refused before anything is written
@@ -81,7 +82,7 @@ def test_describe_cli_writes_the_json(tmp_path):
   subprocess.run([sys.executable, 'experiments/reproduce.py', '--table', 'paper', '--describe', '--json', str(out)],
                  cwd=ROOT, check=True, capture_output=True, timeout=600)
   rows = json.loads(out.read_text())['rows']
-  assert [r['name'] for r in rows] == [r.name for r in recipes.PAPER_ROWS]
+  assert [r['name'] for r in rows] == [r.name for r in paper_rows.PAPER_ROWS]
   keys = {'name', 'config', 'method', 'global_batch_size', 'total_steps', 'lr_boundaries_steps', 'lr_values',
           'base_learning_rate', 'weight_optimizer', 'scale_optimizer', 'weight_decay', 'weight_decay_params',
           'ternary_layers', 'full_precision_layers', 'warm_start', 'normalize_init', 'threshold', 'threshold_t', 'threshold_k', 'dtype'}

@@ -112,12 +112,14 @@ def test_w158a8_on_every_layer_kind(name):
   kernel = variables['params']['kernel']
   wq, xq = _ref_weight(kernel, None), _ref_act(x, axes)
   ref_vars = {'params': dict(variables['params'], kernel=jnp.asarray(wq))}
-  np.testing.assert_allclose(layer.apply(variables, x), plain.apply(ref_vars, jnp.asarray(xq)), rtol=1e-5, atol=1e-6)
   # straight through: the gradients are the plain layer's at (quantized input, quantized kernel)
-  g = jax.random.normal(jax.random.PRNGKey(2), plain.apply(ref_vars, x).shape)
-  loss = lambda params, x, m: jnp.sum(m.apply({'params': params}, x) * g)
-  dp, dx = jax.grad(loss, argnums=(0, 1))(variables['params'], x, layer)
-  rp, rx = jax.grad(loss, argnums=(0, 1))(ref_vars['params'], jnp.asarray(xq), plain)
+  def value_and_grads(m, params, x):  # one compiled program per model (op-by-op dispatch is slow on CPU)
+    g = jax.random.normal(jax.random.PRNGKey(2), jax.eval_shape(m.apply, {'params': params}, x).shape)
+    loss = lambda params, x: jnp.sum(m.apply({'params': params}, x) * g)
+    return jax.jit(lambda p, x: (m.apply({'params': p}, x), jax.grad(loss, argnums=(0, 1))(p, x)))(params, x)
+  out, (dp, dx) = value_and_grads(layer, variables['params'], x)
+  ref, (rp, rx) = value_and_grads(plain, ref_vars['params'], jnp.asarray(xq))
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(dp['kernel'], rp['kernel'], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(dx, rx, rtol=1e-5, atol=1e-5)
 
