@@ -34,7 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import base  # noqa: E402
-from ttq_jax import input_pipeline, programs as programs_lib, sharding as sharding_lib, train  # noqa: E402
+from ttq_jax import datasets, input_pipeline, programs as programs_lib, sharding as sharding_lib, train  # noqa: E402
 from ttq_jax import state as state_lib  # noqa: E402
 
 IMAGE_SHAPES = {'cifar10': (32, 32, 3), 'fashion_mnist': (28, 28, 1), 'imagenet2012': (224, 224, 3)}
@@ -51,7 +51,7 @@ def make_config(model: str, dataset: str, method: str, batch_size: int, dtype: s
 
 
 def synthetic_batch(config, batch_size: int, mesh, with_mask: bool = False):
-  info = input_pipeline.dataset_info(config.data.name)
+  info = datasets.dataset_info(config.data.name)
   rng = np.random.default_rng(0)
   local = {'image': rng.integers(0, 255, (batch_size, *info.image_shape), dtype=np.uint8),
            'label': rng.integers(0, info.num_classes, batch_size).astype(np.int32)}
@@ -242,7 +242,7 @@ def bench_xla_options(args, mesh, results):
 def bench_torch(args, mesh, results):
   import torch
   device = 'cuda' if jax.default_backend() == 'gpu' and torch.cuda.is_available() else 'cpu'
-  info = input_pipeline.dataset_info(args.dataset)
+  info = datasets.dataset_info(args.dataset)
   ours = Runner(make_config(args.model, args.dataset, 'ttq', args.batch_size, args.dtype), mesh)
   torch_train, torch_eval = torch_resnet20_steps(args.batch_size, info.image_shape, info.num_classes, False, device,
                                                 args.eval_batch_size)
@@ -324,7 +324,7 @@ def bench_memory(args, mesh, results):
       state = jax.eval_shape(lambda: state_lib.create_train_state(config, state_lib.create_model(config), one))
       shardings = jax.tree.map(lambda _: sharding_lib.replicated(one), state)
       state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state, shardings)
-      info = input_pipeline.dataset_info(dataset)
+      info = datasets.dataset_info(dataset)
       batch = {'image': jax.ShapeDtypeStruct((per_device, *info.image_shape), jnp.uint8),
                'label': jax.ShapeDtypeStruct((per_device,), jnp.int32)}
       fn = lambda s, b: train.train_step(s, b, apply_fn=state_lib.create_model(config).apply, info=info,

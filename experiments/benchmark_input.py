@@ -32,6 +32,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from ttq_jax import imagenet_like  # noqa: E402
+from ttq_jax import augment  # noqa: E402
+from ttq_jax import datasets  # noqa: E402
 from ttq_jax import input_pipeline as ip  # noqa: E402
 
 GPU_RESULTS = os.path.join(ROOT, 'experiments', 'results', 'h100', 'scaling.json')
@@ -52,30 +54,30 @@ def _paths():
   """name -> (decode, resize) of the per-image work compared."""
   return {'pil_bilinear': (_pil_decode, _pil_resize('bilinear')),  # the issue's "today": PIL decode + bilinear
           'pil_bicubic': (_pil_decode, _pil_resize('bicubic')),    # what the code did before (PIL bicubic)
-          'ours': (ip.decode_image, ip._resize)}                   # simplejpeg + cv2.INTER_CUBIC
+          'ours': (augment.decode_image, augment._resize)}                   # simplejpeg + cv2.INTER_CUBIC
 
 
 def per_core(images: list[bytes], rounds: int) -> dict:
   """Images/s of one thread for decode + train crop and decode + eval crop, per path, alternating rounds."""
   paths = _paths()
   seconds = {(p, kind): [] for p in paths for kind in ('train', 'eval')}
-  original = ip._resize
+  original = augment._resize
   try:
     for _ in range(rounds):
       for name, (decode, resize) in paths.items():
-        ip._resize = resize  # the crops' geometry is the same; only decode and resize differ
+        augment._resize = resize  # the crops' geometry is the same; only decode and resize differ
         for kind in ('train', 'eval'):
           rng = np.random.default_rng(0)
           t = time.perf_counter()
           for data in images:
             image = decode(data)
-            ip.imagenet_train_crop(image, rng) if kind == 'train' else ip.imagenet_eval_crop(image)
+            augment.imagenet_train_crop(image, rng) if kind == 'train' else augment.imagenet_eval_crop(image)
           seconds[name, kind].append(time.perf_counter() - t)
   finally:
-    ip._resize = original
+    augment._resize = original
   out = {f'{kind}_{name}': len(images) / float(np.median(seconds[name, kind])) for name, kind in seconds}
   # decode alone, for the split of the cost
-  for name, decode in (('pil', _pil_decode), ('ours', ip.decode_image)):
+  for name, decode in (('pil', _pil_decode), ('ours', augment.decode_image)):
     t = time.perf_counter()
     for data in images:
       decode(data)
@@ -123,7 +125,7 @@ def main():
   import ml_collections
   data = ml_collections.ConfigDict(dict(name='imagenet2012', data_dir=data_dir, train_crop='ttq_alexnet',
                                         limit_examples=0, validation_examples=0))
-  source = ip.get_source(data, 'train')
+  source = datasets.get_source(data, 'train')
   images = [source[i]['image'] for i in range(min(args.per_core_images, len(source)))]
   mean_kb = np.mean([len(x) for x in images]) / 1e3
   print(f'{len(images)} images, mean {mean_kb:.0f} KB; per core (one thread), {args.rounds} alternating rounds:')

@@ -24,7 +24,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import fashion_mnist  # noqa: E402
-from ttq_jax import evaluation, export, input_pipeline, quant, train  # noqa: E402
+from ttq_jax import datasets, evaluation, export, quant, train  # noqa: E402
 
 
 class Net(nn.Module):
@@ -51,8 +51,8 @@ def smoothed_cross_entropy(logits, labels, smoothing: float = 0.1):
 
 def make_data() -> dict:
   """Fashion-MNIST as arrays (any (images, labels) arrays or random-access source would do)."""
-  images, labels = input_pipeline.load_fashion_mnist('train')
-  test_images, test_labels = input_pipeline.load_fashion_mnist('test')
+  images, labels = datasets.load_fashion_mnist('train')
+  test_images, test_labels = datasets.load_fashion_mnist('test')
   return {'train': (images, labels), 'test': (test_images, test_labels), 'mean': (72.94,), 'std': (90.02,)}
 
 

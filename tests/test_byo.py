@@ -74,9 +74,9 @@ def test_own_model_without_train_argument_and_own_data_rules(tmp_path):
   result = train.train_and_evaluate(config, str(tmp_path / 'run'), model=model, data=data)
   assert result['step'] == 2 and list(result['sparsity']) == ['hidden/kernel']
   assert result['layer_rules'] == {'hidden/kernel': {'method': 'ttq', 'threshold': 'max', 't': 0.05}}
-  from ttq_jax import input_pipeline
-  input_pipeline.USER_SOURCES.clear()  # as in a new process: the data is gone, the workdir remains
-  input_pipeline.DATASETS.pop(input_pipeline.USER_DATA_NAME)
+  from ttq_jax import datasets
+  datasets.USER_SOURCES.clear()  # as in a new process: the data is gone, the workdir remains
+  datasets.DATASETS.pop(datasets.USER_DATA_NAME)
   summary = export.export_workdir(None, str(tmp_path / 'run'), model=model)
   assert summary['step'] == 2 and summary['layers']['params/hidden/kernel']['numel'] == 784 * 16
   with pytest.raises(ConfigError, match=r"data.name='user' is your own data.*pass data="):

@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import pytest
 
+from ttq_jax import datasets
 from ttq_jax import evaluation
-from ttq_jax import input_pipeline
 from ttq_jax import models
 from ttq_jax import state as state_lib
 
@@ -25,7 +25,7 @@ def test_batch_moments_are_the_batch_statistics():
   variables = model.init(jax.random.PRNGKey(1), x)
   state = state_lib.TrainState.create(apply_fn=model.apply, params=variables['params'], tx=optax.sgd(0.1),
                                       batch_stats=variables['batch_stats'])
-  info = input_pipeline.DatasetInfo(2, (3,), 1, 1, (0.0,), (1.0,))
+  info = datasets.DatasetInfo(2, (3,), 1, 1, (0.0,), (1.0,))
   stats = evaluation.batch_moments_step(state, {'image': x}, apply_fn=model.apply, info=info, dtype=jnp.float32)
   np.testing.assert_allclose(stats['BatchNorm_0']['mean'], x.mean(0), rtol=1e-5)
   np.testing.assert_allclose(stats['BatchNorm_0']['var'], x.var(0), rtol=1e-4)
@@ -45,7 +45,7 @@ def test_eval_step_sums_over_valid_rows_only():
       return jnp.stack([x[:, 0], -x[:, 0]] + [jnp.zeros_like(x[:, 0])] * 5, axis=-1)  # 7 classes
   model = Fixed()
   state = state_lib.TrainState.create(apply_fn=model.apply, params={}, tx=optax.identity(), batch_stats={})
-  info = input_pipeline.DatasetInfo(7, (1,), 1, 1, (0.0,), (1.0,))
+  info = datasets.DatasetInfo(7, (1,), 1, 1, (0.0,), (1.0,))
   batch = {'image': jnp.array([[2.0], [-3.0], [1.0]]), 'label': jnp.array([0, 0, 1]),
            'mask': jnp.array([1.0, 1.0, 0.0])}
   out = evaluation.eval_step(state, batch, apply_fn=model.apply, info=info, dtype=jnp.float32)

@@ -10,17 +10,21 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from ttq_jax import augment
+from ttq_jax import datasets
 from ttq_jax import input_pipeline as ip
 
 
 def _data_config(**kw):
-  c = dict(name='fashion_mnist', data_dir='', crop_padding=2, random_flip=True, limit_examples=0)
-  c.update(kw)
-  return ml_collections.ConfigDict(c)
+  """configs/base.py's `data` (every key with its default, as the pipelines read it) with `kw` set."""
+  from configs import base
+  c = base.get_config().data
+  c.update({**dict(name='fashion_mnist', data_dir='', crop_padding=2, random_flip=True, limit_examples=0), **kw})
+  return c
 
 
 def test_fashion_mnist_loads_real_files():
-  images, labels = ip.load_fashion_mnist('test')
+  images, labels = datasets.load_fashion_mnist('test')
   assert images.shape == (10_000, 28, 28, 1) and images.dtype == np.uint8
   assert labels.shape == (10_000,) and set(np.unique(labels)) == set(range(10))
   assert 60 < images.mean() < 90  # real clothes, not zeros
@@ -35,7 +39,7 @@ def _write_idx(path, array):
 def fake_fashion_mnist(d, n=20, corrupt=None, seed=0):
   os.makedirs(d, exist_ok=True)
   rng = np.random.default_rng(seed)
-  for split, (img, lab) in ip.FASHION_MNIST_FILES.items():
+  for split, (img, lab) in datasets.FASHION_MNIST_FILES.items():
     _write_idx(os.path.join(d, img), rng.integers(0, 255, (n, 28, 28)))
     _write_idx(os.path.join(d, lab), rng.integers(0, 10, (n,)))
   if corrupt:
@@ -50,22 +54,22 @@ def test_data_dir_is_searched_first(tmp_path, monkeypatch):
   fake_fashion_mnist(tmp_path / 'env', n=7, seed=2)
   fake_fashion_mnist(tmp_path / 'debian', n=9, seed=3)
   monkeypatch.setenv('TTQ_DATA_DIR', str(tmp_path / 'env'))
-  monkeypatch.setattr(ip, 'DEBIAN_FASHION_MNIST', str(tmp_path / 'debian'))
+  monkeypatch.setattr(datasets, 'DEBIAN_FASHION_MNIST', str(tmp_path / 'debian'))
   expected = lambda seed, n: np.random.default_rng(seed).integers(0, 255, (n, 28, 28)).astype(np.uint8)[..., None]
-  images, _ = ip.load_fashion_mnist('train', str(tmp_path / 'cfg'))
+  images, _ = datasets.load_fashion_mnist('train', str(tmp_path / 'cfg'))
   np.testing.assert_array_equal(images, expected(1, 20))
-  images, _ = ip.load_fashion_mnist('train')
+  images, _ = datasets.load_fashion_mnist('train')
   np.testing.assert_array_equal(images, expected(2, 7))
   monkeypatch.delenv('TTQ_DATA_DIR')
-  images, _ = ip.load_fashion_mnist('train')
+  images, _ = datasets.load_fashion_mnist('train')
   np.testing.assert_array_equal(images, expected(3, 9))
 
 
 def test_missing_files_error_says_where_it_looked(tmp_path, monkeypatch):
-  monkeypatch.setattr(ip, 'DEBIAN_FASHION_MNIST', str(tmp_path / 'debian'))
+  monkeypatch.setattr(datasets, 'DEBIAN_FASHION_MNIST', str(tmp_path / 'debian'))
   monkeypatch.setenv('TTQ_DATA_DIR', str(tmp_path / 'env'))
-  with pytest.raises(ip.DataError) as e:
-    ip.load_fashion_mnist('train')
+  with pytest.raises(datasets.DataError) as e:
+    datasets.load_fashion_mnist('train')
   msg = str(e.value)
   assert '\n' not in msg and 'env' in msg and 'debian' in msg and 'apt-get install' in msg
   assert 'train-images-idx3-ubyte.gz' in msg and 't10k-labels-idx1-ubyte.gz' in msg
@@ -77,18 +81,18 @@ def test_an_explicit_data_dir_is_the_only_place_looked(tmp_path, monkeypatch):
   monkeypatch.setenv('TTQ_DATA_DIR', str(tmp_path / 'env'))
   fake_fashion_mnist(tmp_path / 'cfg')
   os.remove(tmp_path / 'cfg' / 't10k-labels-idx1-ubyte.gz')
-  with pytest.raises(ip.DataError) as e:
-    ip.load_fashion_mnist('train', str(tmp_path / 'cfg'))
+  with pytest.raises(datasets.DataError) as e:
+    datasets.load_fashion_mnist('train', str(tmp_path / 'cfg'))
   msg = str(e.value)
   assert '\n' not in msg and 'cfg' in msg and 'missing t10k-labels-idx1-ubyte.gz (' in msg
   assert 'train-images' not in msg.split('(looked for')[0]
-  assert ip.load_fashion_mnist('train')[0].shape == (20, 28, 28, 1)  # without data_dir: $TTQ_DATA_DIR
+  assert datasets.load_fashion_mnist('train')[0].shape == (20, 28, 28, 1)  # without data_dir: $TTQ_DATA_DIR
 
 
 def test_malformed_file_is_a_data_error(tmp_path):
   fake_fashion_mnist(tmp_path, corrupt='t10k-images-idx3-ubyte.gz')
-  with pytest.raises(ip.DataError, match='malformed IDX file .*t10k-images'):
-    ip.load_fashion_mnist('test', str(tmp_path))
+  with pytest.raises(datasets.DataError, match='malformed IDX file .*t10k-images'):
+    datasets.load_fashion_mnist('test', str(tmp_path))
 
 
 def test_train_batches_are_deterministic_and_reshuffled_per_epoch():
@@ -126,7 +130,7 @@ def _crop_flip_reference(images, dy, dx, flips, pad):
 
 def test_random_crop_flip_matches_loop_reference():
   images = np.random.default_rng(0).integers(1, 255, (16, 6, 5, 2)).astype(np.uint8)
-  got = ip.random_crop_flip(images, np.random.default_rng(7), pad=2)
+  got = augment.random_crop_flip(images, np.random.default_rng(7), pad=2)
   rng = np.random.default_rng(7)
   dy, dx = rng.integers(0, 5, 16), rng.integers(0, 5, 16)
   flips = rng.random(16) < 0.5
@@ -184,12 +188,12 @@ def test_imagenet_train_crop_is_the_official_resize(monkeypatch, shape):
   [0.85, 1.15]; size = int(max(224, min(original, scaled))) per axis (never enlarged past the original);
   then a random 224 window inside it, flipped half of the time. Sizes replayed from the same draws."""
   calls = []
-  monkeypatch.setattr(ip, '_resize', _recording_resize(calls))
+  monkeypatch.setattr(augment, '_resize', _recording_resize(calls))
   h, w = shape[:2]
   rng, replay = np.random.default_rng(0), np.random.default_rng(0)
   origins, expected = [], []
   for _ in range(200):
-    crop = ip.imagenet_train_crop(np.zeros(shape, np.uint8), rng)
+    crop = augment.imagenet_train_crop(np.zeros(shape, np.uint8), rng)
     assert crop.shape == (224, 224, 3)
     origins.append(_origin(crop))
     scale = replay.integers(224, 308) / min(h, w)
@@ -214,10 +218,10 @@ def test_inception_crop_area_and_aspect(monkeypatch):
   def resize(image, height, width):
     windows.append(image.shape[:2])
     return np.zeros((height, width, 3), np.uint8)
-  monkeypatch.setattr(ip, '_resize', resize)
+  monkeypatch.setattr(augment, '_resize', resize)
   rng = np.random.default_rng(0)
   for _ in range(300):
-    assert ip.inception_crop(np.zeros((400, 500, 3), np.uint8), rng).shape == (224, 224, 3)
+    assert augment.inception_crop(np.zeros((400, 500, 3), np.uint8), rng).shape == (224, 224, 3)
   area = np.array([a * b for a, b in windows]) / (400 * 500)
   aspect = np.array([b / a for a, b in windows])
   assert area.min() >= 0.075 and area.max() <= 1.0 and area.min() < 0.15 and area.max() > 0.8
@@ -226,24 +230,24 @@ def test_inception_crop_area_and_aspect(monkeypatch):
 
 def test_imagenet_eval_crop_is_the_center_of_the_short_side_256(monkeypatch):
   calls = []
-  monkeypatch.setattr(ip, '_resize', _recording_resize(calls))
-  crop = ip.imagenet_eval_crop(np.zeros((300, 400, 3), np.uint8))
+  monkeypatch.setattr(augment, '_resize', _recording_resize(calls))
+  crop = augment.imagenet_eval_crop(np.zeros((300, 400, 3), np.uint8))
   assert calls == [(256, 341)] and crop.shape == (224, 224, 3)
   assert _origin(crop) == ((256 - 224) // 2, (341 - 224) // 2, False)
   small = np.random.default_rng(0).integers(0, 255, (10, 25, 3)).astype(np.uint8)
   monkeypatch.undo()
-  assert ip.imagenet_eval_crop(small).shape == (224, 224, 3)
+  assert augment.imagenet_eval_crop(small).shape == (224, 224, 3)
 
 
 def test_unknown_dataset():
   with pytest.raises(ValueError, match="data.name='mnist' is unknown"):
-    ip.dataset_info('mnist')
+    datasets.dataset_info('mnist')
 
 
 def test_missing_tfds_dataset_is_one_line(tmp_path):
   c = _data_config(name='cifar10', data_dir=str(tmp_path))
-  with pytest.raises(ip.DataError, match='tfds build cifar10 --file_format=array_record') as e:
-    ip.get_source(c, 'train')
+  with pytest.raises(datasets.DataError, match='tfds build cifar10 --file_format=array_record') as e:
+    datasets.get_source(c, 'train')
   assert '\n' not in str(e.value)
 
 
@@ -260,17 +264,17 @@ def test_validation_split_is_held_out_of_training_with_a_fixed_seed():
   """5,000 (here 100) training examples held out: disjoint from what training reads, the same for every
   run and seed, and the test split untouched."""
   c = _data_config(limit_examples=1000, validation_examples=100)
-  train, val, test = (ip.get_source(c, s) for s in ('train', 'validation', 'test'))
+  train, val, test = (datasets.get_source(c, s) for s in ('train', 'validation', 'test'))
   assert (len(train), len(val), len(test)) == (900, 100, 1000)
-  full = ip.get_source(_data_config(limit_examples=1000), 'train')
+  full = datasets.get_source(_data_config(limit_examples=1000), 'train')
   key = lambda ex: (np.asarray(ex['image']).tobytes(), int(ex['label']))
   held, kept = {key(val[i]) for i in range(100)}, [key(train[i]) for i in range(900)]
   assert not held & set(kept) and held | set(kept) == {key(full[i]) for i in range(1000)}
-  held_out, _ = ip.validation_indices(1000, 100)
-  np.testing.assert_array_equal(held_out, np.sort(np.random.default_rng(ip.VALIDATION_SEED).permutation(1000)[:100]))
-  assert ip.train_size(c) == 900
+  held_out, _ = datasets.validation_indices(1000, 100)
+  np.testing.assert_array_equal(held_out, np.sort(np.random.default_rng(datasets.VALIDATION_SEED).permutation(1000)[:100]))
+  assert datasets.train_size(c) == 900
   with pytest.raises(ValueError, match='split=validation needs data.validation_examples > 0'):
-    ip.get_source(_data_config(), 'validation')
+    datasets.get_source(_data_config(), 'validation')
 
 
 # --------------------------------------------------------------------------- ImageNet decode, resize, workers
@@ -304,7 +308,7 @@ def _cv2_cubic_reference(image: np.ndarray, height: int, width: int) -> np.ndarr
 ])
 def test_resize_is_opencv_inter_cubic_as_the_official_scripts(in_shape, out_shape):
   image = np.random.default_rng(0).integers(0, 256, (*in_shape, 3)).astype(np.uint8)
-  ours = ip._resize(image, *out_shape)
+  ours = augment._resize(image, *out_shape)
   reference = _cv2_cubic_reference(image, *out_shape)
   assert ours.shape == (*out_shape, 3)
   assert np.abs(ours.astype(int) - reference).max() <= 1  # cv2 works in 11-bit fixed point
@@ -326,7 +330,7 @@ def test_imagenet_crops_are_pinned_by_value(name):
   """The augmentations' pixels do not drift (a new resize, decoder or rng order would change them)."""
   r, c = np.meshgrid(np.arange(300), np.arange(400), indexing='ij')
   image = np.stack([(r * 7 + c * 3) % 256, (r * c) % 251, (r // 3 + c // 5) * 3 % 256], -1).astype(np.uint8)
-  crop = ip.imagenet_eval_crop(image) if name == 'eval' else ip.TRAIN_CROPS[name](image, np.random.default_rng(7))
+  crop = augment.imagenet_eval_crop(image) if name == 'eval' else augment.TRAIN_CROPS[name](image, np.random.default_rng(7))
   total, *pixels = PINNED_CROPS[name]
   assert crop.shape == (224, 224, 3) and crop.dtype == np.uint8
   assert int(crop.astype(np.int64).sum()) == total
@@ -350,16 +354,16 @@ def test_decode_image_gives_the_pixels_pil_gives():
            'grey jpeg': _encoded(rgb[..., 0], 'JPEG', quality=90),
            'cmyk jpeg': _encoded(Image.fromarray(rgb).convert('CMYK'), 'JPEG', quality=90)}
   for name, data in cases.items():
-    ours = ip.decode_image(data)
+    ours = augment.decode_image(data)
     pil = np.asarray(Image.open(io.BytesIO(data)).convert('RGB'))
     assert ours.shape == (37, 53, 3) and ours.dtype == np.uint8, name
     if name == 'cmyk jpeg':  # OpenCV's CMYK conversion is not PIL's: the same picture within a few levels
       assert np.abs(ours.astype(int) - pil).mean() < 3, name
     else:
       np.testing.assert_array_equal(ours, pil, err_msg=name)
-  np.testing.assert_array_equal(ip.decode_image(rgb), rgb)  # decoded already
+  np.testing.assert_array_equal(augment.decode_image(rgb), rgb)  # decoded already
   with pytest.raises(ValueError, match='not a decodable image'):
-    ip.decode_image(b'not an image at all')
+    augment.decode_image(b'not an image at all')
 
 
 @pytest.fixture(scope='module')
@@ -374,11 +378,11 @@ def imagenet_like_dir(tmp_path_factory):
 def test_imagenet_like_set_is_read_as_imagenet_arrayrecord(imagenet_like_dir):
   """The generated set is what the pipeline reads for ImageNet: tfds ArrayRecord with JPEG bytes inside."""
   c = _data_config(name='imagenet2012', data_dir=imagenet_like_dir, train_crop='ttq_alexnet')
-  train, test = ip.get_source(c, 'train'), ip.get_source(c, 'test')
+  train, test = datasets.get_source(c, 'train'), datasets.get_source(c, 'test')
   assert (len(train), len(test)) == (48, 20)
   ex = train[3]
   assert isinstance(ex['image'], bytes) and ex['image'][:2] == b'\xff\xd8'  # not decoded by tfds
-  decoded = ip.decode_image(ex['image'])
+  decoded = augment.decode_image(ex['image'])
   assert decoded.shape in ((75, 100, 3), (100, 75, 3), (60, 80, 3))
   # the pixels are the JPEG's: an independent decoder (PIL) agrees to within libjpeg's rounding
   import io
@@ -392,7 +396,7 @@ def test_imagenet_like_set_is_read_as_imagenet_arrayrecord(imagenet_like_dir):
   assert batch['label'].dtype == np.int32 and batch['label'].shape == (8,)
   evals = list(ip.eval_batches(c, global_batch_size=16))
   assert evals[0]['image'].shape == (16, 224, 224, 3) and sum(b['mask'].sum() for b in evals) == 20
-  want = ip.imagenet_eval_crop(first)
+  want = augment.imagenet_eval_crop(first)
   assert np.abs(evals[0]['image'][0].astype(int) - want.astype(int)).mean() < 1.0
 
 
@@ -428,7 +432,7 @@ def test_an_error_in_a_worker_names_the_example():
   source = [{'image': good, 'label': i, 'file_name': f'n{i:03d}.JPEG'} for i in range(12)]
   source[5] = dict(source[5], image=good[:100])  # truncated
   c = _data_config(name='imagenet2012')
-  with pytest.raises(ip.DataError) as e:
+  with pytest.raises(datasets.DataError) as e:
     list(ip.eval_batches(c, split='test', global_batch_size=4, source=source, workers=2))
   assert str(e.value).startswith('test example at index 5 (n005.JPEG): ') and '\n' not in str(e.value)
 

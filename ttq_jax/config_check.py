@@ -13,9 +13,10 @@ import re
 
 import ml_collections
 
+from ttq_jax import augment
+from ttq_jax import datasets
 from ttq_jax import export_format
 from ttq_jax import files
-from ttq_jax import input_pipeline
 from ttq_jax import models
 from ttq_jax import optim
 from ttq_jax import programs
@@ -28,8 +29,8 @@ from ttq_jax.quant import METHODS, QuantConfig
 CHOICES = {
     'model.name': models.MODELS,
     'model.bn_bias_init': models.BN_BIAS_INITS,
-    'data.name': input_pipeline.DATASETS,
-    'data.train_crop': input_pipeline.TRAIN_CROPS,
+    'data.name': datasets.DATASETS,
+    'data.train_crop': augment.TRAIN_CROPS,
     'quant.scale_init': state_lib.SCALE_INITS,
     'dtype': state_lib.DTYPES,
     'optimizer': optim.OPTIMIZERS,
@@ -86,11 +87,11 @@ def validate(config, *, custom_model: bool = False) -> None:
     value = _get(config, key)
     if value not in table:
       raise ConfigError(f'{key}={value!r} is unknown: allowed are {", ".join(sorted(table))}')
-  info = input_pipeline.dataset_info(config.data.name)
+  info = datasets.dataset_info(config.data.name)
   min_size = 0 if custom_model else models.MIN_IMAGE_SIZE.get(config.model.name, 0)
   if min(info.image_shape[:2]) < min_size:
-    fits = [n for n in input_pipeline.DATASETS
-            if min(input_pipeline.dataset_info(n).image_shape[:2]) >= min_size]
+    fits = [n for n in datasets.DATASETS
+            if min(datasets.dataset_info(n).image_shape[:2]) >= min_size]
     raise ConfigError(f'model.name={config.model.name!r} needs images of at least {min_size}x{min_size}, but '
                       f'data.name={config.data.name!r} has {info.image_shape[0]}x{info.image_shape[1]}: '
                       f'allowed datasets for it are {", ".join(fits)}')
@@ -115,7 +116,7 @@ def validate(config, *, custom_model: bool = False) -> None:
   for key in POSITIVE_INTS:
     if int(_get(config, key)) <= 0:
       raise ConfigError(f'{key}={_get(config, key)!r} must be a positive integer')
-  examples = input_pipeline.train_size(config.data)
+  examples = datasets.train_size(config.data)
   if config.batch_size > examples:
     raise ConfigError(f'batch_size={config.batch_size!r} is larger than the training split ({examples} examples of '
                       f'{config.data.name}): allowed is 1 to {examples}')
@@ -298,8 +299,9 @@ def workdir_config(config, workdir: str):
     raise ConfigError(f'{path} is not readable JSON ({e}): pass --config and restore it') from None
   saved_flat = saved_values(saved)
   if config is None:
+    from configs import base  # noqa: PLC0415 - keys a saved config lacks (unguarded ones added since) take defaults
     effective = ml_collections.ConfigDict()
-    for key, value in saved_flat.items():
+    for key, value in {**flatten(base.get_config().to_dict()), **saved_flat}.items():
       node = effective
       for part in key.split('.')[:-1]:
         if part not in node:

@@ -13,6 +13,7 @@ import optax
 
 from ttq_jax import checkpoint as ckpt
 from ttq_jax import config_check
+from ttq_jax import datasets
 from ttq_jax import export_format
 from ttq_jax import files
 from ttq_jax import input_pipeline
@@ -53,7 +54,7 @@ def example_losses(logits, labels, info, loss_fn=None):
 
 def eval_step(state, batch, *, apply_fn, info, dtype, loss_fn=None):
   """Sums of loss / correct over the valid (mask = 1) rows of one global batch."""
-  images = input_pipeline.normalize(batch['image'], info, dtype)
+  images = datasets.normalize(batch['image'], info, dtype)
   logits = apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, images, train=False)
   mask = batch['mask']
   out = {'loss': jnp.sum(example_losses(logits, batch['label'], info, loss_fn) * mask),
@@ -67,7 +68,7 @@ def eval_step(state, batch, *, apply_fn, info, dtype, loss_fn=None):
 def batch_moments_step(state, batch, *, apply_fn, info, dtype, loss_fn=None):
   """This batch's BN mean/var for every BN layer (train-mode forward from zero statistics)."""
   del loss_fn
-  images = input_pipeline.normalize(batch['image'], info, dtype)
+  images = datasets.normalize(batch['image'], info, dtype)
   zeros = jax.tree.map(jnp.zeros_like, state.batch_stats)
   _, updates = apply_fn({'params': state.params, 'batch_stats': zeros}, images, train=True, mutable=['batch_stats'])
   # Flax: ra = momentum * ra + (1 - momentum) * batch_value, so from ra = 0 we get the batch value back.
@@ -187,7 +188,7 @@ def evaluate_workdir(config, workdir: str, *, model=None, data=None, loss_fn=Non
   given to `train.train_and_evaluate`."""
   config_check.check_writable(files.resolve(workdir))  # results are written there: refuse before any work
   config = config_check.workdir_config(config, files.resolve(workdir))
-  config = input_pipeline.with_user_data(config, data, files.resolve(workdir))
+  config = datasets.with_user_data(config, data, files.resolve(workdir))
   config_check.validate(config, custom_model=model is not None)
   workdir = files.resolve(workdir)
   programs_lib.setup_compilation_cache(config)

@@ -12,9 +12,9 @@ import ml_collections
 import numpy as np
 
 from ttq_jax import config_check
+from ttq_jax import datasets
 from ttq_jax import export_format
 from ttq_jax import files
-from ttq_jax import input_pipeline
 from ttq_jax import metric_writers
 from ttq_jax import programs as programs_lib
 from ttq_jax import quant as quant_lib
@@ -71,7 +71,7 @@ def _headline_bn_statistics(config, mesh, state, model, user_data: bool):
   except (ConfigError, DataError, OSError) as e:
     raise ExportError(f"export.bn_statistics='reestimated' re-estimates BN statistics on the training data, which is "
                       f'not available here ({str(e).splitlines()[0][:160]}): pass the data'
-                      f'{" (data=...)" if user_data or config.data.name == input_pipeline.USER_DATA_NAME else ""} or '
+                      f'{" (data=...)" if user_data or config.data.name == datasets.USER_DATA_NAME else ""} or '
                       "export training's running statistics with --config.export.bn_statistics=running") from None
   programs = programs_lib.Programs(config, mesh, state_lib.state_shardings(state), evaluation.STEPS, model)
   return evaluation.recalibrate_batch_stats(programs, state, batches, quantized=True), 'reestimated'
@@ -83,7 +83,7 @@ def export_workdir(config, workdir: str, *, model=None, data=None) -> dict[str, 
   (`config_check.workdir_config`; `config` may be None)."""
   config_check.check_writable(files.resolve(workdir))  # results are written there: refuse before any work
   config = config_check.workdir_config(config, files.resolve(workdir))
-  config = input_pipeline.with_user_data(config, data, files.resolve(workdir))
+  config = datasets.with_user_data(config, data, files.resolve(workdir))
   config_check.validate(config, custom_model=model is not None)
   packing = config.export.packing
   _check_method(config)
@@ -95,7 +95,7 @@ def export_workdir(config, workdir: str, *, model=None, data=None) -> dict[str, 
   params, batch_stats = jax.device_get((state.params, state.batch_stats))
   tensors = export_format.build_export(params, batch_stats, state.ternary, packing)
   path = files.join(workdir, 'export', 'model.safetensors')
-  image_shape = input_pipeline.dataset_info(config.data.name).image_shape
+  image_shape = datasets.dataset_info(config.data.name).image_shape
   modes = state_lib.activation_modes(model or state_lib.create_model(config), image_shape)
   if jax.process_index() == 0:
     export_format.save(path, tensors, packing=packing, config=config, step=step, bn_statistics=bn_statistics,

@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping
 import jax
 import flax.linen as nn
 
-from ttq_jax import input_pipeline
+from ttq_jax import datasets
 from ttq_jax import quant as quant_lib
 from ttq_jax import sharding as sharding_lib
 from ttq_jax import state as state_lib
@@ -68,7 +68,7 @@ class Programs:
     """`model`: your own (its full-precision twin is `quant.unquantized(model)`); default: the config's."""
     self.config, self.mesh, self.state_shardings, self.steps = config, mesh, state_shardings, dict(steps)
     self.loss_fn = loss_fn
-    self.info = input_pipeline.dataset_info(config.data.name)
+    self.info = datasets.dataset_info(config.data.name)
     self.dtype = state_lib.compute_dtype(config)
     if model is None:
       self.models = {True: state_lib.create_model(config), False: state_lib.create_model(config, quantized=False)}

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax.training import train_state
 
 from ttq_jax import checkpoint as ckpt
-from ttq_jax import input_pipeline
+from ttq_jax import datasets
 from ttq_jax import models
 from ttq_jax import optim
 from ttq_jax import quant as quant_lib
@@ -40,7 +40,7 @@ def compute_dtype(config):
 
 def create_model(config, *, quantized: bool = True) -> nn.Module:
   """The configured model; `quantized=False` gives its full-precision twin (same param paths)."""
-  info = input_pipeline.dataset_info(config.data.name)
+  info = datasets.dataset_info(config.data.name)
   q = quant_config(config) if quantized else quant_lib.QuantConfig(method='fp')
   return models.create_model(config.model.name, num_classes=info.num_classes, quant=q,
                              full_precision=config.quant.full_precision_layers,
@@ -87,7 +87,7 @@ def ternary_layers(model: nn.Module, image_shape) -> tuple[quant_lib.TernaryLaye
 
 def create_train_state(config, model: nn.Module, mesh, rng: jax.Array | None = None) -> TrainState:
   """A fresh train state created directly with its shardings (no host copy of the parameters)."""
-  info = input_pipeline.dataset_info(config.data.name)
+  info = datasets.dataset_info(config.data.name)
   rng = jax.random.PRNGKey(config.seed) if rng is None else rng
   init_rng, _ = jax.random.split(rng)  # (the second key seeded a state rng nothing used; kept for equal inits)
 

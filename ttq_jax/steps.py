@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from ttq_jax import input_pipeline
+from ttq_jax import datasets
 from ttq_jax.quant.methods import METHODS
 
 
@@ -19,7 +19,7 @@ def steps_per_epoch(config) -> int:
   images on CIFAR-10: two passes)."""
   if config.get('steps_per_epoch', -1) > 0:
     return int(config.steps_per_epoch)
-  return max(1, input_pipeline.train_size(config.data) // config.batch_size)
+  return max(1, datasets.train_size(config.data) // config.batch_size)
 
 
 def epochs_to_steps(config, epochs: float) -> int:

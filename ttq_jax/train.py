@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 
 from ttq_jax import checkpoint as ckpt
 from ttq_jax import config_check
+from ttq_jax import datasets
 from ttq_jax import evaluation
 from ttq_jax import files
 from ttq_jax import input_pipeline
@@ -43,7 +44,7 @@ from ttq_jax.errors import Interrupted, NonFiniteError
 
 def train_step(state: state_lib.TrainState, batch, *, apply_fn, info, dtype, loss_fn=None):
   """One SGD step on the global batch; skips the update when loss/gradients are not finite."""
-  images = input_pipeline.normalize(batch['image'], info, dtype)
+  images = datasets.normalize(batch['image'], info, dtype)
   labels = batch['label']
 
   def objective(params):
@@ -154,7 +155,7 @@ class _Input:
     splits = ('validation', 'test') if config.data.validation_examples else ('test',)
     return cls(config, iterator, input_pipeline.Prefetcher(iterator, mesh, config.data.prefetch_batches),
                input_pipeline.clean_train_dataset(config.data, **rows),
-               {split: input_pipeline.get_source(config.data, split) for split in splits})
+               {split: datasets.get_source(config.data, split) for split in splits})
 
   @property
   def selection_split(self) -> str:
@@ -274,12 +275,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
   Bring your own (Python callers; the CLI builds everything from the config): `model`, any Flax model
   (e.g. `quant.quantize(my_model, rules)`; called as `model.apply(variables, images, train=...)`, without
   `train` when its `__call__` has no such argument); `data`,
-  a dict of `input_pipeline.register_dataset` arguments (train / test sources or arrays, ...); `loss_fn`,
+  a dict of `datasets.register_dataset` arguments (train / test sources or arrays, ...); `loss_fn`,
   `(logits, labels) -> per-example loss`. Checkpoints, resume, logging, eval and export work the same.
   Returns the final eval metrics with the quantization report.
   """
   # Setup: every check that can refuse runs before anything is compiled or written.
-  config = input_pipeline.with_user_data(config, data)
+  config = datasets.with_user_data(config, data)
   config_check.validate(config, custom_model=model is not None)
   config_check.check_warm_start(config)
   started = time.perf_counter()
@@ -296,8 +297,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
     logging.warning('%s', mismatch)
   config_check.write_config(config, workdir)
   if data is not None and primary:  # what export needs to rebuild the model without the data
-    files.write_json(files.join(workdir, input_pipeline.USER_DATA_INFO),
-                     dataclasses.asdict(input_pipeline.dataset_info(config.data.name)))
+    files.write_json(files.join(workdir, datasets.USER_DATA_INFO),
+                     dataclasses.asdict(datasets.dataset_info(config.data.name)))
   programs = create_programs(config, mesh, state, model, loss_fn)
   manager = ckpt.create_manager(workdir, max_to_keep=config.keep_checkpoints)
   total, ternary_start = steps_lib.total_steps(config), steps_lib.ternary_start_step(config)

@@ -1,0 +1,297 @@
+"""Datasets: the registry (each dataset's facts as fields of its `DatasetInfo`), Fashion-MNIST's gzip IDX
+files, tfds ArrayRecord sources, your own data (`register_dataset`), the held-out validation split.
+
+A source is random access ({'image': uint8 HWC (or encoded bytes), 'label': int} by index); the pipelines
+over them are `ttq_jax.input_pipeline`, the per-image operations `ttq_jax.augment`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import os
+import struct
+import zlib
+
+import numpy as np
+
+from ttq_jax import files
+from ttq_jax.errors import ConfigError, DataError
+
+FASHION_MNIST_FILES = {
+    'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
+    'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
+}
+DEBIAN_FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
+# The validation split (`data.validation_examples` > 0) is the same for every run and every config.seed:
+# a permutation of the training split drawn with this seed; its first N examples are held out.
+VALIDATION_SEED = 20170208
+SPLITS = ('train', 'validation', 'test')
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  num_classes: int
+  image_shape: tuple[int, int, int]  # what the model sees
+  train_size: int
+  test_size: int
+  mean: tuple[float, ...]  # per channel, in [0, 255] units
+  std: tuple[float, ...]
+  test_split: str = 'test'
+  reader: str = 'tfds'        # 'idx' (gzip IDX files), 'tfds' (ArrayRecord), 'user' (`register_dataset`)
+  encoded: bool = False       # images stored encoded (JPEG): decoded and cropped per example (`augment`)
+  eval_short_side: int = 0    # encoded images: the short side resized to before the centre crop
+
+
+DATASETS = {
+    'fashion_mnist': DatasetInfo(10, (28, 28, 1), 60_000, 10_000, (72.94,), (90.02,), reader='idx'),
+    'cifar10': DatasetInfo(10, (32, 32, 3), 50_000, 10_000, (125.3, 123.0, 113.9), (63.0, 62.1, 66.7)),
+    'imagenet2012': DatasetInfo(1000, (224, 224, 3), 1_281_167, 50_000, (123.675, 116.28, 103.53),
+                                (58.395, 57.12, 57.375), test_split='validation', encoded=True, eval_short_side=256),
+}
+
+
+# Your own data, registered by name (`register_dataset`): name -> {'train': source, 'test': source};
+# `data=` of train_and_evaluate / evaluate_workdir / export_workdir registers under USER_DATA_NAME.
+USER_SOURCES: dict[str, dict[str, object]] = {}
+USER_DATA_NAME = 'user'
+
+
+def register_dataset(name: str, *, train, test, num_classes: int | None = None, mean=None, std=None) -> DatasetInfo:
+  """Makes your own data a dataset of the pipeline (then `config.data.name = name`).
+
+  `train` / `test`: random-access sources of {'image': HWC array, 'label': int} examples (`len` and
+  indexing, e.g. a grain data source) or `(images, labels)` arrays. uint8 images are normalised on the
+  device with `mean` / `std` (per channel, in image units; required for uint8 images), other dtypes go as
+  float32 (mean / std default 0 / 1).
+  `num_classes` defaults to 1 + the largest training label when the data are arrays.
+  """
+  if name in DATASETS and name not in USER_SOURCES and name != USER_DATA_NAME:  # your own name: replaced
+    raise ConfigError(f'data name {name!r} is a built-in dataset: register yours under another name')
+  train, test = (ArraySource(*x) if isinstance(x, tuple) else x for x in (train, test))
+  first = np.asarray(as_example(train[0])['image'])
+  image_shape = tuple(first.shape)
+  if first.dtype == np.uint8 and (mean is None or std is None):
+    raise ConfigError(f'register_dataset({name!r}): the images are uint8 (0-255) and mean / std are not given, so they '
+                      'would enter the model unnormalised: pass mean=... and std=... (per channel, in 0-255 units), '
+                      'or float images')
+  if num_classes is None:
+    if not isinstance(train, ArraySource):
+      raise ConfigError(f'register_dataset({name!r}): pass num_classes for a source that is not (images, labels) arrays')
+    num_classes = int(np.max(train.labels)) + 1
+  channels = image_shape[-1]
+  info = DatasetInfo(int(num_classes), image_shape, len(train), len(test),
+                     tuple(mean if mean is not None else (0.0,) * channels),
+                     tuple(std if std is not None else (1.0,) * channels), reader='user')
+  DATASETS[name] = info
+  USER_SOURCES[name] = {'train': train, 'test': test}
+  return info
+
+
+USER_DATA_INFO = 'user_dataset.json'  # WORKDIR/user_dataset.json: the DatasetInfo of the data a run trained on
+
+
+def with_user_data(config, data, workdir: str | None = None):
+  """`config` itself without `data`; else registers `data` (a dict of `register_dataset`'s arguments:
+  train, test, and optionally num_classes, mean, std) as the dataset 'user' and returns a copy of
+  `config` that reads it. Without `data`, a `workdir` that trained on your own data (its config says
+  data.name 'user') makes that data's shapes and normalisation known again (WORKDIR/user_dataset.json), so the
+  model can be rebuilt (export); reading examples then needs `data` (a one-line error says so)."""
+  if data is None:
+    if (workdir and config.data.name == USER_DATA_NAME and USER_DATA_NAME not in USER_SOURCES
+        and files.exists(files.join(workdir, USER_DATA_INFO))):
+      saved = json.loads(files.read_text(files.join(workdir, USER_DATA_INFO)))
+      saved.setdefault('reader', 'user')  # files written before the field
+      DATASETS[USER_DATA_NAME] = DatasetInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+    return config
+  register_dataset(USER_DATA_NAME, **dict(data))
+  config = config.copy_and_resolve_references()
+  config.data.name = USER_DATA_NAME
+  return config
+
+
+def dataset_info(name: str) -> DatasetInfo:
+  if name not in DATASETS:
+    raise ConfigError(f'data.name={name!r} is unknown: allowed are {", ".join(sorted(DATASETS))}')
+  return DATASETS[name]
+
+
+def normalize(images, info: DatasetInfo, dtype=np.float32):
+  """uint8 NHWC -> (x - mean) / std in `dtype` (works on numpy and jax arrays)."""
+  mean = np.asarray(info.mean, np.float32)
+  std = np.asarray(info.std, np.float32)
+  return ((images.astype(np.float32) - mean) / std).astype(dtype)
+
+
+def as_example(ex) -> dict[str, np.ndarray]:
+  image = np.asarray(ex['image'])
+  image = image if image.dtype == np.uint8 else image.astype(np.float32)  # uint8 leaves the host as is
+  if image.ndim == 2:
+    image = image[..., None]
+  return {'image': image, 'label': np.int32(ex['label'])}
+
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST (IDX)
+
+
+def fashion_mnist_dir(data_dir: str | None) -> str:
+  """config.data.data_dir (a folder or a bucket URL) when it is set: the only place looked (a run that names
+  its data must not quietly read other files); else the first of $TTQ_DATA_DIR and Debian's folder that
+  holds all four files."""
+  names = [n for pair in FASHION_MNIST_FILES.values() for n in pair]
+  if data_dir:
+    missing = [n for n in names if not files.isfile(files.join(data_dir, n))]
+    if missing:
+      raise DataError(f'Fashion-MNIST not found in data.data_dir={data_dir!r}: missing {", ".join(missing)} '
+                      f'(looked for {", ".join(names)}); put the four gzip IDX files there or unset data.data_dir')
+    return data_dir
+  candidates = [d for d in (os.environ.get('TTQ_DATA_DIR'), DEBIAN_FASHION_MNIST) if d]
+  for d in candidates:
+    if all(files.isfile(files.join(d, n)) for n in names):
+      return d
+  raise DataError(
+      f'Fashion-MNIST not found: looked for {", ".join(names)} in {", ".join(candidates)}; '
+      'install them with `apt-get install dataset-fashion-mnist` (Debian) or put the four gzip files '
+      'from github.com/zalandoresearch/fashion-mnist in a folder named by --config.data.data_dir or $TTQ_DATA_DIR')
+
+
+def _read_idx(path: str, expected_ndim: int) -> np.ndarray:
+  try:
+    data = gzip.decompress(files.read_bytes(path))
+  except (OSError, EOFError, zlib.error) as e:
+    raise DataError(f'malformed IDX file {path}: {e}') from None
+  if len(data) < 4:
+    raise DataError(f'malformed IDX file {path}: {len(data)} bytes')
+  zero, dtype_code, ndim = struct.unpack('>HBB', data[:4])
+  if zero != 0 or dtype_code != 0x08 or ndim != expected_ndim:
+    raise DataError(f'malformed IDX file {path}: header says dtype 0x{dtype_code:02x}, {ndim} dims '
+                    f'(want uint8 with {expected_ndim} dims)')
+  if len(data) < 4 + 4 * ndim:
+    raise DataError(f'malformed IDX file {path}: truncated header ({len(data)} bytes)')
+  shape = struct.unpack('>' + 'I' * ndim, data[4:4 + 4 * ndim])
+  body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+  if body.size != int(np.prod(shape)):
+    raise DataError(f'malformed IDX file {path}: {body.size} values for shape {shape}')
+  return body.reshape(shape)
+
+
+def load_fashion_mnist(split: str, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(images uint8 [N, 28, 28, 1], labels int32 [N]) of 'train' or 'test'."""
+  d = fashion_mnist_dir(data_dir)
+  images_file, labels_file = FASHION_MNIST_FILES[split]
+  images = _read_idx(files.join(d, images_file), 3)[..., None]
+  labels = _read_idx(files.join(d, labels_file), 1).astype(np.int32)
+  if len(images) != len(labels):
+    raise DataError(f'malformed Fashion-MNIST in {d}: {len(images)} images but {len(labels)} labels')
+  return images, labels
+
+
+class ArraySource:
+  """Random-access source over in-memory arrays (grain's RandomAccessDataSource protocol)."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray):
+    self.images, self.labels = images, labels
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getitem__(self, i):
+    return {'image': self.images[i], 'label': self.labels[i]}
+
+
+class _Head:
+  """The first `n` examples of a random-access source."""
+
+  def __init__(self, source, n: int):
+    self.source, self.n = source, min(n, len(source))
+
+  def __len__(self) -> int:
+    return self.n
+
+  def __getitem__(self, i):
+    if not 0 <= i < self.n:
+      raise IndexError(i)
+    return self.source[i]
+
+
+class _Subset:
+  """The examples of a random-access source at `indices`, in that order."""
+
+  def __init__(self, source, indices: np.ndarray):
+    self.source, self.indices = source, indices
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i):
+    return self.source[int(self.indices[i])]
+
+
+def validation_indices(train_size: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+  """(held-out, kept) indices of a training split of `train_size`: `n` drawn with VALIDATION_SEED."""
+  if not 0 < n < train_size:
+    raise ConfigError(f'data.validation_examples={n} must be between 1 and the training split size minus 1 '
+                      f'({train_size - 1}), or 0 (no validation split)')
+  perm = np.random.default_rng(VALIDATION_SEED).permutation(train_size)
+  return np.sort(perm[:n]), np.sort(perm[n:])
+
+
+def train_size(data_config) -> int:
+  """Examples that training iterates over (the training split, less a held-out validation split)."""
+  n = dataset_info(data_config.name).train_size
+  if data_config.limit_examples:
+    n = min(n, data_config.limit_examples)
+  return n - int(data_config.validation_examples or 0)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def get_source(data_config, split: str):
+  """A random-access source of {'image': uint8 HWC, 'label': int} for `split` ('train' | 'validation' |
+  'test'). With `data.validation_examples` = N > 0, 'validation' is N training examples held out with a
+  fixed seed and 'train' is the rest."""
+  if split not in SPLITS:
+    raise ConfigError(f'split={split!r} is unknown: allowed are {", ".join(SPLITS)}')
+  held_out = int(data_config.validation_examples or 0)
+  if split == 'validation' and not held_out:
+    raise ConfigError('split=validation needs data.validation_examples > 0')
+  if split == 'test' or not held_out:
+    return _get_source(data_config, split)
+  source = _get_source(data_config, 'train')
+  validation, kept = validation_indices(len(source), held_out)
+  return _Subset(source, validation if split == 'validation' else kept)
+
+
+def _get_source(data_config, split: str):
+  name = data_config.name
+  info = dataset_info(name)
+  limit = int(data_config.limit_examples or 0)
+  if name == USER_DATA_NAME and name not in USER_SOURCES:
+    raise ConfigError(f"data.name={name!r} is your own data, which this process does not have: pass data=... (the "
+                      'train / test arrays or sources the run was trained on)')
+  if name in USER_SOURCES:
+    source = USER_SOURCES[name][split]
+    return _Head(source, limit) if limit else source
+  if info.reader == 'idx':
+    images, labels = load_fashion_mnist(split, data_config.data_dir or None)
+    if limit:
+      images, labels = images[:limit], labels[:limit]
+    return ArraySource(images, labels)
+  if files.is_url(data_config.data_dir or ''):
+    raise DataError(f'data.data_dir={data_config.data_dir!r}: {name} is read as ArrayRecord from local disk; copy the '
+                    f'prepared dataset to the host first (e.g. `gcloud storage cp -r {data_config.data_dir}/{name} '
+                    '~/tensorflow_datasets/`) and pass that folder')
+  import tensorflow_datasets as tfds  # only the ArrayRecord reader: no TensorFlow needed
+  tfds_split = info.test_split if split == 'test' else 'train'
+  if limit:
+    tfds_split = f'{tfds_split}[:{limit}]'
+  # ImageNet's JPEGs are decoded by `decode_image` (in the workers); tfds would decode with PIL / OpenCV here
+  decoders = {'image': tfds.decode.SkipDecoding()} if info.encoded else None
+  try:
+    return tfds.data_source(name, split=tfds_split, data_dir=data_config.data_dir or None, decoders=decoders)
+  except Exception as e:  # tfds raises several types for a missing dataset
+    raise DataError(
+        f'{name} ({tfds_split}) is not prepared as ArrayRecord in {data_config.data_dir or "~/tensorflow_datasets"} '
+        f'({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ""}); prepare it with `tfds build {name} --file_format=array_record` '
+        '(see README, "Datasets")') from None
