@@ -29,9 +29,14 @@ def test_hand_packed_bytes(packing, codes, packed):
   assert export_format.unpack(np.array(packed, np.uint8), len(codes), packing).tolist() == codes
 
 
-def test_dense_from_codes_meaning():
-  np.testing.assert_array_equal(export_format.dense_from_codes(np.array([0, 1, 2, 1]), (2, 2), 0.5, 0.25),
-                                [[0.0, 0.5], [-0.25, 0.5]])
+@pytest.mark.parametrize('packing', ['2bit', 'base3'])
+def test_stored_codes_meaning(packing):
+  """Stored code 0 -> 0, 1 -> +w_p, 2 -> -w_n (C order), decoded as `read` decodes: through TernaryWeights."""
+  from ttq_jax.quant import TernaryWeights
+  data = export_format.pack(np.array([0, 1, 2, 1]), packing)
+  weights = TernaryWeights.unpack(data, (2, 2), 0.5, 0.25, packing)
+  np.testing.assert_array_equal(weights.codes, [[0, 1], [-1, 1]])
+  np.testing.assert_array_equal(weights.dense(), [[0.0, 0.5], [-0.25, 0.5]])
 
 
 @pytest.mark.parametrize('packing', ['2bit', 'base3'])

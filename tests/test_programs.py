@@ -62,6 +62,6 @@ def test_programs_refuse_a_step_they_do_not_have(smoke_config):
   from ttq_jax import evaluation
   from ttq_jax import state as state_lib
   mesh, state = state_lib.create_mesh_and_state(smoke_config)
-  programs = programs_lib.Programs(smoke_config, mesh, state_lib.state_shardings(state), evaluation.STEPS)
+  programs = programs_lib.Programs(smoke_config, mesh, state_lib.shardings_of(state), evaluation.STEPS)
   with pytest.raises(KeyError, match="no step 'train' in these programs: \\['eval', 'moments'\\]"):
     programs.train(state, {})

@@ -69,7 +69,7 @@ def test_init_from_full_precision_run(smoke_config, tmp_path):
   programs, fresh, batches = programs_state_batches(c, (1, 1), n=1)
   loaded = ckpt.load_init_from(fresh, fp_dir)[0]
   switched = jax.device_put(state_lib.start_ternary(loaded.params, c, loaded.ternary),
-                            state_lib.state_shardings(loaded.params))
+                            state_lib.shardings_of(loaded.params))
   expected = programs.train(loaded.replace(params=switched), batches[0])[1]
   programs, fresh, _ = programs_state_batches(c, (1, 1), n=0)  # (programs are compiled for their state's tx)
   unswitched = programs.train(ckpt.load_init_from(fresh, fp_dir)[0], batches[0])[1]

@@ -172,8 +172,7 @@ def _from_export(config, mesh):
       apply_fn=None, params=variables['params'], tx=optax.identity(), batch_stats=variables.get('batch_stats', {})),
       sharding_lib.replicated(mesh))
   ternary = sum(r['numel'] for r in layers.values())
-  report = {'sparsity': {k.removeprefix('params/'): r['sparsity'] for k, r in layers.items()},
-            'scales': {k.removeprefix('params/'): (r['w_p'], r['w_n']) for k, r in layers.items()},
+  report = {**reports.from_layer_reports(layers),
             'param_counts': {'ternary': ternary,
                              'full_precision': sum(int(np.size(x)) for x in jax.tree.leaves(variables['params'])) - ternary}}
   return int(metadata.get('step', -1)), state, report, metadata['bn_statistics']
@@ -206,7 +205,7 @@ def evaluate_workdir(config, workdir: str, *, model=None, data=None, loss_fn=Non
     sharding_lib.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
     source, quantized = 'checkpoint', steps.is_ternary_at(config, step)
     report = reports.quant_report(state, config, quantized=quantized)
-  programs = programs_lib.Programs(config, mesh, state_lib.state_shardings(state), STEPS, model, loss_fn)
+  programs = programs_lib.Programs(config, mesh, state_lib.shardings_of(state), STEPS, model, loss_fn)
   if config.restore_from:  # an export carries one set of BN statistics (metadata `bn_statistics`)
     columns = {file_bn: (evaluate(programs, state, eval_batches(config), quantized), state)}
   else:

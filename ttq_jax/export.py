@@ -73,7 +73,7 @@ def _headline_bn_statistics(config, mesh, state, model, user_data: bool):
                       f'not available here ({str(e).splitlines()[0][:160]}): pass the data'
                       f'{" (data=...)" if user_data or config.data.name == datasets.USER_DATA_NAME else ""} or '
                       "export training's running statistics with --config.export.bn_statistics=running") from None
-  programs = programs_lib.Programs(config, mesh, state_lib.state_shardings(state), evaluation.STEPS, model)
+  programs = programs_lib.Programs(config, mesh, state_lib.shardings_of(state), evaluation.STEPS, model)
   return evaluation.recalibrate_batch_stats(programs, state, batches, quantized=True), 'reestimated'
 
 

@@ -27,15 +27,6 @@ REQUIRED_SUFFIXES = ('/codes', '/shape', '/w_p', '/w_n')
 SUFFIXES = REQUIRED_SUFFIXES + ('/scale_shape',)  # scale_shape (v2): only for per-channel scales
 
 
-def dense_from_codes(codes: np.ndarray, shape, w_p, w_n, scale_shape=()) -> np.ndarray:
-  """Code 0 -> 0, 1 -> +w_p, 2 -> -w_n, reshaped (C order), float32; per-channel scales (1-D) are
-  reshaped to `scale_shape` and broadcast against the kernel."""
-  w_p = np.asarray(w_p, np.float32).reshape(scale_shape)
-  w_n = np.asarray(w_n, np.float32).reshape(scale_shape)
-  codes = np.asarray(codes).reshape(shape)
-  return np.where(codes == 1, w_p, np.where(codes == 2, -w_n, np.float32(0))).astype(np.float32)
-
-
 # --------------------------------------------------------------------------- tensors
 
 
@@ -97,8 +88,9 @@ def _set(tree: dict, path: str, value) -> None:
 
 
 def read(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-  """Reads and validates an export. Returns (variables with dense ternary kernels, metadata, report)
-  where report = {kernel path: {'sparsity', 'w_p', 'w_n', 'numel', 'packed_bytes'}}."""
+  """Reads and validates an export (`ttq-safetensors-v2`, or v1). Returns (variables with dense ternary kernels,
+  decoded through `quant.TernaryWeights`, metadata, report) where report = {kernel path:
+  `quant.LayerReport(...).as_dict()`: numel, sparsity, w_p, w_n, per_channel, packed_bytes}."""
   from safetensors import safe_open
   try:
     with files.local_copy(path) as local, safe_open(local, framework='numpy') as f:
@@ -141,14 +133,12 @@ def read(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
       if t.dtype != np.float32 or t.size != int(np.prod(scale_shape)):
         raise ExportError(f'{path}: tensor {kp}{s} must be float32 with {int(np.prod(scale_shape))} values '
                           f'(scale_shape {list(scale_shape)}), got {t.dtype} {t.shape}')
-    n = int(np.prod(shape))
-    decoded = unpack(codes, n, packing, name=f'{path}: tensor {kp}/codes')
     w_p, w_n = tensors[kp + '/w_p'], tensors[kp + '/w_n']
-    _set(variables, kp, dense_from_codes(decoded, tuple(int(s) for s in shape), w_p, w_n, scale_shape))
-    report[kp] = {'sparsity': float(np.mean(decoded == 0)) if n else 0.0, 'w_p': float(np.mean(w_p)),
-                  'w_n': float(np.mean(w_n)), 'per_channel': bool(scale_shape), 'numel': n,
-                  'packed_bytes': int(codes.nbytes + shape.nbytes + w_p.nbytes + w_n.nbytes +
-                                      tensors.get(kp + '/scale_shape', np.zeros(0, np.int64)).nbytes)}
+    weights = quant_lib.TernaryWeights.unpack(codes, tuple(int(s) for s in shape), w_p.reshape(scale_shape),
+                                              w_n.reshape(scale_shape), packing, name=f'{path}: tensor {kp}/codes')
+    _set(variables, kp, np.asarray(weights.dense(), np.float32))
+    packed = codes.nbytes + shape.nbytes + w_p.nbytes + w_n.nbytes + tensors.get(kp + '/scale_shape', np.zeros(0, np.int64)).nbytes
+    report[kp] = quant_lib.LayerReport.of(weights, packed_bytes=packed).as_dict()
   for name, value in tensors.items():
     if name not in used:
       _set(variables, name, value)

@@ -19,11 +19,18 @@ def quant_report(state, config, quantized: bool = True) -> dict[str, Any]:
   JSON. `quantized=False` (a checkpoint from the FP warm-up) reports every parameter as full precision."""
   layers = state.ternary if quantized else ()
   params = jax.device_get(state.params)
-  weights = quant_lib.ternary_weights(params, layers)  # thresholds computed once for both reports
-  return {'sparsity': {p: tw.sparsity for p, tw in weights.items()},
-          'scales': {p: (float(np.mean(tw.w_p)), float(np.mean(tw.w_n))) for p, tw in weights.items()},
+  return {**from_layer_reports(quant_lib.layer_reports(params, layers)),
           'layer_rules': quant_lib.layer_rules(layers),
           'param_counts': quant_lib.count_params(params, layers)}
+
+
+def from_layer_reports(layers: dict[str, Any]) -> dict[str, Any]:
+  """{'sparsity': {kernel path: s}, 'scales': {kernel path: (w_p, w_n)}} of `quant.LayerReport`s (or their
+  dicts, as `export_format.read` returns them; a leading 'params/' is dropped)."""
+  as_dict = lambda r: r if isinstance(r, dict) else r.as_dict()
+  rows = {k.removeprefix('params/'): as_dict(r) for k, r in layers.items()}
+  return {'sparsity': {k: r['sparsity'] for k, r in rows.items()},
+          'scales': {k: (r['w_p'], r['w_n']) for k, r in rows.items()}}
 
 
 def rules_differ_from_config(layers, config) -> str:

@@ -104,7 +104,9 @@ def create_train_state(config, model: nn.Module, mesh, rng: jax.Array | None = N
   return jax.jit(make, out_shardings=shardings)()
 
 
-def state_shardings(state) -> Any:
+def shardings_of(state) -> Any:
+  """The shardings an existing state (or any tree of arrays) has (`sharding.state_shardings` computes the
+  ones a state should get on a mesh)."""
   return jax.tree.map(lambda x: x.sharding, state)
 
 

@@ -72,7 +72,7 @@ STEPS = {'train': programs_lib.Step(train_step, updates_state=True), **evaluatio
 def create_programs(config, mesh, state, model=None, loss_fn=None) -> programs_lib.Programs:
   """The run's compiled train / eval / BN-moments programs for `state`'s shardings (`model`: your own;
   default: the config's)."""
-  return programs_lib.Programs(config, mesh, state_lib.state_shardings(state), STEPS, model, loss_fn)
+  return programs_lib.Programs(config, mesh, state_lib.shardings_of(state), STEPS, model, loss_fn)
 
 
 # --------------------------------------------------------------------------- loop helpers
@@ -147,23 +147,20 @@ class _Input:
 
   @classmethod
   def create(cls, config, mesh) -> '_Input':
-    rows = dict(local_batch_size=config.batch_size // jax.process_count(), seed=config.seed,
-                process_index=jax.process_index(), process_count=jax.process_count())
-    ds = input_pipeline.train_dataset(config.data, **rows)
+    stream = dict(local_batch_size=config.batch_size // jax.process_count(), seed=config.seed,
+                  process_index=jax.process_index(), process_count=jax.process_count())
+    ds = input_pipeline.train_dataset(config.data, **stream)
     iterator = input_pipeline.BatchIterator(ds, workers=input_pipeline.worker_count(config.data),
                                             threads=config.data.num_threads)
     splits = ('validation', 'test') if config.data.validation_examples else ('test',)
     return cls(config, iterator, input_pipeline.Prefetcher(iterator, mesh, config.data.prefetch_batches),
-               input_pipeline.clean_train_dataset(config.data, **rows),
+               input_pipeline.clean_train_dataset(config.data, **stream),
                {split: datasets.get_source(config.data, split) for split in splits})
 
   @property
   def selection_split(self) -> str:
     """Where periodic evaluations look (and so where "best" is chosen)."""
     return 'validation' if 'validation' in self.sources else 'test'
-
-  def eval_batches(self, split: str):
-    return evaluation.eval_batches(self.config, self.sources[split], split)
 
   def recalibration_batches(self):
     return evaluation.recalibration_batches(self.config, self.clean)
@@ -172,8 +169,8 @@ class _Input:
     self.iterator.close()
 
   def evaluate(self, programs, state, quantized: bool, split: str):
-    return evaluation.evaluate_columns(self.config, programs, state, lambda: self.eval_batches(split),
-                                       self.recalibration_batches, quantized)
+    batches = lambda: evaluation.eval_batches(self.config, self.sources[split], split)
+    return evaluation.evaluate_columns(self.config, programs, state, batches, self.recalibration_batches, quantized)
 
 
 @dataclasses.dataclass
@@ -215,7 +212,7 @@ def _switch_to_ternary(state, config, step: int):
   """Sets the scales (and optionally normalises kernels) at the start of ternary training."""
   params = state_lib.start_ternary(state.params, config, state.ternary)
   logging.info('step %d: full-precision warm-up done, training ternary from here', step)
-  return state.replace(params=jax.device_put(params, state_lib.state_shardings(state.params)))
+  return state.replace(params=jax.device_put(params, state_lib.shardings_of(state.params)))
 
 
 def _log_start(config, state, mesh) -> None:
@@ -244,9 +241,10 @@ def _final_test(config, programs, state, inputs: _Input, quantized: bool, best: 
   if best.best:
     out['best_on_validation'] = {}
     for c, (val_acc, step, params, batch_stats) in best.best.items():
-      chosen = state.replace(params=jax.device_put(params, state_lib.state_shardings(state.params)),
-                             batch_stats=jax.device_put(batch_stats, state_lib.state_shardings(state.batch_stats)))
-      test = evaluation.evaluate(programs, chosen, inputs.eval_batches('test'), quantized)
+      chosen = state.replace(params=jax.device_put(params, state_lib.shardings_of(state.params)),
+                             batch_stats=jax.device_put(batch_stats, state_lib.shardings_of(state.batch_stats)))
+      test_batches = evaluation.eval_batches(config, inputs.sources['test'], 'test')
+      test = evaluation.evaluate(programs, chosen, test_batches, quantized)
       out['best_on_validation'][c] = {'step': step, 'validation_top1_accuracy': val_acc, **test}
   return out
 

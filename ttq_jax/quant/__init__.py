@@ -20,6 +20,8 @@ from ttq_jax.quant.methods import METHODS
 from ttq_jax.quant.methods import Threshold
 from ttq_jax.quant.methods import THRESHOLDS
 from ttq_jax.quant.report import count_params
+from ttq_jax.quant.report import layer_reports
+from ttq_jax.quant.report import LayerReport
 from ttq_jax.quant.report import layer_scales
 from ttq_jax.quant.report import layer_rules
 from ttq_jax.quant.report import layer_sparsity

@@ -1,10 +1,11 @@
-"""Reporting helpers over a params tree and the model's ternary layers (`ternary_layers`): codes,
-per-layer sparsity, scales, parameter counts. Paths are slash-joined Flax paths of kernels, e.g.
-`res2_0/conv1/kernel`.
+"""Reporting helpers over a params tree and the model's ternary layers (`ternary_layers`): codes, one
+`LayerReport` per layer (sparsity, scales, counts, bytes), parameter counts. Paths are slash-joined Flax
+paths of kernels, e.g. `res2_0/conv1/kernel`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -34,6 +35,38 @@ def ternary_weights(params: Mapping[str, Any], layers: Sequence[TernaryLayer]) -
   return out
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerReport:
+  """What is reported of one ternary layer, built in one place (`of`) from its `TernaryWeights`: by the final
+  table, `--mode eval`, the export log and `export_format.read` alike.
+
+  numel: weights of the kernel; sparsity: fraction of zero codes; w_p / w_n: the scales the forward pass uses
+  (their mean over channels with per-channel scales; TWN's alpha and BitNet's 1 / s twice); per_channel:
+  whether the scales are per output feature; packed_bytes: in an export file, its codes, shape and scales.
+  """
+  numel: int
+  sparsity: float
+  w_p: float
+  w_n: float
+  per_channel: bool
+  packed_bytes: int = 0
+
+  @classmethod
+  def of(cls, weights: TernaryWeights, packed_bytes: int = 0) -> 'LayerReport':
+    codes = np.asarray(weights.codes)
+    return cls(numel=int(codes.size), sparsity=float(np.mean(codes == 0)) if codes.size else 0.0,
+               w_p=float(np.mean(weights.w_p)), w_n=float(np.mean(weights.w_n)),
+               per_channel=bool(np.ndim(weights.w_p)), packed_bytes=int(packed_bytes))
+
+  def as_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def layer_reports(params: Mapping[str, Any], layers: Sequence[TernaryLayer]) -> dict[str, LayerReport]:
+  """{kernel path: LayerReport} of every ternary layer."""
+  return {p: LayerReport.of(tw) for p, tw in ternary_weights(params, layers).items()}
+
+
 def ternary_kernels(params: Mapping[str, Any], layers: Sequence[TernaryLayer]) -> dict[str, jax.Array]:
   """{kernel path: dense ternary kernel (float32)} as used in the forward pass."""
   return {p: tw.dense() for p, tw in ternary_weights(params, layers).items()}
@@ -41,13 +74,13 @@ def ternary_kernels(params: Mapping[str, Any], layers: Sequence[TernaryLayer]) -
 
 def layer_sparsity(params: Mapping[str, Any], layers: Sequence[TernaryLayer]) -> dict[str, float]:
   """{kernel path: fraction of zeros in the ternary kernel}."""
-  return {p: tw.sparsity for p, tw in ternary_weights(params, layers).items()}
+  return {p: r.sparsity for p, r in layer_reports(params, layers).items()}
 
 
 def layer_scales(params: Mapping[str, Any], layers: Sequence[TernaryLayer]) -> dict[str, tuple[float, float]]:
   """{kernel path: (w_p, w_n)} as used in the forward pass (TWN, BitNet: the computed scale twice; per-channel
   scales: their mean over channels)."""
-  return {p: (float(jnp.mean(tw.w_p)), float(jnp.mean(tw.w_n))) for p, tw in ternary_weights(params, layers).items()}
+  return {p: (r.w_p, r.w_n) for p, r in layer_reports(params, layers).items()}
 
 
 def rule_settings(quant) -> dict[str, Any]:
