@@ -187,30 +187,48 @@ def _bad_cases(tmp_path):
   }, unwritable
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize('case', ['unknown key', 'wrong type', 't out of range', 'sparsity out of range',
-                                  'unknown method', 'unknown model', 'unknown dataset', 'batch not divisible',
-                                  'missing dataset', 'malformed dataset', 'unwritable workdir',
-                                  'eval without checkpoints', 'missing config', 'init_from with warm-up'])
-def test_bad_input_is_one_line_with_nonzero_exit(tmp_path, case):
+BAD_CASES = ['unknown key', 'wrong type', 't out of range', 'sparsity out of range', 'unknown method', 'unknown model',
+             'unknown dataset', 'batch not divisible', 'missing dataset', 'malformed dataset', 'unwritable workdir',
+             'eval without checkpoints', 'missing config', 'init_from with warm-up']
+
+
+@pytest.fixture(scope='module')
+def bad_input_runs(tmp_path_factory):
+  """{case: (exit code, stdout, stderr, workdir)}: every bad command line run as `python -m ttq_jax.main` would
+  run it, each in a forked child of one process that imported the libraries once (tests/cli_driver.py)."""
+  tmp_path = tmp_path_factory.mktemp('bad_input')
   cases, unwritable = _bad_cases(tmp_path)
-  extra, expected = cases[case]
-  workdir = unwritable / 'sub' if case == 'unwritable workdir' else tmp_path / 'wd'
-  if case == 'malformed dataset':
-    from tests.test_input_pipeline import fake_fashion_mnist
-    bad = tmp_path / 'bad'
-    bad.mkdir()
-    fake_fashion_mnist(bad, corrupt='train-images-idx3-ubyte.gz')
-    extra = [f'--config.data.data_dir={bad}']
-  if extra is None:
-    cmd = [sys.executable, '-m', 'ttq_jax.main', '--workdir', str(workdir)]
-  else:
-    cmd = _cli(workdir, *extra)
+  from tests.test_input_pipeline import fake_fashion_mnist
+  bad = tmp_path / 'bad'
+  bad.mkdir()
+  fake_fashion_mnist(bad, corrupt='train-images-idx3-ubyte.gz')
+  runs, workdirs = [], {}
+  for i, case in enumerate(BAD_CASES):
+    extra, _ = cases[case]
+    workdir = unwritable / 'sub' if case == 'unwritable workdir' else tmp_path / f'wd_{i}'
+    if case == 'malformed dataset':
+      extra = [f'--config.data.data_dir={bad}']
+    argv = ['--workdir', str(workdir)] if extra is None else _cli(workdir, *extra)[3:]
+    runs.append({'argv': argv, 'stdout': str(tmp_path / f'{i}.out'), 'stderr': str(tmp_path / f'{i}.err')})
+    workdirs[case] = workdir
+  (tmp_path / 'cases.json').write_text(json.dumps(runs))
   env = dict(ENV, XLA_FLAGS='--xla_force_host_platform_device_count=4')
-  r = _run(cmd, timeout=120, env=env)
-  assert r.returncode == 2, r.stderr[-2000:]  # the README's exit code for bad input
-  err = [l for l in r.stderr.splitlines() if l.startswith('error:')]
-  assert len(err) == 1 and expected in err[0], r.stderr[-2000:]
-  assert 'Traceback' not in r.stderr and 'Traceback' not in r.stdout
+  p = _run([sys.executable, 'tests/cli_driver.py', str(tmp_path / 'cases.json'), str(tmp_path / 'codes.json')],
+           timeout=600, env=env)
+  assert p.returncode == 0, p.stderr[-3000:]
+  codes = json.loads((tmp_path / 'codes.json').read_text())
+  return {case: (code, open(r['stdout']).read(), open(r['stderr']).read(), workdirs[case])
+          for case, code, r in zip(BAD_CASES, codes, runs)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('case', BAD_CASES)
+def test_bad_input_is_one_line_with_nonzero_exit(bad_input_runs, tmp_path, case):
+  code, stdout, stderr, workdir = bad_input_runs[case]
+  expected = _bad_cases(tmp_path)[0][case][1]
+  assert code == 2, stderr[-2000:]  # the README's exit code for bad input
+  err = [l for l in stderr.splitlines() if l.startswith('error:')]
+  assert len(err) == 1 and expected in err[0], stderr[-2000:]
+  assert 'Traceback' not in stderr and 'Traceback' not in stdout
   if case != 'unwritable workdir' and os.path.isdir(workdir):
     assert not os.path.isdir(os.path.join(workdir, 'checkpoints')) or case == 'eval without checkpoints'

@@ -45,3 +45,20 @@ def test_read_metrics_keeps_the_last_row_of_a_step(tmp_path):
   """A resumed run rewrites the steps it redoes: the later row wins."""
   path = _write(tmp_path / 'm.jsonl', [{'step': 2, 'x': 1}, {'step': 4, 'x': 2}, {'step': 4, 'x': 3}])
   assert reports.read_metrics(path) == [{'step': 2, 'x': 1}, {'step': 4, 'x': 3}]
+
+
+def test_final_table_names_each_layers_rule_and_activations():
+  """The rule column is the layer's `quant.rule_settings`: method, threshold rule and its factor, and the
+  activations when they are quantized; scales as reported (BitNet: 1 / s twice)."""
+  from configs import fashion_mnist
+  from ttq_jax import quant
+  config = fashion_mnist.get_config('smoke')
+  rules = {'a/kernel': quant.rule_settings(quant.Rule(method='bitnet', activations='int8')),
+           'b/kernel': quant.rule_settings(quant.QuantConfig(t=0.1))}
+  assert rules['a/kernel'] == {'method': 'bitnet', 'threshold': 'absmean', 'activations': 'int8'}
+  result = {'step': 6, 'loss': 1.0, 'top1_accuracy': 0.5, 'num_examples': 8, 'layer_rules': rules,
+            'sparsity': {'a/kernel': 0.25, 'b/kernel': 0.5}, 'scales': {'a/kernel': (0.2, 0.2), 'b/kernel': (1.5, 0.5)}}
+  table = reports.format_eval_table(result, config).splitlines()
+  row = lambda name: next(l.split() for l in table if l.startswith(name + ' '))
+  assert row('a') == ['a', 'bitnet', 'absmean', 'act=int8', '0.250', '+0.2000', '+0.2000']
+  assert row('b') == ['b', 'ttq', 'max', 't=0.1', '0.500', '+1.5000', '+0.5000']

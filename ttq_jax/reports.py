@@ -139,7 +139,8 @@ def format_eval_table(result: dict, config, model_name: str | None = None) -> st
     lines.append(f'  parameters: {counts["ternary"]:,} ternary, {counts["full_precision"]:,} full precision')
   if result.get('sparsity'):
     rules = result.get('layer_rules') or {}
-    describe = lambda r: ' '.join([r['method'], r['threshold']] + [f'{k}={r[k]:g}' for k in ('t', 'k', 'sparsity') if k in r])
+    describe = lambda r: ' '.join([r['method'], r['threshold']] + [f'{k}={r[k]:g}' for k in ('t', 'k', 'sparsity') if k in r]
+                                  + ([f'act={r["activations"]}'] if 'activations' in r else []))
     rows = [(path.rsplit('/', 1)[0], describe(rules[path]) if path in rules else '-', f'{s:.3f}',
              f'{result["scales"][path][0]:+.4f}', f'{result["scales"][path][1]:+.4f}')
             for path, s in result['sparsity'].items()]
