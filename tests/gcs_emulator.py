@@ -57,7 +57,7 @@ class Emulator:
 
   def main(self, workdir: str, *extra, devices: int = 1, mode: str = 'train', popen: bool = False):
     cmd = [sys.executable, '-m', 'ttq_jax.main', '--config', 'configs/fashion_mnist.py:smoke', '--workdir', workdir,
-           f'--mode={mode}', '--config.compilation_cache_dir=', *extra]
+           f'--mode={mode}', *extra]  # the test process's compilation cache ($XDG_CACHE_HOME: tests/conftest.py)
     env = dict(self.env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
     if popen:
       return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

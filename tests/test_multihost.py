@@ -18,7 +18,7 @@ def _cmd(workdir, *extra):
   # rounding into threshold flips (1.5e-4 relative loss difference by step 6), which is not what this
   # test is about: it checks that 2 processes compute what 1 process does.
   return [sys.executable, '-m', 'ttq_jax.main', '--config', 'configs/fashion_mnist.py:smoke', '--workdir', workdir,
-          '--config.compilation_cache_dir=', '--config.batch_size=32', '--config.eval_batch_size=128',
+          '--config.batch_size=32', '--config.eval_batch_size=128',
           '--config.ternary_kernel_lr_multiplier=1.0', '--config.log_every_steps=1', *extra]
 
 
