@@ -200,7 +200,7 @@ def main():
           except RuntimeError as e:
             print(f'[fail] {e}', flush=True)
       body = fashion_mnist_table(results, seeds)
-      command = f'--table fashion_mnist --seeds {args.seeds}'
+      command = f'--table fashion_mnist --seeds {args.seeds}' + (f' --only {args.only}' if args.only else '')
     else:
       results, missing, workdirs = {}, {}, {}
       for row in paper_rows.PAPER_ROWS:
@@ -222,8 +222,10 @@ def main():
       body = paper_table(results, missing)
       out = args.results or os.path.join(ROOT, 'experiments', 'results', 'paper.md')
       command = '--table paper'
+  kept = ' The rows `--only` left out keep their runs from the results JSON (measured earlier by the same command ' \
+         'without `--only`).' if args.only and args.table == 'fashion_mnist' else ''
   text = (f'# {args.table} results\n\nMeasured by `python experiments/reproduce.py {command}` on {os.cpu_count()} '
-          f'CPU cores ({jax.default_backend()}, jax {jax.__version__}).\n\n{body}\n')
+          f'CPU cores ({jax.default_backend()}, jax {jax.__version__}).{kept}\n\n{body}\n')
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, 'w') as f:
     f.write(text)

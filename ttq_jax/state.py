@@ -138,17 +138,18 @@ SCALE_INITS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
 
 
 def start_ternary(params, config, layers) -> dict:
-  """At the switch to ternary (end of the FP warm-up, or after `init_from`): for each TTQ layer of
-  `layers` (`TrainState.ternary`), optionally scale the kernel to [-1, 1] (`normalize_init`, the paper's
-  text) and set w_p / w_n by `SCALE_INITS[config.quant.scale_init]`. Returns a new params dict."""
+  """At the switch to ternary (end of the FP warm-up, or after `init_from`): for each layer of `layers`
+  (`TrainState.ternary`) whose method trains its scales (`quant.METHODS[...].trained_scales`), optionally
+  scale the kernel to [-1, 1] (`normalize_init`, the paper's text) and set w_p / w_n by
+  `SCALE_INITS[config.quant.scale_init]`. Returns a new params dict."""
   params = flax.core.unfreeze(params) if isinstance(params, flax.core.FrozenDict) else jax.tree.map(lambda x: x, params)
   init_scales = SCALE_INITS[config.quant.scale_init]
   for layer in layers:
+    if not layer.quant.spec.trained_scales:  # TWN, BitNet: no scale to set
+      continue
     value = params
     for k in filter(None, layer.path.split('/')):
       value = value[k]
-    if 'w_p' not in value:  # TWN: nothing trained to set
-      continue
     if config.normalize_init:
       value['kernel'] = value['kernel'] / jnp.max(jnp.abs(value['kernel']))
     value['w_p'], value['w_n'] = init_scales(value['kernel'], layer, value)
