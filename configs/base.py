@@ -60,7 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_train_steps = -1              # > 0 overrides num_epochs
   config.steps_per_epoch = -1              # > 0: an epoch is N steps (as a reference log counted them)
 
-  config.optimizer = 'sgd'                 # sgd | adam
+  config.optimizer = 'sgd'                 # sgd | adam | adamw (weight decay decoupled from the gradient)
   config.learning_rate = 0.1
   config.momentum = 0.9
   config.nesterov = True
@@ -69,7 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.lr_boundaries_epochs = (0.0,)     # piecewise: epochs at which the rate becomes lr_values[i]
   config.lr_values = (0.1,)
   config.warmup_epochs = 0.0
-  config.weight_decay = 1e-4               # L2 added to the gradient of matching params
+  config.weight_decay = 1e-4               # L2 added to the gradient of matching params (adamw: decoupled)
   config.weight_decay_regex = r'kernel$'   # which params decay (slash-joined paths, searched; w_p / w_n too
                                            # if it matches them: r'(kernel|w_p|w_n)$' as the official CIFAR code)
   config.grad_clip_norm = 0.0              # > 0: clip the global gradient norm

@@ -71,6 +71,30 @@ def test_first_update_uses_sgd_for_weights_and_adam_for_scales(smoke_config):
   assert float(u['w_p']) == pytest.approx(-0.05 * (3.0 + 0.01))
 
 
+def test_adamw_decouples_weight_decay_from_the_gradient(smoke_config):
+  """Step 1 of Adam is lr * g / (|g| + eps) ~ lr * sign(g). AdamW then subtracts lr * wd * w from the params the
+  decay regex selects: kernel [1, -2], g [0.1, 0.2], lr 0.05, wd 0.1 -> -0.05 * (1 + 0.1 * 1), -0.05 * (1 - 0.1 * 2);
+  the bias (not selected) gets Adam's step alone. Adam with L2 instead adds wd * w to g before normalising, so
+  its first step is -lr * sign(g + wd * w): the decay vanishes into the normalisation."""
+  c = smoke_config
+  c.lr_schedule, c.learning_rate, c.weight_decay, c.adam_eps = 'constant', 0.05, 0.1, 1e-8
+  c.ternary_kernel_lr_multiplier, c.scale_optimizer = 1.0, 'same'
+  params = {'Dense_0': {'kernel': jnp.array([1.0, -2.0]), 'bias': jnp.array([0.5]), 'w_p': jnp.float32(1.0),
+                        'w_n': jnp.float32(1.0)}}
+  grads = {'Dense_0': {'kernel': jnp.array([0.1, 0.2]), 'bias': jnp.array([1.0]), 'w_p': jnp.float32(3.0),
+                       'w_n': jnp.float32(-0.5)}}
+  updates = {}
+  for name in ('adamw', 'adam'):
+    c.optimizer = name
+    tx = optim.create_optimizer(c, params)
+    updates[name] = tx.update(grads, tx.init(params), params)[0]['Dense_0']
+  np.testing.assert_allclose(updates['adamw']['kernel'], [-0.05 * (1 + 0.1), -0.05 * (1 - 0.2)], rtol=1e-5)
+  np.testing.assert_allclose(updates['adamw']['bias'], [-0.05], rtol=1e-5)
+  assert float(updates['adamw']['w_p']) == pytest.approx(-0.05, rel=1e-5)  # 'kernel$' does not select the scales
+  # L2 with Adam: g + wd * w = [0.2, 0.0] -> steps -0.05 * sign: [-0.05, 0] (the decay only moved the sign's input)
+  np.testing.assert_allclose(updates['adam']['kernel'], [-0.05, 0.0], rtol=1e-5, atol=1e-7)
+
+
 def test_second_sgd_update_carries_momentum(smoke_config):
   """Official optimizer (momentum 0.9, no Nesterov): v2 = 0.9 * v1 + g, update = -lr * v2."""
   c = smoke_config

@@ -67,25 +67,37 @@ def create_learning_rate_fn(config, base_learning_rate: float | None = None) -> 
 # --------------------------------------------------------------------------- optimizers
 
 
-def _sgd(config, learning_rate) -> optax.GradientTransformation:
+def _sgd(config, learning_rate, decay_mask) -> optax.GradientTransformation:
+  del decay_mask  # weight decay is L2 added to the gradient before it (`create_optimizer`)
   return optax.sgd(learning_rate, momentum=config.momentum or None, nesterov=config.nesterov)
 
 
-def _adam(config, learning_rate) -> optax.GradientTransformation:
+def _adam(config, learning_rate, decay_mask) -> optax.GradientTransformation:
+  del decay_mask  # as sgd
   return optax.adam(learning_rate, eps=config.adam_eps)
 
 
-OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {'sgd': _sgd, 'adam': _adam}
+def _adamw(config, learning_rate, decay_mask) -> optax.GradientTransformation:
+  """AdamW (Loshchilov & Hutter 2019): Adam on the gradient alone, then `weight_decay * w` subtracted times the
+  learning rate (the schedule's, warm-up included) from the params `decay_mask` selects."""
+  return optax.adamw(learning_rate, eps=config.adam_eps, weight_decay=config.weight_decay, mask=decay_mask)
 
 
-def _weights_optimizer(config) -> optax.GradientTransformation:
-  return OPTIMIZERS[config.optimizer](config, create_learning_rate_fn(config))
+# name -> (config, schedule, decay mask: params -> bool tree) -> the transformation
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {'sgd': _sgd, 'adam': _adam, 'adamw': _adamw}
+# The optimizers that apply `weight_decay` themselves, decoupled from the gradient; for the others it is L2 added
+# to the gradient before them (as the official code's regularizer).
+DECOUPLED_DECAY = ('adamw',)
+
+
+def _weights_optimizer(config, decay_mask) -> optax.GradientTransformation:
+  return OPTIMIZERS[config.optimizer](config, create_learning_rate_fn(config), decay_mask)
 
 
 # How TTQ's w_p / w_n are trained: 'adam' (their own Adam at scale_learning_rate, on the weights'
 # schedule shape) or 'same' (the weights' optimizer, as the official code).
 SCALE_OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
-    'adam': lambda config: optax.adam(create_learning_rate_fn(config, config.scale_learning_rate)),
+    'adam': lambda config, decay_mask: optax.adam(create_learning_rate_fn(config, config.scale_learning_rate)),
     'same': _weights_optimizer,
 }
 
@@ -124,16 +136,19 @@ def create_optimizer(config, params, layers=()) -> optax.GradientTransformation:
   """Weights: `OPTIMIZERS[config.optimizer]`; w_p / w_n: `SCALE_OPTIMIZERS[config.scale_optimizer]`.
   `layers`: the model's ternary layers (`quant.ternary_layers`), for the latent-kernel multiplier.
 
-  Weight decay is L2 added to the gradient (as the official code's regularizer), on params whose
-  path matches `weight_decay_regex` (latent kernels by default; `(kernel|w_p|w_n)$` adds the scales).
+  Weight decay applies to params whose path matches `weight_decay_regex` (latent kernels by default;
+  `(kernel|w_p|w_n)$` adds the scales): L2 added to the gradient (as the official code's regularizer), or
+  decoupled for the optimizers of `DECOUPLED_DECAY` (adamw).
   """
+  decay_mask = lambda tree: weight_decay_mask(tree, config.weight_decay_regex)
   inner = optax.multi_transform(
-      {'weight': _weights_optimizer(config), 'scale': SCALE_OPTIMIZERS[config.scale_optimizer](config)},
+      {'weight': _weights_optimizer(config, decay_mask),
+       'scale': SCALE_OPTIMIZERS[config.scale_optimizer](config, decay_mask)},
       param_labels(params))
   chain = []
   if config.grad_clip_norm > 0:
     chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
-  if config.weight_decay > 0:
+  if config.weight_decay > 0 and config.optimizer not in DECOUPLED_DECAY:
     chain.append(optax.add_decayed_weights(
         config.weight_decay, mask=weight_decay_mask(params, config.weight_decay_regex)))
   chain.append(inner)
