@@ -1,0 +1,117 @@
+"""`LMDecoder`: a LLaMA-style byte-level decoder in plain Flax, as BitNet b1.58 2B4T arranges it.
+
+RMSNorm pre-norms, BitNet's sub-norms (an RMSNorm before the attention output projection and before the
+MLP's down projection), rotary positions, a gated MLP, no biases, causal self-attention, a byte vocabulary
+(256 symbols: no tokenizer). Every projection is a plain `nn.Dense` named `attention/{query,key,value,out}` and
+`mlp/{gate,up,down}`, so `quant.quantize` rules select them by path; the embedding `embed` and the output
+head `head` stay full precision (as BitNet). Every method runs on the same architecture.
+
+    model = LMDecoder(num_layers=4, width=256, num_heads=4, mlp_width=688)
+    logits = model.apply(variables, tokens)          # tokens int32 [batch, seq] -> [batch, seq, 256]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+VOCAB = 256  # bytes
+# `quant.Rule` paths: every attention and MLP projection of every block (embedding and head excluded)
+PROJECTIONS = r'block_\d+/(attention/(query|key|value|out)|mlp/(gate|up|down))'
+ACTIVATIONS = {'silu': nn.silu, 'relu2': lambda x: jnp.square(nn.relu(x))}  # LLaMA's SwiGLU, BitNet 2B4T's ReLU^2
+
+
+def rotary(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Array:
+  """Rotary position embedding (Su et al. 2021), the half-split form of LLaMA / GPT-NeoX: feature pairs
+  (i, i + d/2) of `x` [..., seq, heads, d] rotated by angle position * base^(-2i/d). Computed in float32."""
+  d = x.shape[-1]
+  inv = base ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2.0 / d)
+  angles = positions.astype(jnp.float32)[:, None] * inv[None, :]          # [seq, d/2]
+  cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]      # [seq, 1, d/2]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+  """x / sqrt(mean(x^2) + eps) * scale, statistics in float32."""
+  eps: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param('scale', nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps) * scale
+    return y.astype(self.dtype)
+
+
+class Attention(nn.Module):
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions):
+    b, t, width = x.shape
+    head = width // self.num_heads
+    dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, name=name)
+    split = lambda y: y.reshape(b, t, self.num_heads, head)
+    q = rotary(split(dense(width, 'query')(x)), positions)
+    k = rotary(split(dense(width, 'key')(x)), positions)
+    v = split(dense(width, 'value')(x))
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(head))
+    causal = positions[:, None] >= positions[None, :]
+    logits = jnp.where(causal[None, None], logits, jnp.finfo(jnp.float32).min)
+    y = jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(logits, axis=-1).astype(v.dtype), v).reshape(b, t, width)
+    return dense(width, 'out')(RMSNorm(dtype=self.dtype, name='sub_norm')(y))  # BitNet's sub-norm
+
+
+class MLP(nn.Module):
+  hidden: int
+  activation: str = 'silu'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, name=name)
+    h = ACTIVATIONS[self.activation](dense(self.hidden, 'gate')(x)) * dense(self.hidden, 'up')(x)
+    return dense(x.shape[-1], 'down')(RMSNorm(dtype=self.dtype, name='sub_norm')(h))  # BitNet's sub-norm
+
+
+class Block(nn.Module):
+  num_heads: int
+  mlp_width: int
+  activation: str = 'silu'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions):
+    x = x + Attention(self.num_heads, self.dtype, name='attention')(RMSNorm(dtype=self.dtype, name='attention_norm')(x),
+                                                                     positions)
+    return x + MLP(self.mlp_width, self.activation, self.dtype, name='mlp')(RMSNorm(dtype=self.dtype, name='mlp_norm')(x))
+
+
+class LMDecoder(nn.Module):
+  """Byte-level causal decoder: tokens int [batch, seq] -> next-byte logits float32 [batch, seq, 256]."""
+  num_layers: int = 4
+  width: int = 256
+  num_heads: int = 4
+  mlp_width: int = 688
+  activation: str = 'silu'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens):
+    if self.width % self.num_heads or (self.width // self.num_heads) % 2:
+      raise ValueError(f'width={self.width} must split into num_heads={self.num_heads} heads of even size (rotary)')
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f'activation={self.activation!r} is unknown: allowed are {", ".join(ACTIVATIONS)}')
+    x = nn.Embed(VOCAB, self.width, embedding_init=nn.initializers.normal(0.02), name='embed')(tokens)
+    x = x.astype(self.dtype)
+    positions = jnp.arange(tokens.shape[-1])
+    for i in range(self.num_layers):
+      x = Block(self.num_heads, self.mlp_width, self.activation, self.dtype, name=f'block_{i}')(x, positions)
+    x = RMSNorm(dtype=self.dtype, name='final_norm')(x)
+    return nn.Dense(VOCAB, use_bias=False, dtype=self.dtype, name='head')(x).astype(jnp.float32)
