@@ -102,12 +102,12 @@ def smoke_config():
 
 
 # Test files by how long they take (seconds of one xdist worker on the 2-core CI machine, measured with
-# `--durations`); `make test` hands whole files to two workers in collection order, so the longest go first
-# and the short ones fill in behind them (otherwise one worker ends on a long file while the other idles).
-# Files not listed keep their order after these.
-LONGEST_FIRST = ('test_gcs.py', 'test_multihost.py', 'test_reliability.py', 'test_train.py', 'test_scale_out.py',
-                 'test_export.py', 'test_configs.py', 'test_protocol.py', 'test_state.py', 'test_checkpoint.py',
-                 'test_notebook.py', 'test_byo.py')
+# `--durations`); `make test` hands whole files to two workers in collection order (--no-loadscope-reorder), so
+# the longest go first and the short ones fill in behind them (otherwise one worker ends on a long file while
+# the other idles). Files not listed keep their order after these.
+LONGEST_FIRST = ('test_gcs.py', 'test_multihost.py', 'test_reliability.py', 'test_train.py', 'test_protocol.py',
+                 'test_notebook.py', 'test_scale_out.py', 'test_export.py', 'test_configs.py', 'test_readme.py',
+                 'test_state.py', 'test_checkpoint.py', 'test_byo.py', 'test_benchmark_input.py')
 
 
 def pytest_collection_modifyitems(config, items):
