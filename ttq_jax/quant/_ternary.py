@@ -13,7 +13,6 @@ TWN (Li & Liu 2016) is here too as the untrained-scale baseline.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -225,23 +224,27 @@ def bitnet_delta(w: jax.Array) -> jax.Array:
   return jax.lax.stop_gradient(0.5 / bitnet_scale(w))
 
 
+def straight_through_bwd(axes, residuals, g):
+  """The backward rule of BitNet's quantizers: the identity to the input (the whole quantization residual is
+  held constant, as `x + (quant(x) - x).detach()`), nothing to the scale or the static axes."""
+  del axes, residuals
+  return (g,)
+
+
+def _straight_through(fwd):
+  """A custom_vjp `f(x, axes)` (axes static) with forward `fwd` and the identity as its backward."""
+  f = jax.custom_vjp(lambda x, axes: fwd(x, axes)[0], nondiff_argnums=(1,))
+  f.defvjp(fwd, straight_through_bwd)
+  return f
+
+
 def bitnet_ternarize_fwd(w, axes):
   s = bitnet_scale(w, axes)
   q = jnp.clip(jnp.round(jnp.asarray(w, jnp.float32) * s), -1.0, 1.0) / s
   return q.astype(w.dtype), None
 
 
-def bitnet_ternarize_bwd(axes, residuals, g):
-  del axes, residuals
-  return (g,)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _bitnet_ternarize(w, axes):
-  return bitnet_ternarize_fwd(w, axes)[0]
-
-
-_bitnet_ternarize.defvjp(bitnet_ternarize_fwd, bitnet_ternarize_bwd)
+_bitnet_ternarize = _straight_through(bitnet_ternarize_fwd)
 
 
 def bitnet_ternarize(w: jax.Array, axes=None) -> jax.Array:
@@ -259,17 +262,7 @@ def absmax_int8_fwd(x, axes):
   return q.astype(x.dtype), None
 
 
-def absmax_int8_bwd(axes, residuals, g):
-  del axes, residuals
-  return (g,)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _absmax_int8(x, axes):
-  return absmax_int8_fwd(x, axes)[0]
-
-
-_absmax_int8.defvjp(absmax_int8_fwd, absmax_int8_bwd)
+_absmax_int8 = _straight_through(absmax_int8_fwd)
 
 
 def absmax_int8(x: jax.Array, axes) -> jax.Array:
