@@ -93,6 +93,12 @@ def test_adamw_decouples_weight_decay_from_the_gradient(smoke_config):
   assert float(updates['adamw']['w_p']) == pytest.approx(-0.05, rel=1e-5)  # 'kernel$' does not select the scales
   # L2 with Adam: g + wd * w = [0.2, 0.0] -> steps -0.05 * sign: [-0.05, 0] (the decay only moved the sign's input)
   np.testing.assert_allclose(updates['adam']['kernel'], [-0.05, 0.0], rtol=1e-5, atol=1e-7)
+  # Scales selected by the regex decay with their own Adam too (lr 0.002): decoupled under adamw, not dropped
+  c.weight_decay_regex, c.scale_optimizer, c.scale_learning_rate, c.optimizer = r'(kernel|w_p|w_n)$', 'adam', 0.002, 'adamw'
+  tx = optim.create_optimizer(c, params)
+  u = tx.update(grads, tx.init(params), params)[0]['Dense_0']
+  assert float(u['w_p']) == pytest.approx(-0.002 * (1 + 0.1 * 1.0), rel=1e-5)
+  assert float(u['w_n']) == pytest.approx(0.002 - 0.002 * 0.1 * 1.0, rel=1e-5)
 
 
 def test_second_sgd_update_carries_momentum(smoke_config):

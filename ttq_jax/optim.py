@@ -94,10 +94,18 @@ def _weights_optimizer(config, decay_mask) -> optax.GradientTransformation:
   return OPTIMIZERS[config.optimizer](config, create_learning_rate_fn(config), decay_mask)
 
 
+def _scale_adam(config, decay_mask) -> optax.GradientTransformation:
+  learning_rate = create_learning_rate_fn(config, config.scale_learning_rate)
+  if config.optimizer in DECOUPLED_DECAY:  # the L2 term is not added to the gradient then: decay scales the same way
+    return optax.adamw(learning_rate, weight_decay=config.weight_decay, mask=decay_mask)
+  return optax.adam(learning_rate)
+
+
 # How TTQ's w_p / w_n are trained: 'adam' (their own Adam at scale_learning_rate, on the weights'
-# schedule shape) or 'same' (the weights' optimizer, as the official code).
+# schedule shape) or 'same' (the weights' optimizer, as the official code). Either decays the scales that
+# `weight_decay_regex` selects as the weights' optimizer decays (L2 in the gradient, or decoupled).
 SCALE_OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
-    'adam': lambda config, decay_mask: optax.adam(create_learning_rate_fn(config, config.scale_learning_rate)),
+    'adam': _scale_adam,
     'same': _weights_optimizer,
 }
 
@@ -149,8 +157,7 @@ def create_optimizer(config, params, layers=()) -> optax.GradientTransformation:
   if config.grad_clip_norm > 0:
     chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
   if config.weight_decay > 0 and config.optimizer not in DECOUPLED_DECAY:
-    chain.append(optax.add_decayed_weights(
-        config.weight_decay, mask=weight_decay_mask(params, config.weight_decay_regex)))
+    chain.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask(params)))
   chain.append(inner)
   multiplier = config.ternary_kernel_lr_multiplier
   if multiplier != 1.0 and any(layer.quant.spec.trained_scales for layer in layers):

@@ -129,6 +129,7 @@ def test_int8_with_ttq_and_fp_and_an_embedding_refused():
   fp = quant.quantize(nn.Dense(3), [Rule(method='fp', activations='int8')])
   v = fp.init(jax.random.PRNGKey(1), x)
   np.testing.assert_allclose(fp.apply(v, x), nn.Dense(3).apply(v, jnp.asarray(_ref_act(x, (1,)))), rtol=1e-6)
+  np.testing.assert_array_equal(fp.apply(v, inputs=x), fp.apply(v, x))  # the input given by keyword too
   ttq = quant.quantize(nn.Dense(3), [Rule(activations='int8')])
   assert set(ttq.init(jax.random.PRNGKey(1), x)['params']) == {'kernel', 'bias', 'w_p', 'w_n'}
   assert quant.activation_modes(ttq, x) == {'': 'int8'} and quant.activation_modes(nn.Dense(3), x) == {}

@@ -208,14 +208,9 @@ def bitnet_scale(w: jax.Array, axes=None) -> jax.Array:
   return jax.lax.stop_gradient(1.0 / jnp.maximum(mean, BITNET_EPS))
 
 
-def bitnet_inverse_scale(w: jax.Array, axes=None) -> jax.Array:
-  """1 / s: the magnitude of a nonzero BitNet weight (equal to what `(w * s).round().clamp(-1, 1) / s` gives)."""
-  return 1.0 / bitnet_scale(w, axes)
-
-
-def bitnet_codes(w: jax.Array, inverse_scale: jax.Array) -> jax.Array:
-  """clip(round(w * s), -1, 1) in float32, rounding half to even; s = 1 / inverse_scale as `bitnet_scale` has it."""
-  s = 1.0 / inverse_scale
+def bitnet_codes(w: jax.Array, s: jax.Array) -> jax.Array:
+  """clip(round(w * s), -1, 1) in float32, rounding half to even: the one place BitNet's codes are decided
+  (the forward kernel is these codes / s, the export these codes with the scale 1 / s)."""
   return jnp.clip(jnp.round(jnp.asarray(w, jnp.float32) * s), -1.0, 1.0)
 
 
@@ -240,8 +235,7 @@ def _straight_through(fwd):
 
 def bitnet_ternarize_fwd(w, axes):
   s = bitnet_scale(w, axes)
-  q = jnp.clip(jnp.round(jnp.asarray(w, jnp.float32) * s), -1.0, 1.0) / s
-  return q.astype(w.dtype), None
+  return (bitnet_codes(w, s) / s).astype(w.dtype), None
 
 
 _bitnet_ternarize = _straight_through(bitnet_ternarize_fwd)

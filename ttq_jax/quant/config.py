@@ -12,7 +12,7 @@ choice is what the layer's input goes through (`activations`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 

@@ -23,20 +23,18 @@ from ttq_jax.quant import _ternary
 @dataclasses.dataclass(frozen=True)
 class Threshold:
   """A delta rule: `delta(w, quant)` (0-d, no gradient); `factor`: the QuantConfig field holding its parameter
-  (None: a rule without one); `formula`: what reports and docs print."""
+  (None: a rule without one)."""
   name: str
   factor: str | None
   delta: Callable[[jax.Array, Any], jax.Array]
-  formula: str
 
 
 THRESHOLDS: dict[str, Threshold] = {t.name: t for t in (
-    Threshold('max', 't', lambda w, q: _ternary.delta_from_max(w, q.t), 'delta = t * max|w| (TTQ paper Eq. 9)'),
-    Threshold('mean', 'k', lambda w, q: _ternary.delta_from_mean(w, q.k), 'delta = k * mean|w| (TWN)'),
-    Threshold('sparsity', 'sparsity', lambda w, q: _ternary.delta_from_sparsity(w, q.sparsity),
-              'delta = the |w| below which a fixed fraction of w lies'),
-    Threshold('absmean', None, lambda w, q: _ternary.bitnet_delta(w),
-              'delta = 0.5 * max(mean|w|, 1e-5): zero exactly when round(|w| / max(mean|w|, 1e-5)) = 0 (BitNet b1.58)'),
+    Threshold('max', 't', lambda w, q: _ternary.delta_from_max(w, q.t)),               # t * max|w| (TTQ Eq. 9)
+    Threshold('mean', 'k', lambda w, q: _ternary.delta_from_mean(w, q.k)),             # k * mean|w| (TWN)
+    Threshold('sparsity', 'sparsity', lambda w, q: _ternary.delta_from_sparsity(w, q.sparsity)),  # a zero fraction
+    # 0.5 * max(mean|w|, 1e-5): zero exactly when round(|w| / max(mean|w|, 1e-5)) = 0 (BitNet b1.58)
+    Threshold('absmean', None, lambda w, q: _ternary.bitnet_delta(w)),
 )}
 
 COMMON_THRESHOLDS = ('max', 'mean', 'sparsity')
@@ -49,7 +47,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array, tuple[int, ...]], jax.Array] | None]
 }
 
 
-def _reduce_axes(w_shape, scale_shape) -> tuple[int, ...] | None:
+def _reduce_axes(scale_shape) -> tuple[int, ...] | None:
   """Axes a per-output-channel statistic reduces over (None: all, per tensor)."""
   if not scale_shape:
     return None
@@ -64,14 +62,12 @@ def _codes(positive, negative) -> jax.Array:
 class Method:
   """One scale rule. `quantized`: False for full precision; `trained_scales`: the layer owns w_p / w_n
   parameters (initialised to `QuantConfig.w_p_init` / `w_n_init`); `own_threshold`: the rule that
-  `QuantConfig.threshold=None` means; `thresholds`: the rules it accepts; `gradient`: one line for docs."""
+  `QuantConfig.threshold=None` means; `thresholds`: the rules it accepts."""
   name: str
   quantized: bool
   trained_scales: bool
   own_threshold: str | None
   thresholds: tuple[str, ...]
-  summary: str
-  gradient: str
 
   def check_threshold(self, threshold: str | None) -> None:
     if threshold is None or threshold in self.thresholds:
@@ -128,24 +124,21 @@ class _TWN(Method):
 class _BitNet(Method):
 
   def kernel(self, w, w_p, w_n, quant, scale_shape=()):
-    return _ternary.bitnet_ternarize(w, _reduce_axes(w.shape, scale_shape))
+    return _ternary.bitnet_ternarize(w, _reduce_axes(scale_shape))
 
   def weights(self, w, w_p, w_n, quant, scale_shape=()):
-    w = jnp.asarray(w, jnp.float32)
-    inv = _ternary.bitnet_inverse_scale(w, _reduce_axes(w.shape, scale_shape))
-    codes = _ternary.bitnet_codes(w, inv).astype(jnp.int8)
-    return codes, inv, inv
+    s = _ternary.bitnet_scale(w, _reduce_axes(scale_shape))
+    inverse = 1.0 / s  # +-1 / s is exactly what the forward kernel's codes / s gives
+    return _ternary.bitnet_codes(w, s).astype(jnp.int8), inverse, inverse
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    _TTQ('ttq', quantized=True, trained_scales=True, own_threshold='max', thresholds=COMMON_THRESHOLDS,
-         summary='trained W_p / W_n per layer (Zhu et al. 2017)',
-         gradient='custom_vjp: dW_p = sum of g over w > delta, dW_n = -sum over w < -delta, dw scaled by the set\'s scale'),
-    _TWN('twn', quantized=True, trained_scales=False, own_threshold='mean', thresholds=COMMON_THRESHOLDS,
-         summary='alpha = mean |w| above delta (Li & Liu 2016)', gradient='straight-through (dw = g)'),
-    _BitNet('bitnet', quantized=True, trained_scales=False, own_threshold='absmean', thresholds=('absmean',),
-            summary='absmean: clip(round(w / max(mean|w|, 1e-5)), -1, 1) * max(mean|w|, 1e-5) (BitNet b1.58)',
-            gradient='straight-through (dw = g), none to the scale'),
-    _FullPrecision('fp', quantized=False, trained_scales=False, own_threshold=None, thresholds=(),
-                   summary='no quantization', gradient='plain'),
+    # trained W_p / W_n per layer (Zhu et al. 2017); custom_vjp: dW_p = sum of g over w > delta, dW_n = -sum over
+    # w < -delta, dw scaled by the scale of its set
+    _TTQ('ttq', quantized=True, trained_scales=True, own_threshold='max', thresholds=COMMON_THRESHOLDS),
+    # alpha = mean |w| above delta (Li & Liu 2016); straight-through
+    _TWN('twn', quantized=True, trained_scales=False, own_threshold='mean', thresholds=COMMON_THRESHOLDS),
+    # clip(round(w * s), -1, 1) / s, s = 1 / max(mean|w|, 1e-5) (BitNet b1.58); straight-through, none to s
+    _BitNet('bitnet', quantized=True, trained_scales=False, own_threshold='absmean', thresholds=('absmean',)),
+    _FullPrecision('fp', quantized=False, trained_scales=False, own_threshold=None, thresholds=()),
 )}

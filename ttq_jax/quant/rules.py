@@ -141,10 +141,12 @@ class _Session:
                        f'{path!r}: embedding tables cannot be ternary; layers with a kernel can: '
                        f'{", ".join(c.__name__ for c in KERNEL_LAYERS)} (an \'fp\' rule may select it)')
     self.selected[path] = rule
-    quantize_input = ACTIVATIONS[rule.activations]
-    if quantize_input is not None and not isinstance(module, nn.Embed) and args:
-      x = args[0]
-      args = (quantize_input(x, input_axes(module, jnp.ndim(x))),) + tuple(args[1:])
+    quantize_input = ACTIVATIONS[rule.activations]  # (an Embed got here only with 'float')
+    if quantize_input is not None:  # the layer's input: its first argument, or `inputs=` (every KERNEL_LAYERS name)
+      if args:
+        args = (quantize_input(args[0], input_axes(module, jnp.ndim(args[0]))),) + tuple(args[1:])
+      else:
+        kwargs = dict(kwargs, inputs=quantize_input(kwargs['inputs'], input_axes(module, jnp.ndim(kwargs['inputs']))))
     if not rule.quantized:
       return next_fun(*args, **kwargs)
     real_param = module.param
