@@ -2,7 +2,15 @@
 
 Every key is documented here (this file is the schema: `ttq_jax.config_check.validate` refuses keys that
 are not here and checks values and choices). The config is returned locked.
+
+The package reads the keys and their defaults from `ttq_jax/config_schema.json`, which this file writes
+(`python -m configs.base` after adding or changing a key; tests/test_config_check.py fails until it matches),
+so nothing in `ttq_jax/` imports `configs`.
 """
+
+import json
+import pathlib
+
 
 import ml_collections
 
@@ -25,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.train_crop = 'ttq_alexnet'   # ImageNet: ttq_alexnet (official TTQ AlexNet) | inception (fb.resnet.torch)
   config.data.limit_examples = 0           # > 0: use only the first N examples of each split
   config.data.validation_examples = 0      # > 0: hold out N training examples (fixed seed) for model choices
+  config.data.user_dataset = ''            # your own data (data=...): its facts as JSON, set by ttq_jax
   # Input worker processes (decode and augment, one batch at a time each); -1: the host's cores less 2 (the
   # ImageNet default). 0: `num_threads` threads of the training process, enough for the in-memory, vectorised
   # Fashion-MNIST / CIFAR batches.
@@ -108,3 +117,21 @@ def get_config() -> ml_collections.ConfigDict:
   # the command line (ml_collections names close matches); values of the keys above can still be set.
   config.lock()
   return config
+
+
+def flat_defaults() -> dict:
+  """{dotted key: default} of `get_config()`, tuples as JSON lists (what config_schema.json holds)."""
+  def walk(d, prefix=''):
+    for k, v in d.items():
+      if isinstance(v, dict):
+        yield from walk(v, f'{prefix}{k}.')
+      else:
+        yield f'{prefix}{k}', list(v) if isinstance(v, tuple) else v
+  return dict(walk(get_config().to_dict()))
+
+
+SCHEMA_PATH = pathlib.Path(__file__).resolve().parent.parent / 'ttq_jax' / 'config_schema.json'
+
+if __name__ == '__main__':
+  SCHEMA_PATH.write_text(json.dumps(flat_defaults(), indent=1, sort_keys=True) + '\n')
+  print(f'wrote {SCHEMA_PATH} ({len(flat_defaults())} keys)')

@@ -51,7 +51,7 @@ def make_config(model: str, dataset: str, method: str, batch_size: int, dtype: s
 
 
 def synthetic_batch(config, batch_size: int, mesh, with_mask: bool = False):
-  info = datasets.dataset_info(config.data.name)
+  info = datasets.dataset_info(config.data)
   rng = np.random.default_rng(0)
   local = {'image': rng.integers(0, 255, (batch_size, *info.image_shape), dtype=np.uint8),
            'label': rng.integers(0, info.num_classes, batch_size).astype(np.int32)}

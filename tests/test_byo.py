@@ -51,7 +51,7 @@ def test_own_model_without_train_argument_and_own_data_rules(tmp_path):
   mean / std are refused in one line; the workdir alone (and the model) exports, evaluating needs the data."""
   import jax.numpy as jnp
   import numpy as np
-  from ttq_jax import evaluation, export, quant, train
+  from ttq_jax import config_check, evaluation, export, quant, train
   from ttq_jax.errors import ConfigError
   from configs import fashion_mnist
 
@@ -75,8 +75,17 @@ def test_own_model_without_train_argument_and_own_data_rules(tmp_path):
   assert result['step'] == 2 and list(result['sparsity']) == ['hidden/kernel']
   assert result['layer_rules'] == {'hidden/kernel': {'method': 'ttq', 'threshold': 'max', 't': 0.05}}
   from ttq_jax import datasets
-  datasets.USER_SOURCES.clear()  # as in a new process: the data is gone, the workdir remains
-  datasets.DATASETS.pop(datasets.USER_DATA_NAME)
+  assert datasets.USER_DATA_NAME not in datasets.DATASETS  # nothing registered in module state
+  saved = config_check.workdir_config(None, str(tmp_path / 'run')).data
+  assert datasets.dataset_info(saved) == datasets.user_data(**data).info  # the facts travel in config.json
+  # a workdir written before data.user_dataset existed kept the facts in WORKDIR/user_dataset.json
+  import dataclasses
+  import json
+  saved_config = json.loads((tmp_path / 'run' / 'config.json').read_text())
+  del saved_config['data']['user_dataset']
+  (tmp_path / 'run' / 'config.json').write_text(json.dumps(saved_config))
+  old_facts = {k: v for k, v in dataclasses.asdict(datasets.user_data(**data).info).items() if k != 'reader'}
+  (tmp_path / 'run' / datasets.USER_DATA_INFO).write_text(json.dumps(old_facts))
   summary = export.export_workdir(None, str(tmp_path / 'run'), model=model)
   assert summary['step'] == 2 and summary['layers']['params/hidden/kernel']['numel'] == 784 * 16
   with pytest.raises(ConfigError, match=r"data.name='user' is your own data.*pass data="):

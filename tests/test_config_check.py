@@ -11,6 +11,22 @@ from ttq_jax import state as state_lib
 from ttq_jax.errors import ConfigError
 
 
+def test_the_packaged_schema_is_configs_base():
+  """ttq_jax/config_schema.json (what the package reads) holds exactly configs/base.py's keys and defaults."""
+  from configs import base
+  assert config_check.schema() == base.flat_defaults(), (
+      'ttq_jax/config_schema.json differs from configs/base.py: run `python -m configs.base`')
+
+
+def test_nothing_in_the_package_imports_configs():
+  import pathlib
+  import re
+  package = pathlib.Path(config_check.__file__).parent
+  offenders = [str(p) for p in package.rglob('*.py')
+               if re.search(r'^\s*(from configs\b|import configs\b)', p.read_text(), re.M)]
+  assert not offenders
+
+
 def test_choices_are_the_dispatch_tables():
   """Allowed values are exactly the keys the code dispatches through (nothing allowed without code)."""
   assert config_check.CHOICES['lr_schedule'] is optim.SCHEDULES

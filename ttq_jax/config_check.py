@@ -6,6 +6,7 @@ so nothing is allowed here that has no code behind it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -60,10 +61,20 @@ def _get(config, dotted: str):
   return value
 
 
+SCHEMA_FILE = os.path.join(os.path.dirname(__file__), 'config_schema.json')
+
+
+@functools.cache
+def schema() -> dict:
+  """{dotted key: default} of every config key, as `configs/base.py` (which documents them) defines them;
+  `python -m configs.base` writes the file (a test checks that it matches)."""
+  with open(SCHEMA_FILE) as f:
+    return json.load(f)
+
+
 def schema_keys() -> set[str]:
-  """Every config key (flattened): those of `configs/base.py`, which documents them."""
-  from configs import base  # noqa: PLC0415 - shipped with the package (pyproject: configs*)
-  return set(flatten(base.get_config().to_dict()))
+  """Every config key (flattened)."""
+  return set(schema())
 
 
 def check_keys(config) -> None:
@@ -85,13 +96,14 @@ def validate(config, *, custom_model: bool = False) -> None:
     if custom_model and key == 'model.name':
       continue
     value = _get(config, key)
+    if key == 'data.name' and value == datasets.USER_DATA_NAME and config.data.user_dataset:
+      continue  # your own data: its facts are in the config
     if value not in table:
       raise ConfigError(f'{key}={value!r} is unknown: allowed are {", ".join(sorted(table))}')
-  info = datasets.dataset_info(config.data.name)
+  info = datasets.dataset_info(config.data)
   min_size = 0 if custom_model else models.MIN_IMAGE_SIZE.get(config.model.name, 0)
   if min(info.image_shape[:2]) < min_size:
-    fits = [n for n in datasets.DATASETS
-            if min(datasets.dataset_info(n).image_shape[:2]) >= min_size]
+    fits = [n for n, entry in datasets.DATASETS.items() if min(entry.image_shape[:2]) >= min_size]
     raise ConfigError(f'model.name={config.model.name!r} needs images of at least {min_size}x{min_size}, but '
                       f'data.name={config.data.name!r} has {info.image_shape[0]}x{info.image_shape[1]}: '
                       f'allowed datasets for it are {", ".join(fits)}')
@@ -132,11 +144,11 @@ def validate(config, *, custom_model: bool = False) -> None:
     raise ConfigError(f'ternary_kernel_lr_multiplier={config.ternary_kernel_lr_multiplier!r} must be > 0')
   if not 0.0 <= config.target_accuracy <= 1.0:
     raise ConfigError(f'target_accuracy={config.target_accuracy!r} is out of range: allowed is 0 (off) to 1')
-  if config.get('fp_warmup_steps', 0) < 0:
+  if config.fp_warmup_steps < 0:
     raise ConfigError(f'fp_warmup_steps={config.fp_warmup_steps!r} must be >= 0 (0: fp_warmup_epochs decides)')
   if config.init_from and steps_lib.has_fp_warmup(config) and steps_lib.is_quantized(config):
     raise ConfigError(f'init_from={config.init_from!r} and a full-precision warm-up (fp_warmup_epochs='
-                      f'{config.fp_warmup_epochs!r}, fp_warmup_steps={config.get("fp_warmup_steps", 0)!r}) are both '
+                      f'{config.fp_warmup_epochs!r}, fp_warmup_steps={config.fp_warmup_steps!r}) are both '
                       'set: init_from is the full-precision warm start, so set both to 0 (or drop init_from)')
   if config.scale_optimizer == 'adam' and config.learning_rate == 0:
     raise ConfigError("learning_rate=0 with scale_optimizer='adam': the scales' schedule is the weights' schedule "
@@ -178,6 +190,21 @@ def flatten(d, prefix: str = '') -> dict:
 # Guarded keys added after workdirs already existed: a saved config without one ran with this value.
 VALUE_IF_ABSENT = {'ternary_kernel_lr_multiplier': 1.0, 'quant.k': 0.7, 'model.bn_unbiased_variance': False,
                    'model.bn_bias_init': 'zeros', 'fp_warmup_steps': 0, 'quant.activations': 'float'}
+
+
+def complete(saved: dict) -> ml_collections.ConfigDict:
+  """A saved config (config.json, an export's metadata) as a locked config with every key of this version: the
+  saved values as the run ran them (`saved_values`), keys added since at their defaults."""
+  effective = ml_collections.ConfigDict()
+  for key, value in {**schema(), **saved_values(saved)}.items():
+    node = effective
+    for part in key.split('.')[:-1]:
+      if part not in node:
+        node[part] = ml_collections.ConfigDict()
+      node = node[part]
+    node[key.split('.')[-1]] = _tuples(value)
+  effective.lock()
+  return effective
 
 
 def saved_values(saved: dict) -> dict:
@@ -299,17 +326,7 @@ def workdir_config(config, workdir: str):
     raise ConfigError(f'{path} is not readable JSON ({e}): pass --config and restore it') from None
   saved_flat = saved_values(saved)
   if config is None:
-    from configs import base  # noqa: PLC0415 - keys a saved config lacks (unguarded ones added since) take defaults
-    effective = ml_collections.ConfigDict()
-    for key, value in {**flatten(base.get_config().to_dict()), **saved_flat}.items():
-      node = effective
-      for part in key.split('.')[:-1]:
-        if part not in node:
-          node[part] = ml_collections.ConfigDict()
-        node = node[part]
-      node[key.split('.')[-1]] = _tuples(value)
-    effective.lock()
-    return effective
+    return complete(saved)
   effective = ml_collections.ConfigDict(config.to_dict())  # `config`'s keys and types, unlocked
   given = canonical_quant({**VALUE_IF_ABSENT, **flatten(json.loads(config.to_json_best_effort()))})
   same_rule = canonical_quant(saved_flat)

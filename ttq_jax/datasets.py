@@ -1,5 +1,5 @@
 """Datasets: the registry (each dataset's facts as fields of its `DatasetInfo`), Fashion-MNIST's gzip IDX
-files, tfds ArrayRecord sources, your own data (`register_dataset`), the held-out validation split.
+files, tfds ArrayRecord sources, your own data (`user_data`), the held-out validation split.
 
 A source is random access ({'image': uint8 HWC (or encoded bytes), 'label': int} by index); the pipelines
 over them are `ttq_jax.input_pipeline`, the per-image operations `ttq_jax.augment`.
@@ -37,7 +37,7 @@ class DatasetInfo:
   mean: tuple[float, ...]  # per channel, in [0, 255] units
   std: tuple[float, ...]
   test_split: str = 'test'
-  reader: str = 'tfds'        # 'idx' (gzip IDX files), 'tfds' (ArrayRecord), 'user' (`register_dataset`)
+  reader: str = 'tfds'        # 'idx' (gzip IDX files), 'tfds' (ArrayRecord), 'user' (`user_data`)
   encoded: bool = False       # images stored encoded (JPEG): decoded and cropped per example (`augment`)
   eval_short_side: int = 0    # encoded images: the short side resized to before the centre crop
 
@@ -49,15 +49,23 @@ DATASETS = {
                                 (58.395, 57.12, 57.375), test_split='validation', encoded=True, eval_short_side=256),
 }
 
-
-# Your own data, registered by name (`register_dataset`): name -> {'train': source, 'test': source};
-# `data=` of train_and_evaluate / evaluate_workdir / export_workdir registers under USER_DATA_NAME.
-USER_SOURCES: dict[str, dict[str, object]] = {}
+# Your own data (`data=` of train_and_evaluate / evaluate_workdir / export_workdir): the config names it
+# USER_DATA_NAME and carries its facts (`data.user_dataset`, a DatasetInfo as JSON, saved in config.json); its
+# sources travel explicitly, as `UserData.sources`, to the pipelines. Nothing is registered in module state.
 USER_DATA_NAME = 'user'
+USER_DATA_INFO = 'user_dataset.json'  # what workdirs written before `data.user_dataset` hold instead
 
 
-def register_dataset(name: str, *, train, test, num_classes: int | None = None, mean=None, std=None) -> DatasetInfo:
-  """Makes your own data a dataset of the pipeline (then `config.data.name = name`).
+@dataclasses.dataclass(frozen=True)
+class UserData:
+  """Your own data: its facts and its random-access sources by split ('train', 'test')."""
+  info: DatasetInfo
+  sources: dict
+
+
+def user_data(*, train, test, num_classes: int | None = None, mean=None, std=None) -> UserData:
+  """Your own data as the pipeline reads it (the `data=` dict of `train.train_and_evaluate` holds these
+  arguments).
 
   `train` / `test`: random-access sources of {'image': HWC array, 'label': int} examples (`len` and
   indexing, e.g. a grain data source) or `(images, labels)` arrays. uint8 images are normalised on the
@@ -65,53 +73,51 @@ def register_dataset(name: str, *, train, test, num_classes: int | None = None, 
   float32 (mean / std default 0 / 1).
   `num_classes` defaults to 1 + the largest training label when the data are arrays.
   """
-  if name in DATASETS and name not in USER_SOURCES and name != USER_DATA_NAME:  # your own name: replaced
-    raise ConfigError(f'data name {name!r} is a built-in dataset: register yours under another name')
   train, test = (ArraySource(*x) if isinstance(x, tuple) else x for x in (train, test))
   first = np.asarray(as_example(train[0])['image'])
   image_shape = tuple(first.shape)
   if first.dtype == np.uint8 and (mean is None or std is None):
-    raise ConfigError(f'register_dataset({name!r}): the images are uint8 (0-255) and mean / std are not given, so they '
-                      'would enter the model unnormalised: pass mean=... and std=... (per channel, in 0-255 units), '
-                      'or float images')
+    raise ConfigError('data=...: the images are uint8 (0-255) and mean / std are not given, so they would enter the '
+                      'model unnormalised: pass mean=... and std=... (per channel, in 0-255 units), or float images')
   if num_classes is None:
     if not isinstance(train, ArraySource):
-      raise ConfigError(f'register_dataset({name!r}): pass num_classes for a source that is not (images, labels) arrays')
+      raise ConfigError('data=...: pass num_classes for a source that is not (images, labels) arrays')
     num_classes = int(np.max(train.labels)) + 1
-  channels = image_shape[-1]
-  info = DatasetInfo(int(num_classes), image_shape, len(train), len(test),
-                     tuple(mean if mean is not None else (0.0,) * channels),
-                     tuple(std if std is not None else (1.0,) * channels), reader='user')
-  DATASETS[name] = info
-  USER_SOURCES[name] = {'train': train, 'test': test}
-  return info
-
-
-USER_DATA_INFO = 'user_dataset.json'  # WORKDIR/user_dataset.json: the DatasetInfo of the data a run trained on
+  mean, std = (tuple(v if v is not None else (d,) * image_shape[-1]) for v, d in ((mean, 0.0), (std, 1.0)))
+  info = DatasetInfo(int(num_classes), image_shape, len(train), len(test), mean, std, reader='user')
+  return UserData(info, {'train': train, 'test': test})
 
 
 def with_user_data(config, data, workdir: str | None = None):
-  """`config` itself without `data`; else registers `data` (a dict of `register_dataset`'s arguments:
-  train, test, and optionally num_classes, mean, std) as the dataset 'user' and returns a copy of
-  `config` that reads it. Without `data`, a `workdir` that trained on your own data (its config says
-  data.name 'user') makes that data's shapes and normalisation known again (WORKDIR/user_dataset.json), so the
-  model can be rebuilt (export); reading examples then needs `data` (a one-line error says so)."""
+  """(config, sources): `config` itself and None without `data`; else a copy of `config` that reads `data` (a
+  dict of `user_data`'s arguments) as the dataset 'user', with its facts in `data.user_dataset`, and the data's
+  sources. Without `data`, a workdir written before `data.user_dataset` existed gets the facts from its
+  WORKDIR/user_dataset.json, so the model can be rebuilt (export); reading examples then needs `data`."""
   if data is None:
-    if (workdir and config.data.name == USER_DATA_NAME and USER_DATA_NAME not in USER_SOURCES
+    if (workdir and config.data.name == USER_DATA_NAME and not config.data.user_dataset
         and files.exists(files.join(workdir, USER_DATA_INFO))):
       saved = json.loads(files.read_text(files.join(workdir, USER_DATA_INFO)))
-      saved.setdefault('reader', 'user')  # files written before the field
-      DATASETS[USER_DATA_NAME] = DatasetInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
-    return config
-  register_dataset(USER_DATA_NAME, **dict(data))
+      config = config.copy_and_resolve_references()
+      config.data.user_dataset = json.dumps({'reader': 'user', **saved})
+    return config, None
+  user = user_data(**dict(data))
   config = config.copy_and_resolve_references()
   config.data.name = USER_DATA_NAME
-  return config
+  config.data.user_dataset = json.dumps(dataclasses.asdict(user.info))
+  return config, user.sources
 
 
-def dataset_info(name: str) -> DatasetInfo:
+def dataset_info(data_config) -> DatasetInfo:
+  """The facts of the dataset `data_config` (a config's `data`, or a built-in dataset's name) names: a built-in
+  entry, or your own data's (`data.user_dataset`)."""
+  data_config = {'name': data_config} if isinstance(data_config, str) else data_config
+  name = data_config['name']
+  if name == USER_DATA_NAME and data_config.get('user_dataset'):
+    saved = json.loads(data_config['user_dataset'])
+    return DatasetInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
   if name not in DATASETS:
-    raise ConfigError(f'data.name={name!r} is unknown: allowed are {", ".join(sorted(DATASETS))}')
+    raise ConfigError(f'data.name={name!r} is unknown: allowed are {", ".join(sorted(DATASETS))}'
+                      + (' (your own data: pass data=...)' if name == USER_DATA_NAME else ''))
   return DATASETS[name]
 
 
@@ -128,7 +134,6 @@ def as_example(ex) -> dict[str, np.ndarray]:
   if image.ndim == 2:
     image = image[..., None]
   return {'image': image, 'label': np.int32(ex['label'])}
-
 
 
 # --------------------------------------------------------------------------- Fashion-MNIST (IDX)
@@ -160,12 +165,10 @@ def _read_idx(path: str, expected_ndim: int) -> np.ndarray:
     data = gzip.decompress(files.read_bytes(path))
   except (OSError, EOFError, zlib.error) as e:
     raise DataError(f'malformed IDX file {path}: {e}') from None
-  if len(data) < 4:
-    raise DataError(f'malformed IDX file {path}: {len(data)} bytes')
-  zero, dtype_code, ndim = struct.unpack('>HBB', data[:4])
+  zero, dtype_code, ndim = struct.unpack('>HBB', data[:4]) if len(data) >= 4 else (-1, 0, 0)
   if zero != 0 or dtype_code != 0x08 or ndim != expected_ndim:
-    raise DataError(f'malformed IDX file {path}: header says dtype 0x{dtype_code:02x}, {ndim} dims '
-                    f'(want uint8 with {expected_ndim} dims)')
+    raise DataError(f'malformed IDX file {path} ({len(data)} bytes): header says dtype 0x{dtype_code:02x}, {ndim} '
+                    f'dims (want uint8 with {expected_ndim} dims)')
   if len(data) < 4 + 4 * ndim:
     raise DataError(f'malformed IDX file {path}: truncated header ({len(data)} bytes)')
   shape = struct.unpack('>' + 'I' * ndim, data[4:4 + 4 * ndim])
@@ -186,11 +189,11 @@ def load_fashion_mnist(split: str, data_dir: str | None = None) -> tuple[np.ndar
   return images, labels
 
 
+@dataclasses.dataclass
 class ArraySource:
   """Random-access source over in-memory arrays (grain's RandomAccessDataSource protocol)."""
-
-  def __init__(self, images: np.ndarray, labels: np.ndarray):
-    self.images, self.labels = images, labels
+  images: np.ndarray
+  labels: np.ndarray
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -238,7 +241,7 @@ def validation_indices(train_size: int, n: int) -> tuple[np.ndarray, np.ndarray]
 
 def train_size(data_config) -> int:
   """Examples that training iterates over (the training split, less a held-out validation split)."""
-  n = dataset_info(data_config.name).train_size
+  n = dataset_info(data_config).train_size
   if data_config.limit_examples:
     n = min(n, data_config.limit_examples)
   return n - int(data_config.validation_examples or 0)
@@ -247,31 +250,31 @@ def train_size(data_config) -> int:
 # --------------------------------------------------------------------------- sources
 
 
-def get_source(data_config, split: str):
+def get_source(data_config, split: str, user_sources: dict | None = None):
   """A random-access source of {'image': uint8 HWC, 'label': int} for `split` ('train' | 'validation' |
   'test'). With `data.validation_examples` = N > 0, 'validation' is N training examples held out with a
-  fixed seed and 'train' is the rest."""
+  fixed seed and 'train' is the rest. `user_sources`: your own data's (`UserData.sources`)."""
   if split not in SPLITS:
     raise ConfigError(f'split={split!r} is unknown: allowed are {", ".join(SPLITS)}')
   held_out = int(data_config.validation_examples or 0)
   if split == 'validation' and not held_out:
     raise ConfigError('split=validation needs data.validation_examples > 0')
   if split == 'test' or not held_out:
-    return _get_source(data_config, split)
-  source = _get_source(data_config, 'train')
+    return _get_source(data_config, split, user_sources)
+  source = _get_source(data_config, 'train', user_sources)
   validation, kept = validation_indices(len(source), held_out)
   return _Subset(source, validation if split == 'validation' else kept)
 
 
-def _get_source(data_config, split: str):
+def _get_source(data_config, split: str, user_sources: dict | None):
   name = data_config.name
-  info = dataset_info(name)
+  info = dataset_info(data_config)
   limit = int(data_config.limit_examples or 0)
-  if name == USER_DATA_NAME and name not in USER_SOURCES:
-    raise ConfigError(f"data.name={name!r} is your own data, which this process does not have: pass data=... (the "
-                      'train / test arrays or sources the run was trained on)')
-  if name in USER_SOURCES:
-    source = USER_SOURCES[name][split]
+  if info.reader == 'user':
+    if user_sources is None:
+      raise ConfigError(f"data.name={name!r} is your own data, which this process does not have: pass data=... (the "
+                        'train / test arrays or sources the run was trained on)')
+    source = user_sources[split]
     return _Head(source, limit) if limit else source
   if info.reader == 'idx':
     images, labels = load_fashion_mnist(split, data_config.data_dir or None)

@@ -136,13 +136,13 @@ def eval_batches(config, source=None, split: str = 'test'):
                                      threads=config.data.num_threads)
 
 
-def recalibration_batches(config, clean=None):
+def recalibration_batches(config, clean=None, user_sources: dict | None = None):
   """The clean training batches a training run re-estimates BN statistics on (same seed, same order);
-  `clean`: the run's `input_pipeline.clean_train_dataset`, if already open."""
+  `clean`: the run's `input_pipeline.clean_train_dataset`, if already open; `user_sources`: your own data's."""
   if clean is None:
     clean = input_pipeline.clean_train_dataset(
         config.data, local_batch_size=config.batch_size // jax.process_count(), seed=config.seed,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=jax.process_index(), process_count=jax.process_count(), user_sources=user_sources)
   with input_pipeline.BatchIterator(clean[:config.bn_recalibration_batches], threads=config.data.num_threads,
                                     workers=input_pipeline.worker_count(config.data)) as it:
     yield from it
@@ -187,7 +187,7 @@ def evaluate_workdir(config, workdir: str, *, model=None, data=None, loss_fn=Non
   given to `train.train_and_evaluate`."""
   config_check.check_writable(files.resolve(workdir))  # results are written there: refuse before any work
   config = config_check.workdir_config(config, files.resolve(workdir))
-  config = datasets.with_user_data(config, data, files.resolve(workdir))
+  config, user_sources = datasets.with_user_data(config, data, files.resolve(workdir))
   config_check.validate(config, custom_model=model is not None)
   workdir = files.resolve(workdir)
   programs_lib.setup_compilation_cache(config)
@@ -206,11 +206,12 @@ def evaluate_workdir(config, workdir: str, *, model=None, data=None, loss_fn=Non
     source, quantized = 'checkpoint', steps.is_ternary_at(config, step)
     report = reports.quant_report(state, config, quantized=quantized)
   programs = programs_lib.Programs(config, mesh, state_lib.shardings_of(state), STEPS, model, loss_fn)
+  test = lambda: eval_batches(config, datasets.get_source(config.data, 'test', user_sources))
   if config.restore_from:  # an export carries one set of BN statistics (metadata `bn_statistics`)
-    columns = {file_bn: (evaluate(programs, state, eval_batches(config), quantized), state)}
+    columns = {file_bn: (evaluate(programs, state, test(), quantized), state)}
   else:
-    columns = evaluate_columns(config, programs, state, lambda: eval_batches(config), lambda: recalibration_batches(config),
-                               quantized)
+    columns = evaluate_columns(config, programs, state, test,
+                               lambda: recalibration_batches(config, user_sources=user_sources), quantized)
   column, metrics = headline(columns)
   result = {'step': int(step), 'source': source, **metrics, 'bn_statistics': column,
             'test': {c: m for c, (m, _) in columns.items()},

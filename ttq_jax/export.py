@@ -8,7 +8,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
 
 from ttq_jax import config_check
@@ -33,7 +32,7 @@ def load(path: str, model: nn.Module | None = None):
   variables, metadata, _ = export_format.read(path)
   modes = json.loads(metadata.get('activations', '{}'))  # layers whose input the trained model quantized
   if model is None:
-    model = state_lib.create_model(ml_collections.ConfigDict(json.loads(metadata['config'])), quantized=False)
+    model = state_lib.create_model(config_check.complete(json.loads(metadata['config'])), quantized=False)
   return quant_lib.with_activation_modes(model, modes), variables
 
 
@@ -52,12 +51,12 @@ def _check_step(config, step: int) -> None:
     start = steps.ternary_start_step(config)
     raise ExportError(
         f'checkpoint step {step} is from the full-precision warm-up (ternary training starts after step {start}, '
-        f'fp_warmup_steps={config.get("fp_warmup_steps", 0)}, fp_warmup_epochs={config.fp_warmup_epochs}): its '
+        f'fp_warmup_steps={config.fp_warmup_steps}, fp_warmup_epochs={config.fp_warmup_epochs}): its '
         f'ternary codes were never trained; export a checkpoint '
         f'after step {start} (--config.eval_step) or evaluate this one with --mode eval')
 
 
-def _headline_bn_statistics(config, mesh, state, model, user_data: bool):
+def _headline_bn_statistics(config, mesh, state, model, user_sources: dict | None):
   """(state with the BN statistics the export carries, their name): those of the headline evaluation. With
   `export.bn_statistics='reestimated'` and `bn_recalibration_batches` > 0, re-estimated on the clean training
   batches exactly as `--mode eval` does (same seed, same batches), so the file scores what the checkpoint's
@@ -67,11 +66,11 @@ def _headline_bn_statistics(config, mesh, state, model, user_data: bool):
     return state, 'running'
   from ttq_jax import evaluation  # noqa: PLC0415 - evaluation's steps and the recalibration stream
   try:
-    batches = list(evaluation.recalibration_batches(config))
+    batches = list(evaluation.recalibration_batches(config, user_sources=user_sources))
   except (ConfigError, DataError, OSError) as e:
     raise ExportError(f"export.bn_statistics='reestimated' re-estimates BN statistics on the training data, which is "
                       f'not available here ({str(e).splitlines()[0][:160]}): pass the data'
-                      f'{" (data=...)" if user_data or config.data.name == datasets.USER_DATA_NAME else ""} or '
+                      f'{" (data=...)" if config.data.name == datasets.USER_DATA_NAME else ""} or '
                       "export training's running statistics with --config.export.bn_statistics=running") from None
   programs = programs_lib.Programs(config, mesh, state_lib.shardings_of(state), evaluation.STEPS, model)
   return evaluation.recalibrate_batch_stats(programs, state, batches, quantized=True), 'reestimated'
@@ -83,7 +82,7 @@ def export_workdir(config, workdir: str, *, model=None, data=None) -> dict[str, 
   (`config_check.workdir_config`; `config` may be None)."""
   config_check.check_writable(files.resolve(workdir))  # results are written there: refuse before any work
   config = config_check.workdir_config(config, files.resolve(workdir))
-  config = datasets.with_user_data(config, data, files.resolve(workdir))
+  config, user_sources = datasets.with_user_data(config, data, files.resolve(workdir))
   config_check.validate(config, custom_model=model is not None)
   packing = config.export.packing
   _check_method(config)
@@ -91,11 +90,11 @@ def export_workdir(config, workdir: str, *, model=None, data=None) -> dict[str, 
   mesh, step, state, _ = state_lib.restore(config, workdir, step=None if config.eval_step < 0 else config.eval_step,
                                            model=model)
   _check_step(config, step)
-  state, bn_statistics = _headline_bn_statistics(config, mesh, state, model, data is not None)
+  state, bn_statistics = _headline_bn_statistics(config, mesh, state, model, user_sources)
   params, batch_stats = jax.device_get((state.params, state.batch_stats))
   tensors = export_format.build_export(params, batch_stats, state.ternary, packing)
   path = files.join(workdir, 'export', 'model.safetensors')
-  image_shape = datasets.dataset_info(config.data.name).image_shape
+  image_shape = datasets.dataset_info(config.data).image_shape
   modes = state_lib.activation_modes(model or state_lib.create_model(config), image_shape)
   if jax.process_index() == 0:
     export_format.save(path, tensors, packing=packing, config=config, step=step, bn_statistics=bn_statistics,

@@ -61,15 +61,16 @@ class _ProcessRows:
 
 
 def train_dataset(data_config, *, local_batch_size: int, seed: int, process_index: int = 0,
-                  process_count: int = 1, augment: bool = True) -> grain.MapDataset:
+                  process_count: int = 1, augment: bool = True, user_sources: dict | None = None) -> grain.MapDataset:
   """Infinite, shuffled-per-epoch, augmented batches: this process's rows of each global batch.
 
   Batch k is a pure function of (seed, k) and the process's row range: `ds[k]` can be recomputed at
   any time, and a run on N processes sees the same global batches and augmentations as on one.
+  `user_sources`: your own data's (`datasets.UserData.sources`).
   """
-  info = datasets.dataset_info(data_config.name)
+  info = datasets.dataset_info(data_config)
   global_batch = local_batch_size * process_count
-  stream = grain.MapDataset.source(datasets.get_source(data_config, 'train')).shuffle(seed=seed).repeat(None)
+  stream = grain.MapDataset.source(datasets.get_source(data_config, 'train', user_sources)).shuffle(seed=seed).repeat(None)
   rows = _ProcessRows(stream, global_batch, local_batch_size, process_index)
   if info.encoded:  # decoded and cropped per example (in the workers)
     size = info.image_shape[0]
@@ -98,7 +99,7 @@ def eval_dataset(data_config, *, split: str = 'test', global_batch_size: int, pr
                  process_count: int = 1, source=None) -> grain.MapDataset:
   """Batch k = this process's part of global eval batch k, in order, the last one padded (`mask` = 0);
   `source`: the split's source when the caller already holds it (else it is opened here)."""
-  info = datasets.dataset_info(data_config.name)
+  info = datasets.dataset_info(data_config)
   source = datasets.get_source(data_config, split) if source is None else source
   n = len(source)
   local = global_batch_size // process_count
@@ -127,10 +128,11 @@ def eval_batches(data_config, *, split: str = 'test', global_batch_size: int, pr
 
 
 def clean_train_dataset(data_config, *, local_batch_size: int, seed: int, process_index: int = 0,
-                        process_count: int = 1) -> grain.MapDataset:
+                        process_count: int = 1, user_sources: dict | None = None) -> grain.MapDataset:
   """Un-augmented training batches from their own shuffle (for BN re-estimation)."""
   return train_dataset(data_config, local_batch_size=local_batch_size, seed=seed + CLEAN_STREAM_SEED_OFFSET,
-                       process_index=process_index, process_count=process_count, augment=False)
+                       process_index=process_index, process_count=process_count, augment=False,
+                       user_sources=user_sources)
 
 
 def worker_count(data_config) -> int:

@@ -68,7 +68,7 @@ class Programs:
     """`model`: your own (its full-precision twin is `quant.unquantized(model)`); default: the config's."""
     self.config, self.mesh, self.state_shardings, self.steps = config, mesh, state_shardings, dict(steps)
     self.loss_fn = loss_fn
-    self.info = datasets.dataset_info(config.data.name)
+    self.info = datasets.dataset_info(config.data)
     self.dtype = state_lib.compute_dtype(config)
     if model is None:
       self.models = {True: state_lib.create_model(config), False: state_lib.create_model(config, quantized=False)}

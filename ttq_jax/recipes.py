@@ -48,7 +48,7 @@ def _lr_steps(config) -> tuple[list[int], list[float]]:
 def describe(config) -> dict[str, Any]:
   """The recipe `config` runs (see module docstring); param paths are slash-joined Flax paths."""
   model = state_lib.create_model(config)
-  image_shape = datasets.dataset_info(config.data.name).image_shape
+  image_shape = datasets.dataset_info(config.data).image_shape
   params = jax.eval_shape(lambda: state_lib.init_variables(model, jax.random.PRNGKey(0), image_shape))['params']
   ternary = [layer.kernel_path for layer in state_lib.ternary_layers(model, image_shape)]
   paths = [optim.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]

@@ -40,14 +40,13 @@ def compute_dtype(config):
 
 def create_model(config, *, quantized: bool = True) -> nn.Module:
   """The configured model; `quantized=False` gives its full-precision twin (same param paths)."""
-  info = datasets.dataset_info(config.data.name)
+  info = datasets.dataset_info(config.data)
   q = quant_config(config) if quantized else quant_lib.QuantConfig(method='fp')
   return models.create_model(config.model.name, num_classes=info.num_classes, quant=q,
                              full_precision=config.quant.full_precision_layers,
                              ghost_batch_size=config.model.bn_ghost_batch_size,
-                             # absent from configs saved before these keys (exports' metadata): their values then
-                             bn_unbiased_variance=config.model.get('bn_unbiased_variance', False),
-                             bn_bias_init=config.model.get('bn_bias_init', 'zeros'), dtype=compute_dtype(config))
+                             bn_unbiased_variance=config.model.bn_unbiased_variance,
+                             bn_bias_init=config.model.bn_bias_init, dtype=compute_dtype(config))
 
 
 def accepts_train(model: nn.Module) -> bool:
@@ -87,7 +86,7 @@ def ternary_layers(model: nn.Module, image_shape) -> tuple[quant_lib.TernaryLaye
 
 def create_train_state(config, model: nn.Module, mesh, rng: jax.Array | None = None) -> TrainState:
   """A fresh train state created directly with its shardings (no host copy of the parameters)."""
-  info = datasets.dataset_info(config.data.name)
+  info = datasets.dataset_info(config.data)
   rng = jax.random.PRNGKey(config.seed) if rng is None else rng
   init_rng, _ = jax.random.split(rng)  # (the second key seeded a state rng nothing used; kept for equal inits)
 

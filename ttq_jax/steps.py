@@ -17,7 +17,7 @@ def steps_per_epoch(config) -> int:
   """Global batches per pass over the (possibly limited) training split, less any validation split; or
   `config.steps_per_epoch` when > 0 (an "epoch" as the reference code logged it, e.g. 390 steps of 256
   images on CIFAR-10: two passes)."""
-  if config.get('steps_per_epoch', -1) > 0:
+  if config.steps_per_epoch > 0:
     return int(config.steps_per_epoch)
   return max(1, datasets.train_size(config.data) // config.batch_size)
 
@@ -48,14 +48,14 @@ def ternary_start_step(config) -> int:
   """
   if not is_quantized(config) or config.init_from:
     return 0
-  if config.get('fp_warmup_steps', 0) > 0:
+  if config.fp_warmup_steps > 0:
     return int(config.fp_warmup_steps)
   return epochs_to_steps(config, config.fp_warmup_epochs)
 
 
 def has_fp_warmup(config) -> bool:
   """Whether the config asks for an in-run full-precision warm-up (`fp_warmup_steps` or `fp_warmup_epochs`)."""
-  return config.get('fp_warmup_steps', 0) > 0 or config.fp_warmup_epochs > 0
+  return config.fp_warmup_steps > 0 or config.fp_warmup_epochs > 0
 
 
 def ternary_steps(config, step: int) -> int:

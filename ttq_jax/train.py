@@ -146,16 +146,16 @@ class _Input:
   sources: dict
 
   @classmethod
-  def create(cls, config, mesh) -> '_Input':
+  def create(cls, config, mesh, user_sources: dict | None = None) -> '_Input':
     stream = dict(local_batch_size=config.batch_size // jax.process_count(), seed=config.seed,
-                  process_index=jax.process_index(), process_count=jax.process_count())
+                  process_index=jax.process_index(), process_count=jax.process_count(), user_sources=user_sources)
     ds = input_pipeline.train_dataset(config.data, **stream)
     iterator = input_pipeline.BatchIterator(ds, workers=input_pipeline.worker_count(config.data),
                                             threads=config.data.num_threads)
     splits = ('validation', 'test') if config.data.validation_examples else ('test',)
     return cls(config, iterator, input_pipeline.Prefetcher(iterator, mesh, config.data.prefetch_batches),
                input_pipeline.clean_train_dataset(config.data, **stream),
-               {split: datasets.get_source(config.data, split) for split in splits})
+               {split: datasets.get_source(config.data, split, user_sources) for split in splits})
 
   @property
   def selection_split(self) -> str:
@@ -273,12 +273,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
   Bring your own (Python callers; the CLI builds everything from the config): `model`, any Flax model
   (e.g. `quant.quantize(my_model, rules)`; called as `model.apply(variables, images, train=...)`, without
   `train` when its `__call__` has no such argument); `data`,
-  a dict of `datasets.register_dataset` arguments (train / test sources or arrays, ...); `loss_fn`,
+  a dict of `datasets.user_data` arguments (train / test sources or arrays, ...); `loss_fn`,
   `(logits, labels) -> per-example loss`. Checkpoints, resume, logging, eval and export work the same.
   Returns the final eval metrics with the quantization report.
   """
   # Setup: every check that can refuse runs before anything is compiled or written.
-  config = datasets.with_user_data(config, data)
+  config, user_sources = datasets.with_user_data(config, data)
   config_check.validate(config, custom_model=model is not None)
   config_check.check_warm_start(config)
   started = time.perf_counter()
@@ -288,15 +288,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
   mesh = sharding_lib.create_mesh(config.mesh_shape, config.mesh_axes)
   sharding_lib.check_batch_size(config.batch_size, mesh)
   sharding_lib.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
-  inputs = _Input.create(config, mesh)  # a missing dataset fails here
+  inputs = _Input.create(config, mesh, user_sources)  # a missing dataset fails here
   state = state_lib.create_train_state(config, model or state_lib.create_model(config), mesh)
   primary = jax.process_index() == 0
   if model is not None and primary and (mismatch := reports.rules_differ_from_config(state.ternary, config)):
     logging.warning('%s', mismatch)
   config_check.write_config(config, workdir)
-  if data is not None and primary:  # what export needs to rebuild the model without the data
-    files.write_json(files.join(workdir, datasets.USER_DATA_INFO),
-                     dataclasses.asdict(datasets.dataset_info(config.data.name)))
   programs = create_programs(config, mesh, state, model, loss_fn)
   manager = ckpt.create_manager(workdir, max_to_keep=config.keep_checkpoints)
   total, ternary_start = steps_lib.total_steps(config), steps_lib.ternary_start_step(config)
