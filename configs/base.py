@@ -24,9 +24,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.bn_ghost_batch_size = 0     # > 0: BN statistics per group of N examples (the official per-GPU batch)
   config.model.bn_unbiased_variance = False  # BN normalises training groups with var x N / (N - 1) (tensorpack)
   config.model.bn_bias_init = 'zeros'     # zeros | uniform_unit_scaling (tensorpack's beta: U(-sqrt 3, sqrt 3))
+  # Sizes of models that have these fields (ViT, lm_decoder); 0 / '' = the model's own (models.MODELS)
+  config.model.depth = 0                   # blocks
+  config.model.width = 0                   # residual stream width
+  config.model.num_heads = 0
+  config.model.mlp_width = 0               # lm_decoder: the gated MLP's hidden width
+  config.model.activation = ''             # lm_decoder: silu (SwiGLU) | relu2 (BitNet 2B4T's squared ReLU)
 
   config.data = ml_collections.ConfigDict()
-  config.data.name = 'cifar10'             # fashion_mnist | cifar10 | imagenet2012
+  config.data.name = 'cifar10'             # fashion_mnist | cifar10 | imagenet2012 | python_docs (text)
   config.data.data_dir = ''                # '' = default place (see README, "Datasets")
   config.data.crop_padding = 4             # random crop after zero padding (CIFAR: 40x40 -> 32x32)
   config.data.random_flip = True
@@ -34,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.limit_examples = 0           # > 0: use only the first N examples of each split
   config.data.validation_examples = 0      # > 0: hold out N training examples (fixed seed) for model choices
   config.data.user_dataset = ''            # your own data (data=...): its facts as JSON, set by ttq_jax
+  config.data.seq_len = 256                # text datasets (python_docs): bytes a training / evaluation window predicts
   # Input worker processes (decode and augment, one batch at a time each); -1: the host's cores less 2 (the
   # ImageNet default). 0: `num_threads` threads of the training process, enough for the in-memory, vectorised
   # Fashion-MNIST / CIFAR batches.
@@ -78,6 +85,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.lr_boundaries_epochs = (0.0,)     # piecewise: epochs at which the rate becomes lr_values[i]
   config.lr_values = (0.1,)
   config.warmup_epochs = 0.0
+  config.warmup_steps = 0                  # > 0 overrides warmup_epochs
+  config.warmup_steps = 0                  # > 0 overrides warmup_epochs
   config.weight_decay = 1e-4               # L2 added to the gradient of matching params (adamw: decoupled)
   config.weight_decay_regex = r'kernel$'   # which params decay (slash-joined paths, searched; w_p / w_n too
                                            # if it matches them: r'(kernel|w_p|w_n)$' as the official CIFAR code)

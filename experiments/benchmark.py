@@ -53,7 +53,7 @@ def make_config(model: str, dataset: str, method: str, batch_size: int, dtype: s
 def synthetic_batch(config, batch_size: int, mesh, with_mask: bool = False):
   info = datasets.dataset_info(config.data)
   rng = np.random.default_rng(0)
-  local = {'image': rng.integers(0, 255, (batch_size, *info.image_shape), dtype=np.uint8),
+  local = {'image': rng.integers(0, 255, (batch_size, *info.input_shape), dtype=np.uint8),
            'label': rng.integers(0, info.num_classes, batch_size).astype(np.int32)}
   if with_mask:
     local['mask'] = np.ones(batch_size, np.float32)
@@ -244,12 +244,12 @@ def bench_torch(args, mesh, results):
   device = 'cuda' if jax.default_backend() == 'gpu' and torch.cuda.is_available() else 'cpu'
   info = datasets.dataset_info(args.dataset)
   ours = Runner(make_config(args.model, args.dataset, 'ttq', args.batch_size, args.dtype), mesh)
-  torch_train, torch_eval = torch_resnet20_steps(args.batch_size, info.image_shape, info.num_classes, False, device,
+  torch_train, torch_eval = torch_resnet20_steps(args.batch_size, info.input_shape, info.num_classes, False, device,
                                                 args.eval_batch_size)
   fns = {'jax_ttq': ours.train_step, 'torch_fp_nchw': torch_train}
   evals = {'jax_ttq_eval': ours.eval_step_fn(args.eval_batch_size), 'torch_fp_nchw_eval': torch_eval}
   if device == 'cpu':
-    cl_train, cl_eval = torch_resnet20_steps(args.batch_size, info.image_shape, info.num_classes, True, device,
+    cl_train, cl_eval = torch_resnet20_steps(args.batch_size, info.input_shape, info.num_classes, True, device,
                                             args.eval_batch_size)
     fns['torch_fp_channels_last'], evals['torch_fp_channels_last_eval'] = cl_train, cl_eval
   # Blocks of 3 (the first of each untimed): see interleaved_ms.
@@ -325,7 +325,7 @@ def bench_memory(args, mesh, results):
       shardings = jax.tree.map(lambda _: sharding_lib.replicated(one), state)
       state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state, shardings)
       info = datasets.dataset_info(dataset)
-      batch = {'image': jax.ShapeDtypeStruct((per_device, *info.image_shape), jnp.uint8),
+      batch = {'image': jax.ShapeDtypeStruct((per_device, *info.input_shape), jnp.uint8),
                'label': jax.ShapeDtypeStruct((per_device,), jnp.int32)}
       fn = lambda s, b: train.train_step(s, b, apply_fn=state_lib.create_model(config).apply, info=info,
                                          dtype=state_lib.compute_dtype(config))

@@ -2,6 +2,7 @@ r"""Reproduction harness: the paper's rows (and their recipes), and our Fashion-
 
     python experiments/reproduce.py --table fashion_mnist [--seeds 0,1,2]   # CPU, offline (~8 min a run)
     python experiments/reproduce.py --table fashion_mnist_protocol [--seeds 0,1,2] [--budget tiny|cpu|gpu] [--parallel N]
+    python experiments/reproduce.py --table lm --seeds 0,1,2 [--budget tiny|cpu|gpu] [--only fp,ttq,...]  # ternary LMs
     python experiments/reproduce.py --table paper                           # the paper's rows + FP twins
     python experiments/reproduce.py --table paper --describe [--json OUT] [--markdown docs/recipes.md]
 
@@ -12,7 +13,8 @@ running BN statistics and, separately, with re-estimated ones; for Fashion-MNIST
 validation split, reported on test, mean +- std over seeds. `--describe` prints the effective recipe of
 every paper row, computed from its config (`ttq_jax.recipes`), next to the official values.
 `--table fashion_mnist_protocol` is the paper's protocol (one FP checkpoint per seed, every method
-fine-tunes it): `experiments/protocol.py`.
+fine-tunes it): `experiments/protocol.py`. `--table lm` (byte-level decoders on the Python documentation: FP,
+TTQ, BitNet b1.58, TWN, 8-bit activations, fine-tunes from FP): `experiments/lm_table.py`.
 """
 
 from __future__ import annotations
@@ -149,9 +151,10 @@ def describe(args) -> None:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--table', choices=['fashion_mnist', 'fashion_mnist_protocol', 'paper'], default='fashion_mnist')
+  p.add_argument('--table', choices=['fashion_mnist', 'fashion_mnist_protocol', 'lm', 'paper'], default='fashion_mnist')
   p.add_argument('--budget', choices=['tiny', 'cpu', 'gpu'], default='cpu',
-                 help='fashion_mnist_protocol: steps of the FP checkpoint and of the fine-tunes (configs/fashion_mnist_protocol.py)')
+                 help='fashion_mnist_protocol: steps of the FP checkpoint and of the fine-tunes (configs/fashion_mnist_protocol.py); '
+                 'lm: model size and steps (experiments/lm_table.py)')
   p.add_argument('--parallel', type=int, default=1, help='fashion_mnist_protocol: runs at once (processes)')
   p.add_argument('--seeds', default='0,1,2', help='fashion_mnist: comma-separated config.seed values')
   p.add_argument('--describe', action='store_true', help='paper: print each row\'s effective recipe, run nothing')
@@ -163,7 +166,7 @@ def main():
                  'the cpu [gpu] budget, the workdir for tiny)')
   p.add_argument('--allow-cpu', action='store_true')
   p.add_argument('--only', default='', help='comma-separated substrings: run only matching rows (fashion_mnist: the '
-                 'other rows keep their runs from the results JSON)')
+                 'other rows keep their runs from the results JSON; lm: row keys of experiments/lm_table.py ROWS)')
   p.add_argument('--collect-only', action='store_true', help='fashion_mnist: table of the finished runs, train nothing')
   args = p.parse_args()
   if args.describe:
@@ -173,6 +176,10 @@ def main():
       p.error(f'--parallel={args.parallel} must be >= 1')
     import protocol  # experiments/protocol.py
     protocol.main(args)
+    return
+  if args.table == 'lm':
+    import lm_table  # experiments/lm_table.py
+    lm_table.main(args)
     return
   root = os.path.join(args.workdir_root, args.table)
   os.makedirs(root, exist_ok=True)

@@ -43,7 +43,7 @@ CHOICES = {
 }
 POSITIVE_INTS = ('batch_size', 'eval_batch_size', 'log_every_steps', 'checkpoint_every_steps')
 # Fields that change what the model or data are: a workdir trained with other values is refused.
-GUARDED_PREFIXES = ('model.', 'quant.', 'data.name', 'data.limit_examples', 'data.validation_examples', 'dtype', 'seed', 'fp_warmup_epochs',
+GUARDED_PREFIXES = ('model.', 'quant.', 'data.name', 'data.seq_len', 'data.limit_examples', 'data.validation_examples', 'dtype', 'seed', 'fp_warmup_epochs',
                     'fp_warmup_steps', 'init_from', 'ternary_kernel_lr_multiplier')
 # What `--mode eval` / `--mode export` may change of a workdir's saved config: how to read and evaluate it, never
 # what was trained (WORKDIR/config.json decides that).
@@ -102,10 +102,10 @@ def validate(config, *, custom_model: bool = False) -> None:
       raise ConfigError(f'{key}={value!r} is unknown: allowed are {", ".join(sorted(table))}')
   info = datasets.dataset_info(config.data)
   min_size = 0 if custom_model else models.MIN_IMAGE_SIZE.get(config.model.name, 0)
-  if min(info.image_shape[:2]) < min_size:
-    fits = [n for n, entry in datasets.DATASETS.items() if min(entry.image_shape[:2]) >= min_size]
+  if len(info.input_shape) == 3 and min(info.input_shape[:2]) < min_size:
+    fits = [n for n, entry in datasets.DATASETS.items() if len(entry.input_shape) == 3 and min(entry.input_shape[:2]) >= min_size]
     raise ConfigError(f'model.name={config.model.name!r} needs images of at least {min_size}x{min_size}, but '
-                      f'data.name={config.data.name!r} has {info.image_shape[0]}x{info.image_shape[1]}: '
+                      f'data.name={config.data.name!r} has {info.input_shape[0]}x{info.input_shape[1]}: '
                       f'allowed datasets for it are {", ".join(fits)}')
   try:
     QuantConfig.from_mapping(config.quant)
@@ -117,6 +117,10 @@ def validate(config, *, custom_model: bool = False) -> None:
     raise ConfigError(f'quant.full_precision_layers={config.quant.full_precision_layers!r} is not a regex ({e}): '
                       f"allowed are '{models.EDGES}', '' or a regex over module paths") from None
   held_out = config.data.validation_examples
+  if info.own_validation and (held_out or config.data.limit_examples):
+    key = 'validation_examples' if held_out else 'limit_examples'
+    raise ConfigError(f'data.{key}={config.data[key]!r}: {config.data.name} has its own validation split and is '
+                      'read whole: allowed is 0')
   size = min(info.train_size, config.data.limit_examples or info.train_size)
   if held_out and not 0 < held_out < size:
     raise ConfigError(f'data.validation_examples={held_out!r} must be 0 (none) or between 1 and {size - 1} '
@@ -189,7 +193,9 @@ def flatten(d, prefix: str = '') -> dict:
 
 # Guarded keys added after workdirs already existed: a saved config without one ran with this value.
 VALUE_IF_ABSENT = {'ternary_kernel_lr_multiplier': 1.0, 'quant.k': 0.7, 'model.bn_unbiased_variance': False,
-                   'model.bn_bias_init': 'zeros', 'fp_warmup_steps': 0, 'quant.activations': 'float'}
+                   'model.bn_bias_init': 'zeros', 'fp_warmup_steps': 0, 'quant.activations': 'float',
+                   'model.depth': 0, 'model.width': 0, 'model.num_heads': 0, 'model.mlp_width': 0,
+                   'model.activation': '', 'data.seq_len': 256}
 
 
 def complete(saved: dict) -> ml_collections.ConfigDict:

@@ -31,7 +31,7 @@ SPLITS = ('train', 'validation', 'test')
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
   num_classes: int
-  image_shape: tuple[int, int, int]  # what the model sees
+  input_shape: tuple[int, ...]  # what the model sees per example: HWC image, or (seq_len,) bytes
   train_size: int
   test_size: int
   mean: tuple[float, ...]  # per channel, in [0, 255] units
@@ -40,6 +40,9 @@ class DatasetInfo:
   reader: str = 'tfds'        # 'idx' (gzip IDX files), 'tfds' (ArrayRecord), 'user' (`user_data`)
   encoded: bool = False       # images stored encoded (JPEG): decoded and cropped per example (`augment`)
   eval_short_side: int = 0    # encoded images: the short side resized to before the centre crop
+  task: str = 'classify'      # ttq_jax.tasks.TASKS: the steps' loss and metrics, the metric runs are chosen by
+  input_dtype: str = 'float32'  # of the model's input (uint8 images are normalised to float32 on the device)
+  own_validation: bool = False  # a validation split of its own (else held out of train: data.validation_examples)
 
 
 DATASETS = {
@@ -47,6 +50,9 @@ DATASETS = {
     'cifar10': DatasetInfo(10, (32, 32, 3), 50_000, 10_000, (125.3, 123.0, 113.9), (63.0, 62.1, 66.7)),
     'imagenet2012': DatasetInfo(1000, (224, 224, 3), 1_281_167, 50_000, (123.675, 116.28, 103.53),
                                 (58.395, 57.12, 57.375), test_split='validation', encoded=True, eval_short_side=256),
+    # bytes; shape and sizes (in windows of data.seq_len) measured on the corpus by `text.dataset_facts`
+    'python_docs': DatasetInfo(256, (0,), 0, 0, (), (), reader='text', task='next_byte', input_dtype='int32',
+                               own_validation=True),
 }
 
 # Your own data (`data=` of train_and_evaluate / evaluate_workdir / export_workdir): the config names it
@@ -75,7 +81,7 @@ def user_data(*, train, test, num_classes: int | None = None, mean=None, std=Non
   """
   train, test = (ArraySource(*x) if isinstance(x, tuple) else x for x in (train, test))
   first = np.asarray(as_example(train[0])['image'])
-  image_shape = tuple(first.shape)
+  input_shape = tuple(first.shape)
   if first.dtype == np.uint8 and (mean is None or std is None):
     raise ConfigError('data=...: the images are uint8 (0-255) and mean / std are not given, so they would enter the '
                       'model unnormalised: pass mean=... and std=... (per channel, in 0-255 units), or float images')
@@ -83,8 +89,8 @@ def user_data(*, train, test, num_classes: int | None = None, mean=None, std=Non
     if not isinstance(train, ArraySource):
       raise ConfigError('data=...: pass num_classes for a source that is not (images, labels) arrays')
     num_classes = int(np.max(train.labels)) + 1
-  mean, std = (tuple(v if v is not None else (d,) * image_shape[-1]) for v, d in ((mean, 0.0), (std, 1.0)))
-  info = DatasetInfo(int(num_classes), image_shape, len(train), len(test), mean, std, reader='user')
+  mean, std = (tuple(v if v is not None else (d,) * input_shape[-1]) for v, d in ((mean, 0.0), (std, 1.0)))
+  info = DatasetInfo(int(num_classes), input_shape, len(train), len(test), mean, std, reader='user')
   return UserData(info, {'train': train, 'test': test})
 
 
@@ -98,6 +104,7 @@ def with_user_data(config, data, workdir: str | None = None):
         and files.exists(files.join(workdir, USER_DATA_INFO))):
       saved = json.loads(files.read_text(files.join(workdir, USER_DATA_INFO)))
       config = config.copy_and_resolve_references()
+      saved['input_shape'] = saved.pop('image_shape', saved.get('input_shape'))  # the name it had then
       config.data.user_dataset = json.dumps({'reader': 'user', **saved})
     return config, None
   user = user_data(**dict(data))
@@ -118,6 +125,9 @@ def dataset_info(data_config) -> DatasetInfo:
   if name not in DATASETS:
     raise ConfigError(f'data.name={name!r} is unknown: allowed are {", ".join(sorted(DATASETS))}'
                       + (' (your own data: pass data=...)' if name == USER_DATA_NAME else ''))
+  if DATASETS[name].reader == 'text' and not isinstance(data_config, dict):
+    from ttq_jax import text  # noqa: PLC0415 - the corpus is read only for text datasets
+    return text.dataset_facts(DATASETS[name], data_config)
   return DATASETS[name]
 
 
@@ -256,6 +266,9 @@ def get_source(data_config, split: str, user_sources: dict | None = None):
   fixed seed and 'train' is the rest. `user_sources`: your own data's (`UserData.sources`)."""
   if split not in SPLITS:
     raise ConfigError(f'split={split!r} is unknown: allowed are {", ".join(SPLITS)}')
+  if dataset_info(data_config).reader == 'text':
+    from ttq_jax import text  # noqa: PLC0415
+    return text.source(data_config, split)  # the split's bytes
   held_out = int(data_config.validation_examples or 0)
   if split == 'validation' and not held_out:
     raise ConfigError('split=validation needs data.validation_examples > 0')

@@ -24,53 +24,31 @@ from ttq_jax import reports
 from ttq_jax import sharding as sharding_lib
 from ttq_jax import state as state_lib
 from ttq_jax import steps
+from ttq_jax import tasks
+from ttq_jax import text
+from ttq_jax import lm
 
-TOP_K = 5  # top-5 accuracy is reported for datasets with more than 5 classes
-
-
-# --------------------------------------------------------------------------- per-batch maths
-
-
-def cross_entropy(logits, labels, num_classes: int):
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32), jax.nn.one_hot(labels, num_classes))
+# the per-batch maths are the task's (`ttq_jax.tasks`); these names stay importable from here
+TOP_K, cross_entropy, topk_correct, reports_top_k = tasks.TOP_K, tasks.cross_entropy, tasks.topk_correct, tasks.reports_top_k
 
 
-def topk_correct(logits, labels, k: int):
-  """1.0 where the label is among the k highest logits."""
-  if k == 1:
-    return (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-  label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
-  return (jnp.sum(logits > label_logit, axis=-1) < k).astype(jnp.float32)
-
-
-def reports_top_k(num_classes: int) -> bool:
-  return num_classes > TOP_K
-
-
-def example_losses(logits, labels, info, loss_fn=None):
-  """Per-example loss: `loss_fn(logits, labels)` when given (your own), else softmax cross-entropy."""
-  return loss_fn(logits, labels) if loss_fn is not None else cross_entropy(logits, labels, info.num_classes)
+# --------------------------------------------------------------------------- per-batch steps
 
 
 def eval_step(state, batch, *, apply_fn, info, dtype, loss_fn=None):
-  """Sums of loss / correct over the valid (mask = 1) rows of one global batch."""
-  images = datasets.normalize(batch['image'], info, dtype)
-  logits = apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, images, train=False)
-  mask = batch['mask']
-  out = {'loss': jnp.sum(example_losses(logits, batch['label'], info, loss_fn) * mask),
-         'top1_correct': jnp.sum(topk_correct(logits, batch['label'], 1) * mask),
-         'count': jnp.sum(mask)}
-  if reports_top_k(info.num_classes):
-    out[f'top{TOP_K}_correct'] = jnp.sum(topk_correct(logits, batch['label'], TOP_K) * mask)
-  return out
+  """The task's sums (loss, correct, count) over the counted (mask = 1) examples or bytes of one global batch."""
+  task = tasks.TASKS[info.task]
+  logits = apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, task.inputs(batch, info, dtype),
+                    train=False)
+  return task.eval_sums(logits, task.targets(batch), batch['mask'], info, loss_fn)
 
 
 def batch_moments_step(state, batch, *, apply_fn, info, dtype, loss_fn=None):
   """This batch's BN mean/var for every BN layer (train-mode forward from zero statistics)."""
   del loss_fn
-  images = datasets.normalize(batch['image'], info, dtype)
+  inputs = tasks.TASKS[info.task].inputs(batch, info, dtype)
   zeros = jax.tree.map(jnp.zeros_like, state.batch_stats)
-  _, updates = apply_fn({'params': state.params, 'batch_stats': zeros}, images, train=True, mutable=['batch_stats'])
+  _, updates = apply_fn({'params': state.params, 'batch_stats': zeros}, inputs, train=True, mutable=['batch_stats'])
   # Flax: ra = momentum * ra + (1 - momentum) * batch_value, so from ra = 0 we get the batch value back.
   return jax.tree.map(lambda x: x / (1.0 - models.BN_MOMENTUM), updates.get('batch_stats', {}))
 
@@ -82,18 +60,13 @@ STEPS = {'eval': programs_lib.Step(eval_step), 'moments': programs_lib.Step(batc
 
 
 def evaluate(programs: programs_lib.Programs, state, batches, quantized: bool = True) -> dict[str, float]:
-  """Loss / top-1 / top-5 over all batches (each a process-local dict with a `mask`)."""
+  """The task's metrics (loss, top-1, top-5 or bits per byte) over all batches (each a process-local dict
+  with a `mask`)."""
   totals = None
   for local in batches:
     out = programs.eval(state, sharding_lib.global_batch(local, programs.mesh), quantized)
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-  totals = jax.device_get(totals)
-  count = float(totals['count'])
-  result = {'loss': float(totals['loss']) / count, 'top1_accuracy': float(totals['top1_correct']) / count}
-  if f'top{TOP_K}_correct' in totals:
-    result[f'top{TOP_K}_accuracy'] = float(totals[f'top{TOP_K}_correct']) / count
-  result['num_examples'] = int(count)
-  return result
+  return tasks.TASKS[programs.info.task].metrics(jax.device_get(totals))
 
 
 def recalibrate_batch_stats(programs: programs_lib.Programs, state, batches, quantized: bool = True):
@@ -149,6 +122,21 @@ def recalibration_batches(config, clean=None, user_sources: dict | None = None):
 
 
 # --------------------------------------------------------------------------- --mode eval
+
+
+def run_record(config, programs: programs_lib.Programs, state, quantized: bool) -> dict[str, Any]:
+  """What a result records beyond metrics for some datasets: which text a text dataset's run saw
+  (`dataset`: corpus digest, package version) and, for a model that continues text, samples of it (fixed
+  prompts and seed, greedy and temperature 0.8; every process computes them, as the arrays are global)."""
+  info, out = programs.info, {}
+  if info.reader == 'text':
+    out['dataset'] = {'name': config.data.name, **text.record(config.data)}
+  if tasks.TASKS[info.task].generates:
+    apply = state_lib.apply_fn(programs.models[quantized])
+    out['samples'] = lm.samples(lambda v, x: apply(v, x, train=False),
+                                {'params': state.params, 'batch_stats': state.batch_stats},
+                                seq_len=info.input_shape[0])
+  return out
 
 
 def _params_bytes(tree) -> int:
@@ -219,7 +207,8 @@ def evaluate_workdir(config, workdir: str, *, model=None, data=None, loss_fn=Non
             'w_p': {k: v[0] for k, v in report['scales'].items()},
             'w_n': {k: v[1] for k, v in report['scales'].items()},
             'param_counts': report['param_counts'], 'layer_rules': report.get('layer_rules', {}),
-            'params_bytes_fp32': _params_bytes(state.params) + _params_bytes(state.batch_stats)}
+            'params_bytes_fp32': _params_bytes(state.params) + _params_bytes(state.batch_stats),
+            **run_record(config, programs, state, quantized)}
   if jax.process_index() == 0:
     name = f'step_{int(step)}.json' if source == 'checkpoint' else f'export_step_{int(step)}.json'
     path = files.join(workdir, 'eval', name)

@@ -94,8 +94,7 @@ def export_workdir(config, workdir: str, *, model=None, data=None) -> dict[str, 
   params, batch_stats = jax.device_get((state.params, state.batch_stats))
   tensors = export_format.build_export(params, batch_stats, state.ternary, packing)
   path = files.join(workdir, 'export', 'model.safetensors')
-  image_shape = datasets.dataset_info(config.data).image_shape
-  modes = state_lib.activation_modes(model or state_lib.create_model(config), image_shape)
+  modes = state_lib.activation_modes(model or state_lib.create_model(config), datasets.dataset_info(config.data))
   if jax.process_index() == 0:
     export_format.save(path, tensors, packing=packing, config=config, step=step, bn_statistics=bn_statistics,
                        activations=modes)

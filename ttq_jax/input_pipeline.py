@@ -22,6 +22,7 @@ import numpy as np
 
 from ttq_jax import augment as augment_lib
 from ttq_jax import datasets
+from ttq_jax import text
 from ttq_jax.errors import ConfigError
 
 # Random streams derived from config.seed: the shuffle uses the seed itself, augmentation seed + 1,
@@ -69,11 +70,14 @@ def train_dataset(data_config, *, local_batch_size: int, seed: int, process_inde
   `user_sources`: your own data's (`datasets.UserData.sources`).
   """
   info = datasets.dataset_info(data_config)
+  if info.reader == 'text':
+    return text.train_dataset(data_config, local_batch_size=local_batch_size, seed=seed, process_index=process_index,
+                              process_count=process_count)
   global_batch = local_batch_size * process_count
   stream = grain.MapDataset.source(datasets.get_source(data_config, 'train', user_sources)).shuffle(seed=seed).repeat(None)
   rows = _ProcessRows(stream, global_batch, local_batch_size, process_index)
   if info.encoded:  # decoded and cropped per example (in the workers)
-    size = info.image_shape[0]
+    size = info.input_shape[0]
     if augment:  # keyed by the example's global position
       train_crop = augment_lib.TRAIN_CROPS[data_config.train_crop]
       crop = lambda ex: train_crop(ex['image'], np.random.default_rng([seed + AUGMENT_SEED_OFFSET, ex['position']]), size)
@@ -100,12 +104,15 @@ def eval_dataset(data_config, *, split: str = 'test', global_batch_size: int, pr
   """Batch k = this process's part of global eval batch k, in order, the last one padded (`mask` = 0);
   `source`: the split's source when the caller already holds it (else it is opened here)."""
   info = datasets.dataset_info(data_config)
+  if info.reader == 'text':
+    return text.eval_dataset(data_config, split=split, global_batch_size=global_batch_size,
+                             process_index=process_index, process_count=process_count, source_bytes=source)
   source = datasets.get_source(data_config, split) if source is None else source
   n = len(source)
   local = global_batch_size // process_count
   examples = grain.MapDataset.source(source)
   if info.encoded:
-    crop = lambda ex: augment_lib.imagenet_eval_crop(ex['image'], info.image_shape[0], info.eval_short_side)
+    crop = lambda ex: augment_lib.imagenet_eval_crop(ex['image'], info.input_shape[0], info.eval_short_side)
     examples = examples.map_with_index(lambda i, ex: augment_lib.prepared(ex, crop, split, f'index {i}'))
   else:
     examples = examples.map(datasets.as_example)

@@ -6,12 +6,13 @@ MLP's down projection), rotary positions, a gated MLP, no biases, causal self-at
 `mlp/{gate,up,down}`, so `quant.quantize` rules select them by path; the embedding `embed` and the output
 head `head` stay full precision (as BitNet). Every method runs on the same architecture.
 
-    model = LMDecoder(num_layers=4, width=256, num_heads=4, mlp_width=688)
+    model = LMDecoder(depth=4, width=256, num_heads=4, mlp_width=688)
     logits = model.apply(variables, tokens)          # tokens int32 [batch, seq] -> [batch, seq, 256]
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -94,8 +95,10 @@ class Block(nn.Module):
 
 
 class LMDecoder(nn.Module):
-  """Byte-level causal decoder: tokens int [batch, seq] -> next-byte logits float32 [batch, seq, 256]."""
-  num_layers: int = 4
+  """Byte-level causal decoder: tokens int [batch, seq] -> next-byte logits float32 [batch, seq, 256]
+  (`num_classes`: the vocabulary, 256 bytes)."""
+  num_classes: int = VOCAB
+  depth: int = 4
   width: int = 256
   num_heads: int = 4
   mlp_width: int = 688
@@ -108,10 +111,56 @@ class LMDecoder(nn.Module):
       raise ValueError(f'width={self.width} must split into num_heads={self.num_heads} heads of even size (rotary)')
     if self.activation not in ACTIVATIONS:
       raise ValueError(f'activation={self.activation!r} is unknown: allowed are {", ".join(ACTIVATIONS)}')
-    x = nn.Embed(VOCAB, self.width, embedding_init=nn.initializers.normal(0.02), name='embed')(tokens)
+    x = nn.Embed(self.num_classes, self.width, embedding_init=nn.initializers.normal(0.02), name='embed')(tokens)
     x = x.astype(self.dtype)
     positions = jnp.arange(tokens.shape[-1])
-    for i in range(self.num_layers):
+    for i in range(self.depth):
       x = Block(self.num_heads, self.mlp_width, self.activation, self.dtype, name=f'block_{i}')(x, positions)
     x = RMSNorm(dtype=self.dtype, name='final_norm')(x)
-    return nn.Dense(VOCAB, use_bias=False, dtype=self.dtype, name='head')(x).astype(jnp.float32)
+    return nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype, name='head')(x).astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------- sampling
+
+PROMPTS = ('The ', '.. function:: ')  # fixed prompts of the samples a run reports (python_docs' reStructuredText)
+SAMPLE_BYTES = 96
+SAMPLE_SEED = 0
+SAMPLE_TEMPERATURE = 0.8
+
+
+@functools.lru_cache(maxsize=8)
+def _next_byte_fn(apply_fn):
+  """One compiled program per model: the byte after position `last` of `window`, greedy at temperature 0."""
+  @jax.jit
+  def next_byte(variables, window, last, key, temperature):
+    logits = apply_fn(variables, window)[0, last].astype(jnp.float32)
+    sampled = jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6))
+    return jnp.where(temperature > 0, sampled, jnp.argmax(logits))
+  return next_byte
+
+
+def generate(apply_fn, variables, prompt: bytes, *, num_bytes: int, seq_len: int, temperature: float = 0.0,
+             seed: int = SAMPLE_SEED) -> bytes:
+  """`num_bytes` bytes continuing `prompt`: greedy (`temperature` 0) or sampled from softmax(logits /
+  temperature) with `jax.random.PRNGKey(seed)` split per byte. The context is the last `seq_len` bytes, right-
+  padded to seq_len (causal: the padding does not change the logits read at the last real position), so one
+  program serves every step. `apply_fn(variables, tokens [1, seq_len])` -> logits [1, seq_len, vocab]."""
+
+  out, key = list(prompt), jax.random.PRNGKey(seed)
+  for _ in range(num_bytes):
+    context = out[-seq_len:]
+    window = jnp.asarray([context + [0] * (seq_len - len(context))], jnp.int32)
+    key, sub = jax.random.split(key)
+    out.append(int(_next_byte_fn(apply_fn)(variables, window, len(context) - 1, sub, jnp.float32(temperature))))
+  return bytes(out[len(prompt):])
+
+
+def samples(apply_fn, variables, *, seq_len: int) -> dict[str, str]:
+  """{'greedy | <prompt>': text, 't=0.8 | <prompt>': text} for each of `PROMPTS` (fixed prompts and seed)."""
+  out = {}
+  for prompt in PROMPTS:
+    for name, temperature in (('greedy', 0.0), (f't={SAMPLE_TEMPERATURE:g}', SAMPLE_TEMPERATURE)):
+      text = generate(apply_fn, variables, prompt.encode(), num_bytes=SAMPLE_BYTES, seq_len=seq_len,
+                      temperature=temperature)
+      out[f'{name} | {prompt}'] = prompt + text.decode('utf-8', errors='replace')
+  return out

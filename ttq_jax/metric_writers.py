@@ -118,7 +118,8 @@ class Progress:
     eta = (self.total - step) / rate if rate and math.isfinite(rate) and rate > 0 else float('nan')
     parts = [f'step {step:>{len(str(self.total))}}/{self.total} ({100 * step / max(self.total, 1):5.1f}%)']
     for key, fmt in (('train_loss', 'loss {:.4f}'), ('train_top1_accuracy', 'top1 {:.2%}'),
-                     ('learning_rate', 'lr {:.3g}'), ('eval_top1_accuracy', 'eval top1 {:.2%}')):
+                     ('learning_rate', 'lr {:.3g}'), ('eval_top1_accuracy', 'eval top1 {:.2%}'),
+                     ('eval_bits_per_byte', 'eval bits/byte {:.4f}')):
       if key in metrics and metrics[key] is not None:
         parts.append(fmt.format(float(metrics[key])))
     parts.append(f'{rate:.2f} steps/s {rate * self.batch_size:.0f} img/s' if math.isfinite(rate) else 'warming up')

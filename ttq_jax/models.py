@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ttq_jax.errors import ConfigError
+from ttq_jax.lm import LMDecoder
 from ttq_jax.quant import QuantConfig, Rule, quantize
 
 ModuleDef = Any
@@ -312,14 +313,17 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     'alexnet_tiny': functools.partial(AlexNet, width_multiplier=1 / 16),  # tests only
     'vit_small': functools.partial(ViT, patch=4, width=64, depth=4, num_heads=4, mlp_ratio=2),
     'vit_tiny': functools.partial(ViT, patch=7, width=16, depth=1, num_heads=2, mlp_ratio=2),  # tests only
+    'lm_decoder': LMDecoder,  # byte-level LLaMA-style decoder (ttq_jax.lm); sizes from model.depth, width, ...
 }
+# config.model keys that set a model's size where its constructor has that field (0 / '': the model's own)
+SIZE_KEYS = ('depth', 'width', 'num_heads', 'mlp_width', 'activation')
 
 # Each model's first and last layer (module paths): what `full_precision='edges'` keeps full precision.
 _CIFAR_EDGES, _ALEXNET_EDGES, _VIT_EDGES = 'conv0|linear', 'conv0|fct', 'embed|head'
 EDGE_LAYERS = {'resnet20': _CIFAR_EDGES, 'resnet32': _CIFAR_EDGES, 'resnet44': _CIFAR_EDGES,
                'resnet56': _CIFAR_EDGES, 'resnet_tiny': _CIFAR_EDGES, 'resnet18': 'conv1|fc',
                'alexnet': _ALEXNET_EDGES, 'alexnet_tiny': _ALEXNET_EDGES, 'vit_small': _VIT_EDGES,
-               'vit_tiny': _VIT_EDGES}
+               'vit_tiny': _VIT_EDGES, 'lm_decoder': 'embed|head'}
 EDGES = 'edges'
 
 # Smallest square input a model can take: AlexNet's 12x12/4 VALID stem, two stride-2 pools and a 3x3/2
@@ -334,10 +338,11 @@ def full_precision_regex(name: str, full_precision: str) -> str:
 
 def create_model(name: str, *, num_classes: int, quant: QuantConfig, full_precision: str = EDGES,
                  ghost_batch_size: int = 0, bn_unbiased_variance: bool = False, bn_bias_init: str = 'zeros',
-                 dtype: Any = jnp.float32) -> nn.Module:
+                 dtype: Any = jnp.float32, sizes: dict | None = None) -> nn.Module:
   """Builds model `name`; with a quantizing `quant`, every layer with a kernel is ternary except those whose
   module path matches `full_precision` (a regex over whole paths; 'edges' = `EDGE_LAYERS[name]`; '' = none).
-  The `bn_*` settings and `ghost_batch_size` apply to models with batch norm (see `BatchNorm`).
+  The `bn_*` settings and `ghost_batch_size` apply to models with batch norm (see `BatchNorm`); `sizes`
+  ({SIZE_KEYS key: value}, 0 / '' = the model's own) to models with those fields.
   """
   if name not in MODELS:
     raise ConfigError(f'model.name={name!r} is unknown: allowed are {", ".join(sorted(MODELS))}')
@@ -353,6 +358,12 @@ def create_model(name: str, *, num_classes: int, quant: QuantConfig, full_precis
       raise ConfigError(f'model.bn_unbiased_variance / model.bn_bias_init need a model with batch norm; {name!r} has '
                         "none: allowed are false / 'zeros'")
     kwargs = {}
+  for key, value in (sizes or {}).items():
+    if value and key not in fields:
+      raise ConfigError(f'model.{key}={value!r} does not apply to model {name!r} (it has no field {key}): allowed is '
+                        f'{"0" if isinstance(value, int) else "an empty string"}')
+    if value:
+      kwargs[key] = value
   model = ctor(num_classes=num_classes, dtype=dtype, **kwargs)
   if not quant.quantized:
     return model

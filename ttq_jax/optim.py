@@ -34,7 +34,7 @@ def _constant(config, factor: float, decay_steps: int) -> optax.Schedule:
 def _piecewise(config, factor: float, decay_steps: int) -> optax.Schedule:
   """The rate becomes `lr_values[i]` (times `factor`) at epoch `lr_boundaries_epochs[i]`."""
   del decay_steps
-  warmup = steps.epochs_to_steps(config, config.warmup_epochs)
+  warmup = steps.warmup_steps(config)
   boundaries = [steps.epochs_to_steps(config, e) - warmup for e in config.lr_boundaries_epochs]
   values = [config.learning_rate] + list(config.lr_values)
 
@@ -57,7 +57,7 @@ def create_learning_rate_fn(config, base_learning_rate: float | None = None) -> 
   total = steps.total_steps(config)
   lr = config.learning_rate
   factor = 1.0 if base_learning_rate is None else base_learning_rate / lr
-  warmup = steps.epochs_to_steps(config, config.warmup_epochs)
+  warmup = steps.warmup_steps(config)
   main = SCHEDULES[config.lr_schedule](config, factor, total - warmup)
   if warmup <= 0:
     return main

@@ -37,7 +37,7 @@ def _optimizer(config, name: str, learning_rate: float) -> dict:
 def _lr_steps(config) -> tuple[list[int], list[float]]:
   """Every step at which the rate changes and the rate from there (piecewise / constant schedules; a
   cosine changes every step and is summarised as no boundaries)."""
-  if config.lr_schedule == 'cosine' or config.warmup_epochs > 0:
+  if config.lr_schedule == 'cosine' or steps_lib.warmup_steps(config) > 0:
     return [], []
   total = steps_lib.total_steps(config)
   rates = np.asarray(jax.jit(jax.vmap(optim.create_learning_rate_fn(config)))(jnp.arange(total)))
@@ -48,9 +48,9 @@ def _lr_steps(config) -> tuple[list[int], list[float]]:
 def describe(config) -> dict[str, Any]:
   """The recipe `config` runs (see module docstring); param paths are slash-joined Flax paths."""
   model = state_lib.create_model(config)
-  image_shape = datasets.dataset_info(config.data).image_shape
-  params = jax.eval_shape(lambda: state_lib.init_variables(model, jax.random.PRNGKey(0), image_shape))['params']
-  ternary = [layer.kernel_path for layer in state_lib.ternary_layers(model, image_shape)]
+  info = datasets.dataset_info(config.data)
+  params = jax.eval_shape(lambda: state_lib.init_variables(model, jax.random.PRNGKey(0), info))['params']
+  ternary = [layer.kernel_path for layer in state_lib.ternary_layers(model, info)]
   paths = [optim.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   decay = jax.tree_util.tree_flatten_with_path(optim.weight_decay_mask(params, config.weight_decay_regex))[0]
   boundaries, values = _lr_steps(config)

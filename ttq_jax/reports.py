@@ -12,6 +12,7 @@ import numpy as np
 from ttq_jax import files
 from ttq_jax import metric_writers
 from ttq_jax import quant as quant_lib
+from ttq_jax import tasks
 
 
 def quant_report(state, config, quantized: bool = True) -> dict[str, Any]:
@@ -75,11 +76,12 @@ def read_metrics(path: str) -> list[dict]:
   return [rows[k] for k in sorted(rows)]
 
 
-def eval_protocol(rows: list[dict], *, metric: str = 'top1_accuracy') -> dict[str, dict]:
-  """Final, best and mean of the last 5 evaluations, per BN column, over the evaluations of the trained
+def eval_protocol(rows: list[dict], *, metric: str = 'top1_accuracy', higher_is_better: bool = True) -> dict[str, dict]:
+  """Final, best (the highest, or with `higher_is_better=False` the lowest: bits per byte) and mean of the last
+  5 evaluations of `metric`, per BN column, over the evaluations of the trained
   model: only those of the ternary model when the run has any (`eval_ternary` = 1), so the evaluation at
   the end of a full-precision warm-up never counts. {column: {'final', 'best', 'best_step',
-  'mean_last5', 'num_evals'}} for each column present in the rows."""
+  'mean_last5', 'num_evals', 'metric'}} for each column present in the rows."""
   evals = [r for r in rows if f'eval_{metric}' in r]
   if any(r.get('eval_ternary') for r in evals):
     evals = [r for r in evals if r.get('eval_ternary')]
@@ -88,19 +90,21 @@ def eval_protocol(rows: list[dict], *, metric: str = 'top1_accuracy') -> dict[st
     points = [(r['step'], r[prefix + metric]) for r in evals if prefix + metric in r]
     if not points:
       continue
-    best_step, best = max(points, key=lambda p: (p[1], -p[0]))  # the earliest of equal bests
+    sign = 1 if higher_is_better else -1
+    best_step, best = max(points, key=lambda p: (sign * p[1], -p[0]))  # the earliest of equal bests
     last = [v for _, v in points[-LAST_N:]]
     out[column] = {'final': points[-1][1], 'best': best, 'best_step': best_step,
-                   'mean_last5': float(np.mean(last)), 'num_evals': len(points)}
+                   'mean_last5': float(np.mean(last)), 'num_evals': len(points), 'metric': metric}
   return out
 
 
 def format_protocol(protocol: dict, split: str) -> list[str]:
   lines = []
   for column, p in protocol.items():
-    lines.append(f'  {split} top-1, {column} BN statistics: final {p["final"]:.2%} | best {p["best"]:.2%} '
-                 f'(step {p["best_step"]}) | mean of last {min(LAST_N, p["num_evals"])} {p["mean_last5"]:.2%} '
-                 f'({p["num_evals"]} evaluations)')
+    task = next(t for t in tasks.TASKS.values() if t.metric == p.get('metric', 'top1_accuracy'))
+    lines.append(f'  {split} {task.label}, {column} BN statistics: final {task.fmt(p["final"])} | best '
+                 f'{task.fmt(p["best"])} (step {p["best_step"]}) | mean of last {min(LAST_N, p["num_evals"])} '
+                 f'{task.fmt(p["mean_last5"])} ({p["num_evals"]} evaluations)')
   return lines
 
 
@@ -111,20 +115,26 @@ def format_eval_table(result: dict, config, model_name: str | None = None) -> st
     method = f'{method} (no ternary step trained: the run ended inside its full-precision warm-up)'
   elif result.get('ternary_steps'):
     method = f'{method}, {result["ternary_steps"]} ternary steps'
+  task = tasks.of(config)
+  scores = ([f'bits/byte {result["bits_per_byte"]:.4f}', f'next-byte top-1 {result["top1_accuracy"]:.2%}'] if task.bits
+            else [f'top-1 {result["top1_accuracy"]:.2%}'] + ([f'top-5 {result["top5_accuracy"]:.2%}']
+                                                               if 'top5_accuracy' in result else []))
   lines = [f'\n{model_name or config.model.name} on {config.data.name}, method {method}, '
            f'step {result["step"]}:',
-           f'  test loss {result["loss"]:.4f} | top-1 {result["top1_accuracy"]:.2%}' +
-           (f' | top-5 {result["top5_accuracy"]:.2%}' if 'top5_accuracy' in result else '') +
-           f' | {result.get("num_examples", "?")} examples' +
-           (f' ({result["bn_statistics"]} BN statistics)' if 'bn_statistics' in result else '')]
+           f'  test loss {result["loss"]:.4f} | ' + ' | '.join(scores) +
+           f' | {result.get(task.count, "?")} {task.count.split("_")[1]}' +
+           (f' ({result["bn_statistics"]} BN statistics)' if 'bn_statistics' in result and not task.bits else '')]
   columns = result.get('test') or {}
   if len(columns) > 1:  # every figure with the BN statistics it was computed with
-    lines.append('  test top-1 by BN statistics: ' + ' | '.join(f'{c} {m["top1_accuracy"]:.2%}' for c, m in columns.items()))
+    lines.append(f'  test {task.label} by BN statistics: ' + ' | '.join(f'{c} {task.fmt(m[task.metric])}'
+                                                                          for c, m in columns.items()))
   if 'protocol' in result:
     lines += format_protocol(result['protocol'], result.get('selection_split', 'test'))
   for column, r in (result.get('best_on_validation') or {}).items():
-    lines.append(f'  test top-1 of the model chosen on validation ({column} BN statistics, step {r["step"]}): '
-                 f'{r["top1_accuracy"]:.2%}')
+    lines.append(f'  test {task.label} of the model chosen on validation ({column} BN statistics, step {r["step"]}): '
+                 f'{task.fmt(r[task.metric])}')
+  for name, text in (result.get('samples') or {}).items():
+    lines.append(f'  sample ({name}): {text!r}')
   target = result.get('target')
   if target:
     if 'step' in target:

@@ -46,7 +46,8 @@ def create_model(config, *, quantized: bool = True) -> nn.Module:
                              full_precision=config.quant.full_precision_layers,
                              ghost_batch_size=config.model.bn_ghost_batch_size,
                              bn_unbiased_variance=config.model.bn_unbiased_variance,
-                             bn_bias_init=config.model.bn_bias_init, dtype=compute_dtype(config))
+                             bn_bias_init=config.model.bn_bias_init, dtype=compute_dtype(config),
+                             sizes={k: config.model[k] for k in models.SIZE_KEYS})
 
 
 def accepts_train(model: nn.Module) -> bool:
@@ -70,18 +71,26 @@ def apply_fn(model: nn.Module) -> Callable:
   return apply
 
 
-def init_variables(model: nn.Module, rng: jax.Array, image_shape) -> dict:
-  return model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), **_train_kwargs(model, False))
+def example_input(info) -> jax.Array:
+  """One example of what the model takes (zeros): `info` a `datasets.DatasetInfo`, or an image shape."""
+  if isinstance(info, datasets.DatasetInfo):
+    return jnp.zeros((1, *info.input_shape), info.input_dtype)
+  return jnp.zeros((1, *info), jnp.float32)
 
 
-def activation_modes(model: nn.Module, image_shape) -> dict[str, str]:
+def init_variables(model: nn.Module, rng: jax.Array, info) -> dict:
+  """The model's variables (`info`: a DatasetInfo or an image shape)."""
+  return model.init(rng, example_input(info), **_train_kwargs(model, False))
+
+
+def activation_modes(model: nn.Module, info) -> dict[str, str]:
   """{module path: activations} of the model's layers with quantized inputs (`quant.activation_modes`)."""
-  return quant_lib.activation_modes(model, jnp.zeros((1, *image_shape), jnp.float32), **_train_kwargs(model, False))
+  return quant_lib.activation_modes(model, example_input(info), **_train_kwargs(model, False))
 
 
-def ternary_layers(model: nn.Module, image_shape) -> tuple[quant_lib.TernaryLayer, ...]:
-  """The model's ternary layers, from its module tree (`quant.ternary_layers`)."""
-  return quant_lib.ternary_layers(model, jnp.zeros((1, *image_shape), jnp.float32), **_train_kwargs(model, False))
+def ternary_layers(model: nn.Module, info) -> tuple[quant_lib.TernaryLayer, ...]:
+  """The model's ternary layers, from its module tree (`quant.ternary_layers`; `info` as `init_variables`)."""
+  return quant_lib.ternary_layers(model, example_input(info), **_train_kwargs(model, False))
 
 
 def create_train_state(config, model: nn.Module, mesh, rng: jax.Array | None = None) -> TrainState:
@@ -90,10 +99,10 @@ def create_train_state(config, model: nn.Module, mesh, rng: jax.Array | None = N
   rng = jax.random.PRNGKey(config.seed) if rng is None else rng
   init_rng, _ = jax.random.split(rng)  # (the second key seeded a state rng nothing used; kept for equal inits)
 
-  layers = ternary_layers(model, info.image_shape)
+  layers = ternary_layers(model, info)
 
   def make():
-    variables = init_variables(model, init_rng, info.image_shape)
+    variables = init_variables(model, init_rng, info)
     params = variables['params']
     return TrainState.create(apply_fn=apply_fn(model), params=params, tx=optim.create_optimizer(config, params, layers),
                              batch_stats=variables.get('batch_stats', {}), ternary=layers)

@@ -27,6 +27,11 @@ def epochs_to_steps(config, epochs: float) -> int:
   return int(epochs * steps_per_epoch(config))
 
 
+def warmup_steps(config) -> int:
+  """Steps of the learning rate's linear warm-up: `warmup_steps` when > 0, else `warmup_epochs`."""
+  return int(config.warmup_steps) if config.warmup_steps > 0 else epochs_to_steps(config, config.warmup_epochs)
+
+
 def total_steps(config) -> int:
   if config.num_train_steps > 0:
     return int(config.num_train_steps)

@@ -15,15 +15,19 @@ document with a fixed hash, sampled as windows of `seq_len + 1` bytes.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import math
 import os
 import subprocess
+import sys
 
+import grain
 import numpy as np
 
 from ttq_jax import files
-from ttq_jax.errors import DataError
+from ttq_jax.errors import ConfigError, DataError
 
 DEBIAN_PYTHON_DOCS = ('/usr/share/doc/python3/html/_sources', '/usr/share/doc/python3.11/html/_sources')
 SUFFIX = '.rst.txt'
@@ -114,3 +118,79 @@ def eval_windows(data: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray
 def bits_per_byte(nll_nats: float, num_bytes: int) -> float:
   """Summed next-byte cross-entropy (nats) over `num_bytes` predicted bytes, in bits per byte."""
   return float(nll_nats) / max(1, int(num_bytes)) / math.log(2)
+
+
+# --------------------------------------------------------------------------- the dataset `python_docs`
+
+
+@functools.cache
+def split_bytes(root: str, split: str) -> np.ndarray:
+  """`load_split`, read once per process."""
+  return load_split(root, split)
+
+
+def _root(data_config) -> str:
+  return corpus_dir(data_config.data_dir or None)
+
+
+def _seq_len(data_config) -> int:
+  seq_len = int(data_config.seq_len)
+  if seq_len < 2:
+    raise ConfigError(f'data.seq_len={seq_len} must be an integer >= 2 (bytes a window predicts)')
+  return seq_len
+
+
+def dataset_facts(entry, data_config):
+  """`entry` (a `datasets.DatasetInfo`) with what the corpus and `data.seq_len` decide: the input shape
+  (seq_len,), and the training / test sizes in windows of seq_len bytes (so an epoch is the training bytes
+  once: train bytes // (batch * seq_len) steps)."""
+  root, seq_len = _root(data_config), _seq_len(data_config)
+  train, test = split_bytes(root, 'train'), split_bytes(root, 'test')
+  if len(train) < seq_len + 2:
+    raise DataError(f'data.seq_len={seq_len} needs at least {seq_len + 2} bytes of training text, the corpus in '
+                    f'{root} has {len(train)}')
+  return dataclasses.replace(entry, input_shape=(seq_len,), train_size=len(train) // seq_len,
+                             test_size=max(1, (len(test) - 1) // seq_len))
+
+
+def source(data_config, split: str) -> np.ndarray:
+  """The bytes of `split` ('train' | 'validation' | 'test')."""
+  return split_bytes(_root(data_config), split)
+
+
+def record(data_config) -> dict:
+  """Which text a run saw (apt cannot pin the package version): corpus digest, package version, split sizes."""
+  root = _root(data_config)
+  debian = os.path.realpath(root) in {os.path.realpath(d) for d in DEBIAN_PYTHON_DOCS}
+  return {'corpus_sha256': corpus_sha256(root), 'package': 'python3-doc' if debian else None,
+          'package_version': package_version() if debian else None,
+          'corpus_dir': root, **{f'{s}_bytes': int(len(split_bytes(root, s))) for s in SPLITS}}
+
+
+def train_dataset(data_config, *, local_batch_size: int, seed: int, process_index: int = 0,
+                  process_count: int = 1) -> grain.MapDataset:
+  """Infinite batches {'tokens': int32 [local_batch_size, seq_len + 1]}: this process's rows of global batch
+  k = `train_batch(seed, k)`, so every process count sees the same global batches."""
+  data, seq_len = source(data_config, 'train'), _seq_len(data_config)
+  global_batch, lo = local_batch_size * process_count, process_index * local_batch_size
+
+  def batch(k: int) -> dict[str, np.ndarray]:
+    tokens = train_batch(data, seed=seed, k=k, batch=global_batch, seq_len=seq_len)
+    return {'tokens': tokens[lo:lo + local_batch_size]}
+  return grain.MapDataset.range(sys.maxsize).map(batch)
+
+
+def eval_dataset(data_config, *, split: str, global_batch_size: int, process_index: int = 0, process_count: int = 1,
+                 source_bytes: np.ndarray | None = None) -> grain.MapDataset:
+  """Batch k = this process's part of global batch k of `eval_windows` in order: {'tokens', 'mask'}, the
+  windows past the end padded with mask 0, so every byte of the split after the first counts once."""
+  data = source(data_config, split) if source_bytes is None else source_bytes
+  windows, mask = eval_windows(data, _seq_len(data_config))
+  local = global_batch_size // process_count
+
+  def batch(k: int) -> dict[str, np.ndarray]:
+    idx = np.arange(k * global_batch_size + process_index * local, k * global_batch_size + (process_index + 1) * local)
+    valid = idx < len(windows)
+    idx = np.where(valid, idx, 0)
+    return {'tokens': windows[idx], 'mask': mask[idx] * valid[:, None].astype(np.float32)}
+  return grain.MapDataset.range(-(-len(windows) // global_batch_size)).map(batch)

@@ -39,18 +39,19 @@ from ttq_jax import reports
 from ttq_jax import sharding as sharding_lib
 from ttq_jax import state as state_lib
 from ttq_jax import steps as steps_lib
+from ttq_jax import tasks
 from ttq_jax.errors import Interrupted, NonFiniteError
 
 
 def train_step(state: state_lib.TrainState, batch, *, apply_fn, info, dtype, loss_fn=None):
   """One SGD step on the global batch; skips the update when loss/gradients are not finite."""
-  images = datasets.normalize(batch['image'], info, dtype)
-  labels = batch['label']
+  task = tasks.TASKS[info.task]
+  inputs, targets = task.inputs(batch, info, dtype), task.targets(batch)
 
   def objective(params):
-    logits, updates = apply_fn({'params': params, 'batch_stats': state.batch_stats}, images, train=True,
+    logits, updates = apply_fn({'params': params, 'batch_stats': state.batch_stats}, inputs, train=True,
                                mutable=['batch_stats'])
-    loss = jnp.mean(evaluation.example_losses(logits, labels, info, loss_fn))
+    loss = jnp.mean(task.losses(logits, targets, info, loss_fn))
     return loss, (logits, updates.get('batch_stats', {}))  # {} for models without batch norm
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
@@ -58,12 +59,7 @@ def train_step(state: state_lib.TrainState, batch, *, apply_fn, info, dtype, los
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-  metrics = {'train_loss': loss, 'train_top1_accuracy': jnp.mean(evaluation.topk_correct(logits, labels, 1)),
-             'grad_norm': grad_norm, 'finite': finite}
-  if evaluation.reports_top_k(info.num_classes):
-    k = evaluation.TOP_K
-    metrics[f'train_top{k}_accuracy'] = jnp.mean(evaluation.topk_correct(logits, labels, k))
-  return new_state, metrics
+  return new_state, {**task.train_metrics(loss, logits, targets, info), 'grad_norm': grad_norm, 'finite': finite}
 
 
 STEPS = {'train': programs_lib.Step(train_step, updates_state=True), **evaluation.STEPS}
@@ -152,7 +148,8 @@ class _Input:
     ds = input_pipeline.train_dataset(config.data, **stream)
     iterator = input_pipeline.BatchIterator(ds, workers=input_pipeline.worker_count(config.data),
                                             threads=config.data.num_threads)
-    splits = ('validation', 'test') if config.data.validation_examples else ('test',)
+    own_validation = datasets.dataset_info(config.data).own_validation
+    splits = ('validation', 'test') if config.data.validation_examples or own_validation else ('test',)
     return cls(config, iterator, input_pipeline.Prefetcher(iterator, mesh, config.data.prefetch_batches),
                input_pipeline.clean_train_dataset(config.data, **stream),
                {split: datasets.get_source(config.data, split, user_sources) for split in splits})
@@ -175,14 +172,16 @@ class _Input:
 
 @dataclasses.dataclass
 class _BestOnValidation:
-  """Per BN column, a host copy of the model with the best validation top-1 among the counted
-  evaluations of this process (ternary ones once the model is ternary), for its test number at the end."""
-  best: dict = dataclasses.field(default_factory=dict)  # column -> (accuracy, step, params, batch_stats)
+  """Per BN column, a host copy of the model with the best validation metric (the task's: top-1, bits per
+  byte) among the counted evaluations of this process (ternary ones once the model is ternary), for its test
+  number at the end."""
+  task: tasks.Task
+  best: dict = dataclasses.field(default_factory=dict)  # column -> (metric, step, params, batch_stats)
 
   def update(self, columns: dict, step: int) -> None:
     for column, (metrics, state) in columns.items():
-      if column not in self.best or metrics['top1_accuracy'] > self.best[column][0]:
-        self.best[column] = (metrics['top1_accuracy'], step, *jax.device_get((state.params, state.batch_stats)))
+      if column not in self.best or self.task.better(metrics[self.task.metric], self.best[column][0]):
+        self.best[column] = (metrics[self.task.metric], step, *jax.device_get((state.params, state.batch_stats)))
 
 
 
@@ -211,7 +210,8 @@ def _restore_or_warm_start(config, workdir: str, manager, state, inputs: _Input)
 def _switch_to_ternary(state, config, step: int):
   """Sets the scales (and optionally normalises kernels) at the start of ternary training."""
   params = state_lib.start_ternary(state.params, config, state.ternary)
-  logging.info('step %d: full-precision warm-up done, training ternary from here', step)
+  logging.info('step %d: %s, training ternary from here (scales: %s)', step,
+               'full-precision warm-up done' if step else 'no full-precision warm-up', config.quant.scale_init)
   return state.replace(params=jax.device_put(params, state_lib.shardings_of(state.params)))
 
 
@@ -240,12 +240,12 @@ def _final_test(config, programs, state, inputs: _Input, quantized: bool, best: 
   out = {**metrics, 'bn_statistics': column, 'test': {c: m for c, (m, _) in columns.items()}}
   if best.best:
     out['best_on_validation'] = {}
-    for c, (val_acc, step, params, batch_stats) in best.best.items():
+    for c, (value, step, params, batch_stats) in best.best.items():
       chosen = state.replace(params=jax.device_put(params, state_lib.shardings_of(state.params)),
                              batch_stats=jax.device_put(batch_stats, state_lib.shardings_of(state.batch_stats)))
       test_batches = evaluation.eval_batches(config, inputs.sources['test'], 'test')
       test = evaluation.evaluate(programs, chosen, test_batches, quantized)
-      out['best_on_validation'][c] = {'step': step, 'validation_top1_accuracy': val_acc, **test}
+      out['best_on_validation'][c] = {'step': step, f'validation_{best.task.metric}': value, **test}
   return out
 
 
@@ -297,7 +297,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
   programs = create_programs(config, mesh, state, model, loss_fn)
   manager = ckpt.create_manager(workdir, max_to_keep=config.keep_checkpoints)
   total, ternary_start = steps_lib.total_steps(config), steps_lib.ternary_start_step(config)
-  warm_started = steps_lib.is_quantized(config) and (ternary_start > 0 or bool(config.init_from))
   if primary and steps_lib.is_quantized(config) and total <= ternary_start:
     logging.warning('this run ends at step %d, inside its full-precision warm-up (ternary training starts after step '
                     '%d): it trains no ternary step (shorten fp_warmup_steps / fp_warmup_epochs or train longer)',
@@ -312,7 +311,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
   lr_fn = optim.create_learning_rate_fn(config)
 
   # Loop: one train step, then one-line checks of what is due after it.
-  pending, target, best, last = [], {}, _BestOnValidation(), (None, None)  # last: (step, eval columns)
+  task = tasks.of(config)
+  pending, target, best, last = [], {}, _BestOnValidation(task), (None, None)  # last: (step, eval columns)
   with StopSignal() as stop, contextlib.ExitStack() as cleanup:
     cleanup.callback(writer.close)
     cleanup.callback(inputs.close)  # stops the input workers (after the step's checkpoint is saved)
@@ -320,7 +320,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
     cleanup.callback(manager.wait_until_finished)
     for step in range(start_step + 1, total + 1):
       quantized = step > ternary_start
-      if step == ternary_start + 1 and warm_started:
+      if step == ternary_start + 1 and steps_lib.is_quantized(config):  # also from scratch: quant.scale_init
         state = _switch_to_ternary(state, config, step - 1)
       batch, data_state = inputs.prefetcher.next()
       state, metrics = programs.train(state, batch, quantized)
@@ -366,9 +366,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
                         f'{workdir}: `--mode eval` evaluates it') from None
   trained_ternary = steps_lib.ternary_steps(config, step)
   result = {'step': step, 'ternary_steps': trained_ternary, **final, 'selection_split': inputs.selection_split,
-            **reports.quant_report(state, config, quantized=trained_ternary > 0), 'elapsed_s': time.perf_counter() - started}
+            **reports.quant_report(state, config, quantized=trained_ternary > 0),
+            **evaluation.run_record(config, programs, state, step > ternary_start), 'elapsed_s': time.perf_counter() - started}
   if primary:
-    result['protocol'] = reports.eval_protocol(reports.read_metrics(files.join(workdir, 'metrics.jsonl')))
+    result['protocol'] = reports.eval_protocol(reports.read_metrics(files.join(workdir, 'metrics.jsonl')),
+                                               metric=task.metric, higher_is_better=task.higher_is_better)
   if config.target_accuracy > 0:
     result['target'] = {'accuracy': config.target_accuracy, **target}
   if primary and files.exists(files.join(workdir, INIT_FROM_RECORD)):
