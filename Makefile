@@ -15,12 +15,15 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# Fashion-MNIST from Debian's dataset-fashion-mnist when we may install it; else main prints where it looked.
+# Fashion-MNIST (dataset-fashion-mnist) and the python_docs text corpus (python3-doc) from Debian when missing and
+# we may install them; else main prints where it looked and how to install them.
+APT_DATA := $(if $(or $(TTQ_DATA_DIR),$(wildcard /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz)),,dataset-fashion-mnist) \
+            $(if $(or $(TTQ_TEXT_DIR),$(wildcard /usr/share/doc/python3/html/_sources/contents.rst.txt)),,python3-doc)
 data:
-	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ -z "$$TTQ_DATA_DIR" ]; then \
+	@if [ -n "$(strip $(APT_DATA))" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null || echo "apt-get could not install dataset-fashion-mnist"; \
-	  else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist' or set TTQ_DATA_DIR"; fi; \
+	    (apt-get update -qq && apt-get install -y -qq $(APT_DATA)) >/dev/null || echo "apt-get could not install $(APT_DATA)"; \
+	  else echo "missing: run 'sudo apt-get install $(strip $(APT_DATA))' (or set TTQ_DATA_DIR / TTQ_TEXT_DIR)"; fi; \
 	fi
 
 demo: venv data

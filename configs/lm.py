@@ -42,7 +42,7 @@ VARIANTS = ('', 'fp', 'ttq', 'twn', 'bitnet', 'bitnet_a8', 'ttq_a8', 'smoke')
 METHOD = {'': 'ttq', 'fp': 'fp', 'ttq': 'ttq', 'twn': 'twn', 'bitnet': 'bitnet', 'bitnet_a8': 'bitnet',
           'ttq_a8': 'ttq', 'smoke': 'ttq'}
 # Chosen on validation (seed 0, half budget; experiments/results/lm.json `lr_choice`); TWN takes TTQ's (its family).
-LEARNING_RATE = {'fp': 3e-3, 'ttq': 3e-3, 'twn': 3e-3, 'bitnet': 3e-3}
+LEARNING_RATE = {'fp': 3e-3, 'ttq': 1e-2, 'twn': 1e-2, 'bitnet': 3e-3}
 NUM_TRAIN_STEPS = 200      # the CPU budget of the committed table
 EVAL_EVERY_STEPS = 100
 

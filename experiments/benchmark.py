@@ -2,10 +2,13 @@ r"""Side-by-side speed and memory benchmark of ttq_jax (and, optionally, a PyTor
 
     python experiments/benchmark.py --model resnet20 --batch_size 128 --json OUT.json [--compare-torch]
         [--memory] [--pipeline] [--compile-cache] [--dtype bfloat16]
+    python experiments/benchmark.py --model lm_decoder --seq_len 128 --batch_size 32 --no-xla-options
+        [--methods fp,ttq,twn,bitnet,bitnet_a8,ttq_a8]   # configs/lm.py's decoder on python_docs-shaped bytes
 
 Times, as medians of repeated steps after warm-up, interleaved round robin so every ratio sees one
 machine state:
-  - the train step and the eval step (at --eval_batch_size) of each method (fp, ttq; twn with --methods);
+  - the train step and the eval step (at --eval_batch_size) of each method (fp, ttq; twn with --methods; for
+    `lm_decoder` the variants of configs/lm.py, each over fp: the weight-only methods' target is <= 1.10x);
   - on CPU, each program (train, eval, BN re-estimation) with our per-program XLA options vs XLA's default;
   - --compare-torch: a PyTorch eager ResNet-20 of the same shape, train step and eval at --eval_batch_size;
   - --pipeline: steps/s with the real Fashion-MNIST pipeline vs a device-resident batch;
@@ -41,9 +44,14 @@ IMAGE_SHAPES = {'cifar10': (32, 32, 3), 'fashion_mnist': (28, 28, 1), 'imagenet2
 
 
 def make_config(model: str, dataset: str, method: str, batch_size: int, dtype: str = 'float32',
-                ynn: str = 'auto'):
-  c = base.get_config()
-  c.model.name, c.data.name, c.quant.method = model, dataset, method
+                ynn: str = 'auto', seq_len: int = 128):
+  if model == 'lm_decoder':  # configs/lm.py:<method> (its variants: fp, ttq, twn, bitnet, bitnet_a8, ttq_a8)
+    from configs import lm
+    c = lm.get_config(method)
+    c.data.seq_len = seq_len
+  else:
+    c = base.get_config()
+    c.model.name, c.data.name, c.quant.method = model, dataset, method
   c.batch_size, c.dtype, c.xla_cpu_ynn_fusion = batch_size, dtype, ynn
   c.compilation_cache_dir = ''
   c.mesh_shape = (-1, 1)
@@ -53,6 +61,12 @@ def make_config(model: str, dataset: str, method: str, batch_size: int, dtype: s
 def synthetic_batch(config, batch_size: int, mesh, with_mask: bool = False):
   info = datasets.dataset_info(config.data)
   rng = np.random.default_rng(0)
+  if info.task == 'next_byte':
+    seq_len = info.input_shape[0]
+    local = {'tokens': rng.integers(0, 256, (batch_size, seq_len + 1)).astype(np.int32)}
+    if with_mask:
+      local['mask'] = np.ones((batch_size, seq_len), np.float32)
+    return sharding_lib.global_batch(local, mesh)
   local = {'image': rng.integers(0, 255, (batch_size, *info.input_shape), dtype=np.uint8),
            'label': rng.integers(0, info.num_classes, batch_size).astype(np.int32)}
   if with_mask:
@@ -196,7 +210,7 @@ def torch_resnet20_steps(batch_size: int, image_shape, num_classes: int, channel
 
 def bench_methods(args, mesh, results):
   """Train and eval step of each method, timed interleaved (round robin) so ratios see one machine state."""
-  runners = {m: Runner(make_config(args.model, args.dataset, m, args.batch_size, args.dtype), mesh)
+  runners = {m: Runner(make_config(args.model, args.dataset, m, args.batch_size, args.dtype, seq_len=args.seq_len), mesh)
              for m in args.methods.split(',')}
   train_ms = interleaved_ms({m: r.train_step for m, r in runners.items()}, args.steps, args.warmup)
   eval_ms = interleaved_ms({m: r.eval_step_fn(args.eval_batch_size) for m, r in runners.items()},
@@ -211,11 +225,14 @@ def bench_methods(args, mesh, results):
     print(f'{method:>4}: train {t:8.1f} ms ({results[method]["train_images_per_s"]:7.0f} img/s, '
           f'{results[method]["train_gflops_per_s"]:6.1f} GFLOP/s) | eval@{args.eval_batch_size} {e:8.1f} ms',
           flush=True)
-  if 'fp' in results and 'ttq' in results:
-    results['ratios'] = {'ttq_over_fp_train': results['ttq']['train_step_ms_median'] / results['fp']['train_step_ms_median'],
-                         'ttq_over_fp_eval': results['ttq']['eval_step_ms_median'] / results['fp']['eval_step_ms_median']}
-    print(f'TTQ / FP step time (interleaved): train {results["ratios"]["ttq_over_fp_train"]:.3f}, '
-          f'eval {results["ratios"]["ttq_over_fp_eval"]:.3f}')
+  if 'fp' in results:
+    results['ratios'] = {}
+    for method in [m for m in runners if m != 'fp']:
+      for phase in ('train', 'eval'):
+        results['ratios'][f'{method}_over_fp_{phase}'] = (results[method][f'{phase}_step_ms_median'] /
+                                                        results['fp'][f'{phase}_step_ms_median'])
+      print(f'{method} / fp step time (interleaved): train {results["ratios"][f"{method}_over_fp_train"]:.3f}, '
+            f'eval {results["ratios"][f"{method}_over_fp_eval"]:.3f}')
 
 
 def bench_xla_options(args, mesh, results):
@@ -366,7 +383,8 @@ def main():
   p.add_argument('--batch_size', type=int, default=128)
   p.add_argument('--eval_batch_size', type=int, default=512)
   p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
-  p.add_argument('--methods', default='fp,ttq')
+  p.add_argument('--methods', default='', help='default fp,ttq; lm_decoder: fp,ttq,twn,bitnet,bitnet_a8,ttq_a8')
+  p.add_argument('--seq_len', type=int, default=128, help='lm_decoder: bytes per window')
   p.add_argument('--steps', type=int, default=10)
   p.add_argument('--warmup', type=int, default=3)
   p.add_argument('--json', default='')
@@ -376,6 +394,7 @@ def main():
   p.add_argument('--compile-cache', action='store_true')
   p.add_argument('--no-xla-options', action='store_true')
   args = p.parse_args()
+  args.methods = args.methods or ('fp,ttq,twn,bitnet,bitnet_a8,ttq_a8' if args.model == 'lm_decoder' else 'fp,ttq')
   mesh = sharding_lib.create_mesh((-1, 1), ('data', 'fsdp'))
   sharding_lib.check_batch_size(args.batch_size, mesh)
   results = {'machine': {'backend': jax.default_backend(), 'devices': [str(d.device_kind) for d in jax.devices()][:1],

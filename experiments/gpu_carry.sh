@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepares what experiments/gpu_check.sh needs on the GPU machine and cannot fetch there (no network):
 #   .whl/        wheels of our dependencies that its image lacks (CPython 3.12, manylinux x86-64)
-#   .gpu_data/   the Fashion-MNIST IDX files
+#   .gpu_data/   the Fashion-MNIST IDX files and the python_docs corpus (Debian's python3-doc _sources, ~11 MB)
 # Both are git-ignored; name them in the device call's `carry` (together ~35 MiB of the 64 MiB a call takes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,4 +16,10 @@ for f in train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-
   [ -f "$SRC/$f" ] || { echo "gpu_carry.sh: $SRC/$f is missing: install dataset-fashion-mnist or set TTQ_DATA_DIR" >&2; exit 2; }
   cp "$SRC/$f" .gpu_data/fashion-mnist/
 done
+DOCS=${TTQ_TEXT_DIR:-/usr/share/doc/python3/html/_sources}
+if [ -d "$DOCS" ]; then
+  rm -rf .gpu_data/python_docs && mkdir -p .gpu_data/python_docs && cp -r "$DOCS"/. .gpu_data/python_docs/
+else
+  echo "gpu_carry.sh: $DOCS is missing (apt-get install python3-doc): gpu_check.sh lm will have no corpus" >&2
+fi
 du -sh .whl .gpu_data

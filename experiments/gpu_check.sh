@@ -4,6 +4,10 @@
 #
 #   bash experiments/gpu_check.sh bench      # train / eval step times, TTQ / FP, PyTorch, scaling, memory
 #   bash experiments/gpu_check.sh protocol   # reproduce.py --table fashion_mnist_protocol --budget gpu
+#   bash experiments/gpu_check.sh lm         # reproduce.py --table lm --budget gpu: a larger byte-level LM, 2 seeds
+#
+# GPU_CHECK_NO_WHEELS=1 leaves .whl/ alone (the suite runs `lm` in its tiny mode with its own environment).
+# `lm` reads LM_BUDGET (gpu; tiny: the suite's CPU check of this entry point), LM_SEEDS, LM_ROWS, LM_WORKDIR.
 #
 # The GPU image lacks some of our dependencies and has no data: prepare both here first with
 # `bash experiments/gpu_carry.sh` (wheels into .whl/, Fashion-MNIST into .gpu_data/; both git-ignored,
@@ -12,14 +16,14 @@ set -u
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 PART=${1:-bench}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-case "$PART" in bench|protocol) ;; *) echo "gpu_check.sh: part '$PART' is unknown: allowed are bench, protocol" >&2; exit 2;; esac
-if ls .whl/*.whl >/dev/null 2>&1; then
+case "$PART" in bench|protocol|lm) ;; *) echo "gpu_check.sh: part '$PART' is unknown: allowed are bench, protocol, lm" >&2; exit 2;; esac
+if [ -z "${GPU_CHECK_NO_WHEELS:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then  # (the suite's CPU check: its own Python)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "gpu_check.sh: installing .whl/ failed" >&2; exit 1; }
   export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
-nvidia-smi -L | tee "$OUT/gpu.txt"
+nvidia-smi -L 2>&1 | tee "$OUT/gpu.txt"
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
 run() { local limit=$1; shift; echo "+ $*"; timeout "$limit" python3 "$@" 2>&1 | grep -vE '^(W|I)[0-9]{4} ' ; }
 
@@ -38,4 +42,15 @@ if [ "$PART" = protocol ]; then
   timeout 330 python3 experiments/reproduce.py --table fashion_mnist_protocol --budget gpu --seeds 0,1,2 \
     --parallel 15 --workdir_root /tmp/protocol --results "$OUT/fashion_mnist_protocol_gpu.json" 2>&1 | tee "$OUT/log.txt"
   tail -n 40 /tmp/protocol/fashion_mnist_protocol/gpu/seed_0/ttq_max/run.log > "$OUT/ttq_max_seed0.log" 2>/dev/null
+fi
+
+if [ "$PART" = lm ]; then
+  # FP, TTQ, BitNet from scratch and TTQ / BitNet fine-tuned from FP, 2 seeds, one learning rate (the CPU table's
+  # choice, experiments/lm_table.py LEARNING_RATES['gpu']); the JSON is rewritten after every run, so a timeout
+  # still leaves the finished runs under $OUT.
+  [ -d .gpu_data/python_docs ] && export TTQ_TEXT_DIR=$PWD/.gpu_data/python_docs
+  timeout 330 python3 experiments/reproduce.py --table lm --budget "${LM_BUDGET:-gpu}" --seeds "${LM_SEEDS:-0,1}" \
+    --only "${LM_ROWS:-fp,ttq,bitnet,ttq_ft,bitnet_ft}" --workdir_root "${LM_WORKDIR:-/tmp/lm}" \
+    --results "$OUT/lm_gpu.json" 2>&1 | grep -vE '^(W|I)[0-9]{4} |^step ' | tee "$OUT/log.txt"
+  exit "${PIPESTATUS[0]}"
 fi

@@ -6,7 +6,8 @@ same seed; the learning rate of each family chosen first on validation.
 
 1. Learning rate: FP, TTQ and BitNet each train at every rate of `LEARNING_RATES` on seed 0 at half the
    budget; the rate with the lowest validation bits per byte (the model chosen on validation) is the family's.
-   TWN and TTQ A8 take TTQ's rate, BitNet A8 BitNet's, the fine-tunes their method's.
+   TWN and TTQ A8 take TTQ's rate, BitNet A8 BitNet's, the fine-tunes their method's. The gpu budget makes no
+   choice (its 6 minutes have no room): each family takes configs/lm.py's rate, the CPU table's choice.
 2. The table: every row of `ROWS` at the full budget, on `--seeds` (rows marked `first_seed` on the first seed
    only), each in its own workdir ROOT/<budget>/<row>/seed_<s> (re-running resumes an unfinished run and
    re-reads a finished one's result.json). Runs go one after another in this process (`train.train_and_
@@ -33,7 +34,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, 'experiments', 'results', 'lm.json')
 GPU_RESULTS = os.path.join(ROOT, 'experiments', 'results', 'lm_gpu.json')
-LEARNING_RATES = {'tiny': (3e-3,), 'cpu': (1e-3, 3e-3, 1e-2), 'gpu': (1e-3, 3e-3, 1e-2)}
+# None: no choice, each family's rate of configs/lm.py (the CPU table's choice): the GPU part's 6 minutes have no room
+LEARNING_RATES = {'tiny': (3e-3, 1e-2), 'cpu': (1e-3, 3e-3, 1e-2), 'gpu': None}
 FAMILIES = ('fp', 'ttq', 'bitnet')  # the rows whose learning rate is chosen; the others take their family's
 
 
@@ -72,12 +74,12 @@ def budget_config(variant: str, budget: str):
     config.num_train_steps, config.warmup_steps = 8, 2
     config.eval_every_steps = config.checkpoint_every_steps = config.log_every_steps = 4
     config.mesh_shape = (1, 1)
-  elif budget == 'gpu':
-    config.model.depth, config.model.width, config.model.num_heads, config.model.mlp_width = 8, 512, 8, 1376
-    config.data.seq_len, config.batch_size, config.eval_batch_size = 512, 64, 64
-    config.num_train_steps, config.warmup_steps = 2000, 200
-    config.eval_every_steps = config.checkpoint_every_steps = 500
-    config.log_every_steps = 100
+  elif budget == 'gpu':  # ~10M parameters, 16k bytes a step (not yet measured on a GPU)
+    config.model.depth, config.model.width, config.model.num_heads, config.model.mlp_width = 6, 384, 6, 1024
+    config.data.seq_len, config.batch_size, config.eval_batch_size = 256, 64, 256
+    config.num_train_steps, config.warmup_steps = 600, 60
+    config.eval_every_steps = config.checkpoint_every_steps = 300
+    config.log_every_steps = 50
   return config
 
 
@@ -138,9 +140,24 @@ def run_table(*, budget: str, seeds: list[int], only: tuple[str, ...] = (), work
   """Runs (or re-reads) the learning-rate choice and the table; writes the JSON and markdown; returns the JSON."""
   root = os.path.join(workdir_root, 'lm', budget)
   rows = {k: r for k, r in ROWS.items() if not only or k in only}
+  path = results or (os.path.join(root, 'lm.json') if budget == 'tiny' else GPU_RESULTS if budget == 'gpu' else RESULTS)
+
+  def write(runs, final: bool) -> dict:  # after every run: an interrupted table keeps what finished
+    out = summarize(runs, lr_choice, budget, seeds, rows)
+    out['wall_minutes'], out['complete'] = (time.perf_counter() - started) / 60, final
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w') as f:
+      json.dump(out, f, indent=1)
+    with open(path.replace('.json', '.md'), 'w') as f:
+      f.write(markdown(out) + '\n')
+    return out
+
   families = sorted({r.family for r in rows.values()} | {ROWS[r.init_from].family for r in rows.values() if r.init_from})
   lr_choice, started = {}, time.perf_counter()
   for family in [f for f in FAMILIES if f in families]:
+    if LEARNING_RATES[budget] is None:
+      lr_choice[family] = {'validation_bits_per_byte': {}, 'chosen': budget_config(family, budget).learning_rate}
+      continue
     scores = {}
     for lr in LEARNING_RATES[budget]:
       config = budget_config(family, budget)
@@ -168,14 +185,8 @@ def run_table(*, budget: str, seeds: list[int], only: tuple[str, ...] = (), work
       log(f'[run ] {row.name}, seed {seed}, lr {config.learning_rate:g}, in {workdir}')
       result = _run(config, workdir, log)
       runs[key].append({'seed': seed, 'workdir': workdir, 'learning_rate': config.learning_rate, **result})
-  out = summarize(runs, lr_choice, budget, seeds, rows)
-  out['wall_minutes'] = (time.perf_counter() - started) / 60
-  path = results or (os.path.join(root, 'lm.json') if budget == 'tiny' else GPU_RESULTS if budget == 'gpu' else RESULTS)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, 'w') as f:
-    json.dump(out, f, indent=1)
-  with open(path.replace('.json', '.md'), 'w') as f:
-    f.write(markdown(out) + '\n')
+      write(runs, final=False)
+  out = write(runs, final=True)
   log(markdown(out))
   log(f'wrote {path}')
   return out
@@ -238,7 +249,8 @@ def markdown(out: dict) -> str:
     lines.append(f'| {r["row"]} | {len(r["seeds"])} | {r["learning_rate"]:g} | '
                  f'{_fmt(r["test_bits_per_byte_chosen_on_validation"])} | {diff} | {_fmt(r["test_bits_per_byte_final"])} | '
                  f'{sp} | {_fmt(r["run_minutes"], 1)} |')
-  lines += ['', 'Learning rate chosen on validation (seed ' + str(out['seeds'][0]) + ', half budget): ' + '; '.join(
+  lines += ['', 'Learning rate chosen on validation (seed ' + str(out['seeds'][0]) + ', half budget; none listed: '
+            "configs/lm.py's): " + '; '.join(
       f'{fam}: ' + ', '.join(f'{lr} -> {v:.3f}' for lr, v in c['validation_bits_per_byte'].items()) + f' (chose {c["chosen"]:g})'
       for fam, c in out['lr_choice'].items())]
   if out.get('dataset'):

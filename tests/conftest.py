@@ -101,12 +101,44 @@ def smoke_config():
   return make_smoke_config()
 
 
+def write_text_corpus(root) -> str:
+  """A small reStructuredText-like corpus (80 documents, ~40 KB, every split non-empty) in `root`: what tests of
+  the text datasets read instead of the apt package."""
+  import os
+  import random
+  rng = random.Random(0)
+  words = ('the of a to in is for module function returns object class value list with this that be string '
+           'default import def print').split()
+  for i in range(80):
+    d = os.path.join(str(root), 'library' if i % 2 else 'howto')
+    os.makedirs(d, exist_ok=True)
+    body = ' '.join(rng.choice(words) for _ in range(80))
+    with open(os.path.join(d, f'doc{i}.rst.txt'), 'w') as f:
+      f.write(f'Document {i}\n{"=" * 12}\n\n{body}\n.. function:: f{i}(x)\n')
+  return str(root)
+
+
+@pytest.fixture(scope='session')
+def text_corpus(tmp_path_factory):
+  return write_text_corpus(tmp_path_factory.mktemp('python_docs'))
+
+
+def make_lm_smoke_config(corpus: str):
+  """configs/lm.py:smoke on `corpus` (a folder of *.rst.txt), no compilation cache."""
+  from configs import lm
+  config = lm.get_config('smoke')
+  config.data.data_dir = corpus
+  config.compilation_cache_dir = ''
+  return config
+
+
 # Test files by how long they take (seconds of one xdist worker on the 2-core CI machine, measured with
 # `--durations`); `make test` hands whole files to two workers in collection order (--no-loadscope-reorder), so
 # the longest go first and the short ones fill in behind them (otherwise one worker ends on a long file while
 # the other idles). Files not listed keep their order after these.
 LONGEST_FIRST = ('test_gcs.py', 'test_multihost.py', 'test_reliability.py', 'test_train.py', 'test_protocol.py',
-                 'test_notebook.py', 'test_scale_out.py', 'test_export.py', 'test_configs.py', 'test_readme.py',
+                 'test_notebook.py', 'test_lm_table.py', 'test_scale_out.py', 'test_export.py', 'test_lm.py',
+                 'test_configs.py', 'test_readme.py',
                  'test_state.py', 'test_checkpoint.py', 'test_byo.py', 'test_benchmark_input.py')
 
 

@@ -39,13 +39,16 @@ def test_choices_are_the_dispatch_tables():
 
 
 @pytest.mark.parametrize('key', sorted(config_check.CHOICES))
-def test_every_allowed_value_validates_and_an_unknown_one_is_named(smoke_config, key):
+def test_every_allowed_value_validates_and_an_unknown_one_is_named(smoke_config, text_corpus, key):
+  from ttq_jax import datasets
   table = config_check.CHOICES[key]
   section, _, leaf = key.rpartition('.')
   target = smoke_config[section] if section else smoke_config
   for value in table:
     if key == 'model.name' and value.startswith('alexnet'):
       continue  # needs larger images than Fashion-MNIST (its own test)
+    if key == 'data.name' and datasets.DATASETS[value].reader == 'text':  # read whole, from a corpus folder
+      smoke_config.data.limit_examples, smoke_config.data.data_dir = 0, text_corpus
     target[leaf] = value
     config_check.validate(smoke_config)
   target[leaf] = 'nope'
@@ -162,3 +165,39 @@ def test_configs_are_locked_and_unknown_keys_are_refused_in_python(smoke_config)
   c.num_train_step = 3  # a config built by hand (unlocked): validate refuses it as the command line would
   with pytest.raises(ConfigError, match="config key 'num_train_step' is unknown: did you mean num_train_steps"):
     config_check.validate(c)
+
+
+@pytest.mark.parametrize('key,value,message', [
+    ('data.seq_len', 1, r'data.seq_len=1 must be an integer >= 2'),
+    ('data.validation_examples', 100, r'data.validation_examples=100: python_docs has its own validation split and '
+                                      r'is read whole: allowed is 0'),
+    ('data.limit_examples', 10, r'data.limit_examples=10: python_docs has its own validation split'),
+    ('model.mlp_width', 0, None),  # 0: the model's own
+])
+def test_text_dataset_settings_are_checked(text_corpus, key, value, message):
+  from tests.conftest import make_lm_smoke_config
+  config = make_lm_smoke_config(text_corpus)
+  section, leaf = key.split('.')
+  config[section][leaf] = value
+  if message is None:
+    config_check.validate(config)
+    return
+  with pytest.raises(ConfigError, match=message):
+    config_check.validate(config)
+
+
+def test_a_size_key_for_a_model_without_that_field_is_refused(smoke_config):
+  smoke_config.model.mlp_width = 64  # resnet_tiny has no MLP
+  with pytest.raises(ConfigError, match=r"model.mlp_width=64 does not apply to model 'resnet_tiny' \(it has no field "
+                                        r'mlp_width\): allowed is 0'):
+    from ttq_jax import state as state_lib
+    state_lib.create_model(smoke_config)
+
+
+def test_a_missing_corpus_is_one_line_saying_how_to_install_it(text_corpus, tmp_path):
+  from tests.conftest import make_lm_smoke_config
+  from ttq_jax.errors import DataError
+  config = make_lm_smoke_config(text_corpus)
+  config.data.data_dir = str(tmp_path / 'empty')
+  with pytest.raises(DataError, match=r'the python_docs corpus is not in .*apt-get install python3-doc'):
+    config_check.validate(config)

@@ -10,7 +10,7 @@ import pytest
 from ttq_jax import lm
 from ttq_jax import quant
 
-TINY = dict(num_layers=2, width=16, num_heads=2, mlp_width=24)
+TINY = dict(depth=2, width=16, num_heads=2, mlp_width=24)
 
 
 def test_rms_norm_by_hand():
@@ -45,7 +45,7 @@ def test_causal_a_later_byte_changes_no_earlier_logit():
 def test_parameter_count_by_hand():
   """embed 256 w + head w 256 + final norm w; per block: 4 w^2 (attention) + 3 w m (gated MLP) + norms
   (attention, mlp: w each; sub-norms: w and m). No biases."""
-  w, m, n = TINY['width'], TINY['mlp_width'], TINY['num_layers']
+  w, m, n = TINY['width'], TINY['mlp_width'], TINY['depth']
   params = lm.LMDecoder(**TINY).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))['params']
   expected = 2 * 256 * w + w + n * (4 * w * w + 3 * w * m + 3 * w + m)
   assert sum(x.size for x in jax.tree.leaves(params)) == expected
@@ -70,3 +70,59 @@ def test_bad_shapes_are_named():
   with pytest.raises(ValueError, match="activation='gelu' is unknown: allowed are silu, relu2"):
     lm.LMDecoder(**TINY, activation='gelu').init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))
   assert isinstance(lm.LMDecoder(), nn.Module)
+
+
+def test_generate_greedy_equals_the_argmax_of_the_unpadded_prefix():
+  """Right-padding the context to seq_len changes no logit at the last real position (causal), so greedy
+  generation is the argmax of a forward over the prefix alone, byte after byte."""
+  model = lm.LMDecoder(**TINY)
+  variables = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 8), jnp.int32))
+  out = lm.generate(model.apply, variables, b'ab', num_bytes=5, seq_len=8)
+  context, apply = list(b'ab'), jax.jit(model.apply)
+  for _ in range(5):
+    context.append(int(jnp.argmax(apply(variables, jnp.asarray([context[-8:]], jnp.int32))[0, -1])))
+  assert out == bytes(context[2:])
+  sampled = lm.generate(model.apply, variables, b'ab', num_bytes=5, seq_len=8, temperature=0.8)
+  assert sampled == lm.generate(model.apply, variables, b'ab', num_bytes=5, seq_len=8, temperature=0.8)  # fixed seed
+
+
+@pytest.mark.slow
+def test_smoke_trains_resumes_exactly_evaluates_and_exports(tmp_path, text_corpus):
+  """configs/lm.py:smoke on a corpus written here: bits per byte in result / eval json chosen on validation
+  (lowest), the corpus recorded, samples; a run resumed from its step-3 checkpoint ends bit-identical; `--mode
+  eval` and the evaluated export give the same bits per byte."""
+  import shutil
+  from tests.conftest import make_lm_smoke_config, metrics_rows
+  from ttq_jax import evaluation, export, text, train
+
+  config = make_lm_smoke_config(text_corpus)
+  run = tmp_path / 'run'
+  result = train.train_and_evaluate(config, str(run))
+  assert result['step'] == 6 and result['selection_split'] == 'validation' and result['num_bytes'] > 0
+  assert result['bits_per_byte'] == pytest.approx(result['loss'] / np.log(2))
+  chosen = result['best_on_validation']['running']
+  evals = {r['step']: r['eval_bits_per_byte'] for r in metrics_rows(run) if 'eval_bits_per_byte' in r}
+  assert sorted(evals) == [3, 6] and chosen['validation_bits_per_byte'] == min(evals.values())
+  assert chosen['step'] == min(evals, key=evals.get) and result['protocol']['running']['best'] == min(evals.values())
+  assert result['dataset']['corpus_sha256'] == text.corpus_sha256(text_corpus)
+  assert sorted(result['samples']) == sorted(f'{m} | {p}' for m in ('greedy', 't=0.8') for p in lm.PROMPTS)
+  assert all(s.startswith(k.split(' | ')[1]) for k, s in result['samples'].items())
+
+  resumed = tmp_path / 'resumed'  # as if killed after the step-3 checkpoint
+  shutil.copytree(run, resumed)
+  shutil.rmtree(resumed / 'checkpoints' / '6')
+  (resumed / 'result.json').unlink()
+  again = train.train_and_evaluate(config, str(resumed))
+  assert again['bits_per_byte'] == result['bits_per_byte'] and again['samples'] == result['samples']
+  kept = lambda rows: [{k: r.get(k) for k in ('step', 'train_loss', 'eval_bits_per_byte')} for r in rows]
+  assert kept(metrics_rows(resumed)) == kept(metrics_rows(run))  # no row lost or repeated, the same numbers
+
+  ev = evaluation.evaluate_workdir(None, str(run))
+  assert ev['bits_per_byte'] == result['bits_per_byte'] and ev['samples'] == result['samples']
+  assert (run / 'eval' / 'step_6.json').exists()
+  summary = export.export_workdir(None, str(run))
+  assert summary['step'] == 6
+  from_file = config.copy_and_resolve_references()
+  from_file.restore_from = str(run / 'export' / 'model.safetensors')
+  ev_file = evaluation.evaluate_workdir(from_file, str(run))
+  assert ev_file['bits_per_byte'] == pytest.approx(ev['bits_per_byte'], rel=1e-6)

@@ -77,3 +77,44 @@ def test_corpus_digest_and_a_missing_corpus(corpus, tmp_path_factory):
   assert text.corpus_dir(corpus) == corpus
   with pytest.raises(DataError, match="split='dev' is unknown"):
     text.load_split(corpus, 'dev')
+
+
+# --------------------------------------------------------------------------- the dataset python_docs
+
+
+def _data_config(corpus, seq_len=16):
+  import ml_collections
+  return ml_collections.ConfigDict({'name': 'python_docs', 'data_dir': corpus, 'seq_len': seq_len})
+
+
+def test_dataset_facts_are_measured_on_the_corpus(text_corpus):
+  from ttq_jax import datasets
+  info = datasets.dataset_info(_data_config(text_corpus, 16))
+  train, test = text.load_split(text_corpus, 'train'), text.load_split(text_corpus, 'test')
+  assert info.input_shape == (16,) and info.input_dtype == 'int32' and info.task == 'next_byte'
+  assert info.train_size == len(train) // 16 and info.test_size == (len(test) - 1) // 16
+  record = text.record(_data_config(text_corpus))
+  assert record['corpus_sha256'] == text.corpus_sha256(text_corpus) and record['train_bytes'] == len(train)
+  assert record['package'] is None and record['package_version'] is None  # not Debian's folder: no package claimed
+  with pytest.raises(text.ConfigError, match=r'data.seq_len=1 must be an integer >= 2'):
+    datasets.dataset_info(_data_config(text_corpus, 1))
+
+
+def test_processes_read_their_rows_of_the_same_global_batches(text_corpus):
+  config = _data_config(text_corpus, 8)
+  one = text.train_dataset(config, local_batch_size=6, seed=3)
+  halves = [text.train_dataset(config, local_batch_size=3, seed=3, process_index=p, process_count=2) for p in (0, 1)]
+  for k in (0, 5):
+    np.testing.assert_array_equal(np.concatenate([h[k]['tokens'] for h in halves]), one[k]['tokens'])
+  np.testing.assert_array_equal(one[5]['tokens'], text.train_batch(text.load_split(text_corpus, 'train'), seed=3, k=5,
+                                                                    batch=6, seq_len=8))
+  data = text.load_split(text_corpus, 'validation')
+  whole = list(text.eval_dataset(config, split='validation', global_batch_size=8))
+  parts = [list(text.eval_dataset(config, split='validation', global_batch_size=8, process_index=p, process_count=2))
+           for p in (0, 1)]
+  for k, batch in enumerate(whole):
+    np.testing.assert_array_equal(np.concatenate([p[k]['tokens'] for p in parts]), batch['tokens'])
+    np.testing.assert_array_equal(np.concatenate([p[k]['mask'] for p in parts]), batch['mask'])
+  mask = np.concatenate([b['mask'] for b in whole])
+  targets = np.concatenate([b['tokens'][:, 1:] for b in whole])[mask > 0]
+  np.testing.assert_array_equal(targets, data[1:])  # every byte after the first, once, in order (padding masked)

@@ -212,26 +212,11 @@ class ArraySource:
     return {'image': self.images[i], 'label': self.labels[i]}
 
 
-class _Head:
-  """The first `n` examples of a random-access source."""
-
-  def __init__(self, source, n: int):
-    self.source, self.n = source, min(n, len(source))
-
-  def __len__(self) -> int:
-    return self.n
-
-  def __getitem__(self, i):
-    if not 0 <= i < self.n:
-      raise IndexError(i)
-    return self.source[i]
-
-
+@dataclasses.dataclass
 class _Subset:
   """The examples of a random-access source at `indices`, in that order."""
-
-  def __init__(self, source, indices: np.ndarray):
-    self.source, self.indices = source, indices
+  source: object
+  indices: np.ndarray
 
   def __len__(self) -> int:
     return len(self.indices)
@@ -288,7 +273,7 @@ def _get_source(data_config, split: str, user_sources: dict | None):
       raise ConfigError(f"data.name={name!r} is your own data, which this process does not have: pass data=... (the "
                         'train / test arrays or sources the run was trained on)')
     source = user_sources[split]
-    return _Head(source, limit) if limit else source
+    return _Subset(source, np.arange(min(limit, len(source)))) if limit else source
   if info.reader == 'idx':
     images, labels = load_fashion_mnist(split, data_config.data_dir or None)
     if limit:

@@ -81,7 +81,7 @@ def eval_protocol(rows: list[dict], *, metric: str = 'top1_accuracy', higher_is_
   5 evaluations of `metric`, per BN column, over the evaluations of the trained
   model: only those of the ternary model when the run has any (`eval_ternary` = 1), so the evaluation at
   the end of a full-precision warm-up never counts. {column: {'final', 'best', 'best_step',
-  'mean_last5', 'num_evals', 'metric'}} for each column present in the rows."""
+  'mean_last5', 'num_evals'}} for each column present in the rows."""
   evals = [r for r in rows if f'eval_{metric}' in r]
   if any(r.get('eval_ternary') for r in evals):
     evals = [r for r in evals if r.get('eval_ternary')]
@@ -94,14 +94,13 @@ def eval_protocol(rows: list[dict], *, metric: str = 'top1_accuracy', higher_is_
     best_step, best = max(points, key=lambda p: (sign * p[1], -p[0]))  # the earliest of equal bests
     last = [v for _, v in points[-LAST_N:]]
     out[column] = {'final': points[-1][1], 'best': best, 'best_step': best_step,
-                   'mean_last5': float(np.mean(last)), 'num_evals': len(points), 'metric': metric}
+                   'mean_last5': float(np.mean(last)), 'num_evals': len(points)}
   return out
 
 
-def format_protocol(protocol: dict, split: str) -> list[str]:
+def format_protocol(protocol: dict, split: str, task: tasks.Task = tasks.TASKS['classify']) -> list[str]:
   lines = []
   for column, p in protocol.items():
-    task = next(t for t in tasks.TASKS.values() if t.metric == p.get('metric', 'top1_accuracy'))
     lines.append(f'  {split} {task.label}, {column} BN statistics: final {task.fmt(p["final"])} | best '
                  f'{task.fmt(p["best"])} (step {p["best_step"]}) | mean of last {min(LAST_N, p["num_evals"])} '
                  f'{task.fmt(p["mean_last5"])} ({p["num_evals"]} evaluations)')
@@ -129,7 +128,7 @@ def format_eval_table(result: dict, config, model_name: str | None = None) -> st
     lines.append(f'  test {task.label} by BN statistics: ' + ' | '.join(f'{c} {task.fmt(m[task.metric])}'
                                                                           for c, m in columns.items()))
   if 'protocol' in result:
-    lines += format_protocol(result['protocol'], result.get('selection_split', 'test'))
+    lines += format_protocol(result['protocol'], result.get('selection_split', 'test'), task)
   for column, r in (result.get('best_on_validation') or {}).items():
     lines.append(f'  test {task.label} of the model chosen on validation ({column} BN statistics, step {r["step"]}): '
                  f'{task.fmt(r[task.metric])}')
