@@ -36,7 +36,8 @@ RESULTS = os.path.join(ROOT, 'experiments', 'results', 'lm.json')
 GPU_RESULTS = os.path.join(ROOT, 'experiments', 'results', 'lm_gpu.json')
 # None: no choice, each family's rate of configs/lm.py (the CPU table's choice): the GPU part's 6 minutes have no room
 LEARNING_RATES = {'tiny': (3e-3, 1e-2), 'cpu': (1e-3, 3e-3, 1e-2), 'gpu': None}
-FAMILIES = ('fp', 'ttq', 'bitnet')  # the rows whose learning rate is chosen; the others take their family's
+FAMILIES = ('fp', 'ttq', 'bitnet')
+README_START, README_END = '<!-- lm:start -->', '<!-- lm:end -->'  # README.md shows markdown(RESULTS) between them  # the rows whose learning rate is chosen; the others take their family's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +188,7 @@ def run_table(*, budget: str, seeds: list[int], only: tuple[str, ...] = (), work
       runs[key].append({'seed': seed, 'workdir': workdir, 'learning_rate': config.learning_rate, **result})
       write(runs, final=False)
   out = write(runs, final=True)
+  plot(runs, out, path.replace('.json', '.png'))
   log(markdown(out))
   log(f'wrote {path}')
   return out
@@ -220,6 +222,28 @@ def summarize(runs: dict[str, list[dict]], lr_choice: dict, budget: str, seeds: 
           'machine': {'cpu_count': os.cpu_count(), 'processor': platform.processor() or platform.machine(),
                       'backend': jax.default_backend(), 'device': str(jax.devices()[0].device_kind),
                       'jax': jax.__version__}}
+
+
+def plot(runs: dict[str, list[dict]], out: dict, path: str) -> None:
+  """Training bits per byte of each row (seed 0, from metrics.jsonl) and TTQ's per-layer scales over steps."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  from ttq_jax import reports
+  fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+  for key, rs in runs.items():
+    rows = [r for r in reports.read_metrics(os.path.join(rs[0]['workdir'], 'metrics.jsonl')) if 'train_bits_per_byte' in r]
+    left.plot([r['step'] for r in rows], [r['train_bits_per_byte'] for r in rows], label=ROWS[key].name)
+  left.set(xlabel='step', ylabel='training bits per byte (seed 0)', title='Training curves')
+  left.legend(fontsize=7)
+  for layer, t in out['ttq_scale_trajectories'].get('ttq', {}).items():
+    line, = right.plot(t['step'], t['w_p'], lw=1, label=layer)
+    right.plot(t['step'], t['w_n'], lw=1, ls='--', color=line.get_color())
+  right.set(xlabel='step', ylabel='scale', title='TTQ from scratch, seed 0: W_p (solid), W_n (dashed) per layer')
+  right.legend(fontsize=5, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def _model_summary(budget: str) -> dict:
@@ -259,6 +283,12 @@ def markdown(out: dict) -> str:
               f'{d["corpus_sha256"][:16]}..., {d["train_bytes"]:,} / {d["validation_bytes"]:,} / {d["test_bytes"]:,} bytes '
               'train / validation / test.']
   return '\n'.join(lines)
+
+
+def readme_block(readme: str) -> str:
+  """The generated table as it stands in README.md (between the markers)."""
+  start, end = readme.index(README_START) + len(README_START), readme.index(README_END)
+  return readme[start:end].strip('\n')
 
 
 def main(args) -> None:

@@ -43,4 +43,19 @@ def test_gpu_check_lm_in_tiny_mode(tmp_path, text_corpus):
   assert len(layers) == 7 and all(len(t['step']) == len(t['w_p']) == len(t['w_n']) >= 2 for t in layers.values())
   assert ft['samples_seed_0'] and out['dataset']['corpus_sha256'] and out['dataset']['package'] is None
   assert '| TTQ fine-tuned from FP | 2 |' in (out_dir / 'lm_gpu.md').read_text()
-  assert 'wrote' in (out_dir / 'log.txt').read_text()
+  assert 'wrote' in (out_dir / 'log.txt').read_text() and (out_dir / 'lm_gpu.png').stat().st_size > 0
+
+
+def test_readme_table_is_the_generated_one():
+  """The README shows exactly what `lm_table.markdown` makes of the committed CPU results."""
+  sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+  import lm_table
+  with open(lm_table.RESULTS) as f:
+    data = json.load(f)
+  assert data['complete'] and data['budget'] == 'cpu' and data['seeds'] == [0, 1, 2]
+  for key in ('fp', 'ttq', 'bitnet'):
+    assert data['rows'][key]['seeds'] == [0, 1, 2]
+  readme = open(os.path.join(ROOT, 'README.md')).read()
+  assert lm_table.readme_block(readme) == lm_table.markdown(data), (
+      'README.md is stale: paste experiments/lm_table.py markdown() of experiments/results/lm.json between '
+      f'{lm_table.README_START} and {lm_table.README_END}')
