@@ -239,8 +239,8 @@ def bench_xla_options(args, mesh, results):
   """The per-program CPU options (`xla_cpu_ynn_fusion='auto'`) vs XLA's default ('on'), interleaved."""
   if jax.default_backend() != 'cpu':
     return
-  ours = Runner(make_config(args.model, args.dataset, 'ttq', args.batch_size, args.dtype, 'auto'), mesh)
-  default = Runner(make_config(args.model, args.dataset, 'ttq', args.batch_size, args.dtype, 'on'), mesh)
+  ours = Runner(make_config(args.model, args.dataset, 'ttq', args.batch_size, args.dtype, 'auto', args.seq_len), mesh)
+  default = Runner(make_config(args.model, args.dataset, 'ttq', args.batch_size, args.dtype, 'on', args.seq_len), mesh)
   t = interleaved_ms({'train_ours': ours.train_step, 'train_default': default.train_step}, args.steps, args.warmup)
   e = interleaved_ms({'eval_ours': ours.eval_step_fn(args.eval_batch_size),
                       'eval_default': default.eval_step_fn(args.eval_batch_size)},

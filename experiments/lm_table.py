@@ -145,7 +145,8 @@ def run_table(*, budget: str, seeds: list[int], only: tuple[str, ...] = (), work
 
   def write(runs, final: bool) -> dict:  # after every run: an interrupted table keeps what finished
     out = summarize(runs, lr_choice, budget, seeds, rows)
-    out['wall_minutes'], out['complete'] = (time.perf_counter() - started) / 60, final
+    out['wall_minutes'], out['complete'] = (time.perf_counter() - started) / 60, final  # of this invocation
+    out['run_minutes_total'] = sum(run_seconds) / 60  # every run's own wall time (elapsed_s), learning rates included
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, 'w') as f:
       json.dump(out, f, indent=1)
@@ -154,7 +155,7 @@ def run_table(*, budget: str, seeds: list[int], only: tuple[str, ...] = (), work
     return out
 
   families = sorted({r.family for r in rows.values()} | {ROWS[r.init_from].family for r in rows.values() if r.init_from})
-  lr_choice, started = {}, time.perf_counter()
+  lr_choice, started, run_seconds = {}, time.perf_counter(), []
   for family in [f for f in FAMILIES if f in families]:
     if LEARNING_RATES[budget] is None:
       lr_choice[family] = {'validation_bits_per_byte': {}, 'chosen': budget_config(family, budget).learning_rate}
@@ -167,7 +168,8 @@ def run_table(*, budget: str, seeds: list[int], only: tuple[str, ...] = (), work
       config.warmup_steps = max(1, config.warmup_steps // 2)
       config.eval_every_steps = config.checkpoint_every_steps = config.num_train_steps
       log(f'[lr  ] {family} at {lr:g}, seed {seeds[0]}, half budget')
-      scores[f'{lr:g}'] = validation_bpb(_run(config, os.path.join(root, 'lr_choice', family, f'lr_{lr:g}'), log))
+      result = _run(config, os.path.join(root, 'lr_choice', family, f'lr_{lr:g}'), log)
+      scores[f'{lr:g}'], _ = validation_bpb(result), run_seconds.append(result['elapsed_s'])
     lr_choice[family] = {'validation_bits_per_byte': scores, 'chosen': float(min(scores, key=scores.get))}
   runs: dict[str, list[dict]] = {}
   order = sorted(rows, key=lambda k: bool(rows[k].init_from))  # fine-tunes after the runs they start from
@@ -186,6 +188,7 @@ def run_table(*, budget: str, seeds: list[int], only: tuple[str, ...] = (), work
       log(f'[run ] {row.name}, seed {seed}, lr {config.learning_rate:g}, in {workdir}')
       result = _run(config, workdir, log)
       runs[key].append({'seed': seed, 'workdir': workdir, 'learning_rate': config.learning_rate, **result})
+      run_seconds.append(result['elapsed_s'])
       write(runs, final=False)
   out = write(runs, final=True)
   plot(runs, out, path.replace('.json', '.png'))
