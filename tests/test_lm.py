@@ -126,3 +126,20 @@ def test_smoke_trains_resumes_exactly_evaluates_and_exports(tmp_path, text_corpu
   from_file.restore_from = str(run / 'export' / 'model.safetensors')
   ev_file = evaluation.evaluate_workdir(from_file, str(run))
   assert ev_file['bits_per_byte'] == pytest.approx(ev['bits_per_byte'], rel=1e-6)
+
+
+@pytest.mark.parametrize('variant', ['', 'fp', 'ttq', 'twn', 'bitnet', 'bitnet_a8', 'ttq_a8', 'smoke'])
+def test_every_variant_of_configs_lm_validates_as_its_docstring_says(text_corpus, variant):
+  from configs import lm as lm_config
+  from ttq_jax import config_check
+  config = lm_config.get_config(variant)
+  config.data.data_dir = text_corpus
+  config_check.validate(config)
+  method = {'': 'ttq', 'smoke': 'ttq'}.get(variant, variant.removesuffix('_a8'))
+  assert config.quant.method == method and config.model.name == 'lm_decoder' and config.data.name == 'python_docs'
+  assert config.quant.activations == ('int8' if variant.endswith('_a8') else 'float')
+  assert config.weight_decay == (0.1 if method == 'fp' else 0.0) and config.optimizer == 'adamw'
+  assert config.quant.scale_init == 'mean_abs' and config.quant.full_precision_layers == 'edges'
+  assert 'python -m ttq_jax.main --config configs/lm.py' in lm_config.__doc__
+  with pytest.raises(ValueError, match="config argument 'nope' is unknown: allowed are fp, ttq, twn"):
+    lm_config.get_config('nope')
