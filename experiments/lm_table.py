@@ -37,6 +37,7 @@ GPU_RESULTS = os.path.join(ROOT, 'experiments', 'results', 'lm_gpu.json')
 # None: no choice, each family's rate of configs/lm.py (the CPU table's choice): the GPU part's 6 minutes have no room
 LEARNING_RATES = {'tiny': (3e-3, 1e-2), 'cpu': (1e-3, 3e-3, 1e-2), 'gpu': None}
 FAMILIES = ('fp', 'ttq', 'bitnet')
+PAIRS = (('ttq', 'bitnet'), ('ttq_ft', 'bitnet_ft'), ('ttq', 'twn'))  # paired a - b beyond each row's minus FP
 README_START, README_END = '<!-- lm:start -->', '<!-- lm:end -->'  # README.md shows markdown(RESULTS) between them  # the rows whose learning rate is chosen; the others take their family's
 
 
@@ -220,7 +221,10 @@ def summarize(runs: dict[str, list[dict]], lr_choice: dict, budget: str, seeds: 
     }
   first = next((rs[0] for rs in runs.values() if rs), {})
   trajectories = {k: scale_trajectories(runs[k][0]['workdir']) for k in ('ttq', 'ttq_ft') if runs.get(k)}
-  return {'budget': budget, 'seeds': seeds, 'lr_choice': lr_choice, 'rows': table, 'ttq_scale_trajectories': trajectories,
+  pairs = [{'a': a, 'b': b, **paired(runs[a], runs[b])} for a, b in PAIRS
+           if runs.get(a) and runs.get(b) and paired(runs[a], runs[b])]
+  return {'budget': budget, 'seeds': seeds, 'lr_choice': lr_choice, 'rows': table, 'paired': pairs,
+          'ttq_scale_trajectories': trajectories,
           'dataset': first.get('dataset'), 'model': _model_summary(budget),
           'machine': {'cpu_count': os.cpu_count(), 'processor': platform.processor() or platform.machine(),
                       'backend': jax.default_backend(), 'device': str(jax.devices()[0].device_kind),
@@ -276,6 +280,10 @@ def markdown(out: dict) -> str:
     lines.append(f'| {r["row"]} | {len(r["seeds"])} | {r["learning_rate"]:g} | '
                  f'{_fmt(r["test_bits_per_byte_chosen_on_validation"])} | {diff} | {_fmt(r["test_bits_per_byte_final"])} | '
                  f'{sp} | {_fmt(r["run_minutes"], 1)} |')
+  if out.get('paired'):
+    lines += ['', 'Paired same-seed differences of test bits/byte: ' + '; '.join(
+        f'{out["rows"][p["a"]]["row"]} - {out["rows"][p["b"]]["row"]} {p["mean"]:+.3f}'
+        + (f' +- {p["se"]:.3f}' if p['se'] is not None else '') + f' (n={p["n"]})' for p in out['paired'])]
   lines += ['', 'Learning rate chosen on validation (seed ' + str(out['seeds'][0]) + ', half budget; none listed: '
             "configs/lm.py's): " + '; '.join(
       f'{fam}: ' + ', '.join(f'{lr} -> {v:.3f}' for lr, v in c['validation_bits_per_byte'].items()) + f' (chose {c["chosen"]:g})'
