@@ -11,6 +11,7 @@ from ttq_jax import datasets
 from ttq_jax import evaluation
 from ttq_jax import models
 from ttq_jax import state as state_lib
+from ttq_jax import tasks
 
 
 class BNOnly(nn.Module):
@@ -35,7 +36,7 @@ def test_batch_moments_are_the_batch_statistics():
 def test_topk_correct(k, expected):
   logits = jnp.array([[0.1, 0.9, 0.0], [0.5, 0.3, 0.2], [0.2, 0.3, 0.1]])
   labels = jnp.array([1, 1, 2])  # ranks 1, 2, 3
-  np.testing.assert_array_equal(evaluation.topk_correct(logits, labels, k), expected)
+  np.testing.assert_array_equal(tasks.topk_correct(logits, labels, k), expected)
 
 
 def test_eval_step_sums_over_valid_rows_only():

@@ -17,6 +17,7 @@ from ttq_jax import datasets
 from ttq_jax import export_format
 from ttq_jax import files
 from ttq_jax import input_pipeline
+from ttq_jax import lm
 from ttq_jax import models
 from ttq_jax import programs as programs_lib
 from ttq_jax import quant as quant_lib
@@ -26,13 +27,8 @@ from ttq_jax import state as state_lib
 from ttq_jax import steps
 from ttq_jax import tasks
 from ttq_jax import text
-from ttq_jax import lm
 
-# the per-batch maths are the task's (`ttq_jax.tasks`); these names stay importable from here
-TOP_K, cross_entropy, topk_correct, reports_top_k = tasks.TOP_K, tasks.cross_entropy, tasks.topk_correct, tasks.reports_top_k
-
-
-# --------------------------------------------------------------------------- per-batch steps
+# --------------------------------------------------------------------------- per-batch steps (the maths: `tasks`)
 
 
 def eval_step(state, batch, *, apply_fn, info, dtype, loss_fn=None):
@@ -132,8 +128,7 @@ def run_record(config, programs: programs_lib.Programs, state, quantized: bool) 
   if info.reader == 'text':
     out['dataset'] = {'name': config.data.name, **text.record(config.data)}
   if tasks.TASKS[info.task].generates:
-    apply = state_lib.apply_fn(programs.models[quantized])
-    out['samples'] = lm.samples(lambda v, x: apply(v, x, train=False),
+    out['samples'] = lm.samples(state_lib.apply_fn(programs.models[quantized]),
                                 {'params': state.params, 'batch_stats': state.batch_stats},
                                 seq_len=info.input_shape[0])
   return out
