@@ -7,7 +7,10 @@ results JSON (fields pinned: other tools read them) and its markdown table.
 Each run is `python -m ttq_jax.main` in its own workdir, ROOT/<budget>/seed_<s>/<row> (re-running resumes
 an unfinished run and re-reads a finished one's result.json). `--parallel N` runs up to N of them at once
 (a seed's fine-tunes start when its FP checkpoint is written); this module never initialises a JAX
-backend itself, so on a GPU the processes share the device.
+backend itself, so on a GPU the processes share the device. `--parallel 0` runs them one after another in
+this process instead (`train.train_and_evaluate` on the same config the command line would build: no
+interpreter start or import per run, and programs compiled for one run are reused by the next through
+the persistent compilation cache; what the tiny budget's test runs).
 """
 
 from __future__ import annotations
@@ -56,12 +59,48 @@ class Job:
     return cmd + ([f'--config.init_from={self.init_from}'] if self.init_from else [])
 
 
+  def config(self):
+    """The config `command()` gives the command line (for runs in this process)."""
+    config = _protocol_config().get_config(f'{self.row},{self.budget}')
+    config.seed = self.seed
+    config.init_from = self.init_from
+    return config
+
+
 class Runner:
-  """Runs jobs as subprocesses, at most `parallel` at once; logs each run's output to its workdir."""
+  """Runs jobs as subprocesses, at most `parallel` at once, or (parallel 0) one at a time in this process;
+  logs each run's output to its workdir's run.log."""
 
   def __init__(self, parallel: int, log=print):
+    self.in_process = parallel == 0
     self.pool = concurrent.futures.ThreadPoolExecutor(max(1, parallel))
     self.log, self.lock = log, threading.Lock()
+
+  def _train(self, job: Job) -> None:
+    log_path = os.path.join(job.workdir, 'run.log')
+    if self.in_process:  # the run's console (progress, logging, final table) goes to its run.log, as below
+      import contextlib
+      import logging
+
+      from ttq_jax import errors
+      from ttq_jax import train
+      with open(log_path, 'a') as out, contextlib.redirect_stdout(out):
+        handler = logging.StreamHandler(out)
+        handler.setFormatter(logging.Formatter('%(asctime)s %(module)s.py:%(lineno)d] %(message)s'))
+        logging.getLogger().addHandler(handler)
+        try:
+          train.train_and_evaluate(job.config(), job.workdir)
+        except errors.USER_ERRORS as e:
+          raise RuntimeError(f'{job.row} seed {job.seed}: {e} (log: {log_path})') from e
+        finally:
+          logging.getLogger().removeHandler(handler)
+      return
+    env = {**os.environ, 'XLA_PYTHON_CLIENT_PREALLOCATE': 'false'}  # processes share one accelerator
+    with open(log_path, 'a') as out:
+      p = subprocess.run(job.command(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
+    if p.returncode:
+      tail = open(log_path).read().strip().splitlines()[-1:] or ['?']
+      raise RuntimeError(f'{job.row} seed {job.seed}: exit {p.returncode}: {tail[0]} (log: {log_path})')
 
   def _run(self, job: Job) -> dict:
     path = os.path.join(job.workdir, 'result.json')
@@ -70,19 +109,22 @@ class Runner:
       with self.lock:
         self.log(f'[run ] {job.row} seed {job.seed} ({job.budget}) in {job.workdir}')
       t0 = time.perf_counter()
-      env = {**os.environ, 'XLA_PYTHON_CLIENT_PREALLOCATE': 'false'}  # processes share one accelerator
-      with open(os.path.join(job.workdir, 'run.log'), 'a') as out:
-        p = subprocess.run(job.command(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
-      if p.returncode:
-        tail = open(os.path.join(job.workdir, 'run.log')).read().strip().splitlines()[-1:] or ['?']
-        raise RuntimeError(f'{job.row} seed {job.seed}: exit {p.returncode}: {tail[0]} (log: {job.workdir}/run.log)')
+      self._train(job)
       with self.lock:
         self.log(f'[done] {job.row} seed {job.seed} in {(time.perf_counter() - t0) / 60:.1f} min')
     with open(path) as f:
       return json.load(f)
 
   def submit(self, job: Job) -> concurrent.futures.Future:
-    return self.pool.submit(self._run, job)
+    if not self.in_process:
+      return self.pool.submit(self._run, job)
+    # in this (the main) thread, at once: training owns SIGTERM / SIGINT, which only the main thread may handle
+    future = concurrent.futures.Future()
+    try:
+      future.set_result(self._run(job))
+    except Exception as e:  # noqa: BLE001 - re-raised by future.result(), as from the pool
+      future.set_exception(e)
+    return future
 
 
 def run_all(seeds, budget: str, root: str, parallel: int, log=print) -> tuple[dict, dict]:

@@ -155,7 +155,8 @@ def main():
   p.add_argument('--budget', choices=['tiny', 'cpu', 'gpu'], default='cpu',
                  help='fashion_mnist_protocol: steps of the FP checkpoint and of the fine-tunes (configs/fashion_mnist_protocol.py); '
                  'lm: model size and steps (experiments/lm_table.py)')
-  p.add_argument('--parallel', type=int, default=1, help='fashion_mnist_protocol: runs at once (processes)')
+  p.add_argument('--parallel', type=int, default=1, help='fashion_mnist_protocol: runs at once (processes); 0: one after another in '
+                 'this process')
   p.add_argument('--seeds', default='0,1,2', help='fashion_mnist: comma-separated config.seed values')
   p.add_argument('--describe', action='store_true', help='paper: print each row\'s effective recipe, run nothing')
   p.add_argument('--json', default='', help='--describe: write {"rows": [...]} here')
@@ -172,8 +173,8 @@ def main():
   if args.describe:
     return describe(args)
   if args.table == 'fashion_mnist_protocol':
-    if args.parallel < 1:
-      p.error(f'--parallel={args.parallel} must be >= 1')
+    if args.parallel < 0:
+      p.error(f'--parallel={args.parallel} must be >= 0 (0: the runs in this process, one after another)')
     import protocol  # experiments/protocol.py
     protocol.main(args)
     return

@@ -7,6 +7,19 @@ import sys
 import jax
 import numpy as np
 
+# The tests' programs are compile-bound (tiny models, a few steps): LLVM at optimisation level 0 compiles them
+# ~2x faster (measured: a smoke run's compiles 8.9 s -> 3.7 s on 8 devices) for slower code that the tests barely
+# run. Numbers move by float rounding only, and every comparison a test makes is between runs made with the same
+# flags: the command lines the tests start get them too (`xla_flags`), whatever else their XLA_FLAGS say.
+TEST_XLA_FLAGS = '--xla_backend_optimization_level=0'
+os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+
+
+def xla_flags(devices: int | None = None) -> str:
+  """XLA_FLAGS for a command line a test starts: the tests' compile flags, and `devices` CPU devices."""
+  return TEST_XLA_FLAGS + (f' --xla_force_host_platform_device_count={devices}' if devices else '')
+
+
 jax.config.update('jax_num_cpu_devices', 8)
 import tempfile  # noqa: E402
 

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, xla_flags
 
 BUCKET = 'ttq'
 TIMEOUT_S = 600
@@ -27,7 +27,7 @@ class Emulator:
                     FSSPEC_GCS_TOKEN='anon',  # gcsfs: anonymous, no metadata server
                     GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT='false',  # no storage-control (gRPC) bucket-type lookups
                     JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
-    self.env.pop('XLA_FLAGS', None)
+    self.env['XLA_FLAGS'] = xla_flags()
 
   def _request(self, path: str, data: bytes | None = None, method: str = 'GET', **headers):
     req = urllib.request.Request(f'{self.url}{path}', data=data, method=method, headers=headers)
@@ -58,7 +58,7 @@ class Emulator:
   def main(self, workdir: str, *extra, devices: int = 1, mode: str = 'train', popen: bool = False):
     cmd = [sys.executable, '-m', 'ttq_jax.main', '--config', 'configs/fashion_mnist.py:smoke', '--workdir', workdir,
            f'--mode={mode}', *extra]  # the test process's compilation cache ($XDG_CACHE_HOME: tests/conftest.py)
-    env = dict(self.env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    env = dict(self.env, XLA_FLAGS=xla_flags(devices))
     if popen:
       return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)

@@ -119,12 +119,23 @@ def test_missing_bucket_is_one_line_and_exit_2(gcs, workdir):
   assert not os.path.exists(os.path.join(ROOT, 'gs:'))
 
 
-def test_unreachable_store_is_one_line_and_exit_2(gcs):
-  """The store's address answers nothing (a closed port): gcsfs retries (~35 s), then one line, exit 2."""
-  closed = f'http://127.0.0.1:{free_port()}'
-  emulator = Emulator(closed)
-  proc = emulator.main('gs://ttq/unreachable')
-  errors = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
-  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+@pytest.fixture(scope='module', autouse=True)
+def unreachable_store_run():
+  """The command line against a store whose address answers nothing (a closed port), started when this module
+  starts: it spends ~35 s waiting on gcsfs's retries, idle, while the other tests here run."""
+  proc = Emulator(f'http://127.0.0.1:{free_port()}').main('gs://ttq/unreachable', popen=True)
+  try:
+    yield proc
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    proc.wait()
+
+
+def test_unreachable_store_is_one_line_and_exit_2(gcs, unreachable_store_run):
+  """gcsfs retries (~35 s), then one line, exit 2."""
+  stdout = unreachable_store_run.communicate(timeout=TIMEOUT_S)[0]  # stderr goes to stdout (popen)
+  errors = [l for l in stdout.splitlines() if l.startswith('error:')]
+  assert unreachable_store_run.returncode == 2 and 'Traceback' not in stdout, stdout[-2000:]
   assert len(errors) == 1 and 'gs://ttq/unreachable' in errors[0] and 'Connect call failed' in errors[0], errors
   assert not gcs.objects('unreachable') and not os.path.exists(os.path.join(ROOT, 'gs:'))

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, xla_flags
 
 
 @pytest.mark.slow
@@ -18,7 +18,7 @@ def test_gpu_check_lm_in_tiny_mode(tmp_path, text_corpus):
   out_dir, wd = tmp_path / 'out', tmp_path / 'wd'
   env = dict(os.environ, OUT=str(out_dir), LM_BUDGET='tiny', GPU_CHECK_NO_WHEELS='1',
              PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'], LM_SEEDS='0,1', LM_ROWS='fp,ttq_ft', LM_WORKDIR=str(wd),
-             TTQ_TEXT_DIR=text_corpus, XLA_FLAGS='')
+             TTQ_TEXT_DIR=text_corpus, XLA_FLAGS=xla_flags())
   p = subprocess.run(['bash', 'experiments/gpu_check.sh', 'lm'], cwd=ROOT, env=env, capture_output=True, text=True,
                      timeout=300)
   assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, free_port, metrics_rows, wait_all
+from tests.conftest import ROOT, free_port, metrics_rows, wait_all, xla_flags
 
 TIMEOUT_S = 600
 
@@ -23,7 +23,7 @@ def _cmd(workdir, *extra):
 
 
 def _env(devices):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags(devices),
              PYTHONUNBUFFERED='1')
   env.pop('JAX_NUM_CPU_DEVICES', None)
   return env
@@ -38,34 +38,60 @@ def _run_all(cmds_envs):
 
 def _losses(workdir):
   rows = metrics_rows(workdir)
-  # The eval with re-estimated BN statistics: after 6 steps the running averages (momentum 0.9) are still
-  # mostly their initial values, so the running-statistics eval divides by near-arbitrary variances and
-  # amplifies reduction-order rounding (measured: 7.18 on 4 devices vs 6.39 on 1).
+  # The eval with re-estimated BN statistics: after a few steps the running averages (momentum 0.9) are still
+  # far from the batch statistics, so the running-statistics eval divides by near-arbitrary variances and
+  # amplifies reduction-order rounding (measured: 7.18 on 4 devices vs 6.39 on 1 after 6 steps).
   return [r['train_loss'] for r in rows], rows[-1]['eval_bnre_loss']
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
-  """Step 1's loss is a forward pass of identical weights on the same global batch (only the reduction
-  order differs: ~1e-7 relative), step 2 adds one all-reduced update (~4e-6, see test_train); a process that
-  read other rows would compute another batch's loss. Steps 3-6 and the final eval are compared loosely (2%): rounding
-  grows through threshold flips as training goes on."""
+STEPS = ['--config.num_train_steps=24', '--config.checkpoint_every_steps=3']
+
+
+def _two_processes(workdir):
   port = free_port()
-  multi = str(tmp_path / 'multi')
-  _run_all([(_cmd(multi, f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'),
-             _env(2)) for i in range(2)])
-  one = str(tmp_path / 'one')
-  _run_all([(_cmd(one), _env(1))])
-  (lm, em), (l1, e1) = _losses(multi), _losses(one)
-  assert len(lm) == len(l1) == 6
-  assert lm[:2] == pytest.approx(l1[:2], rel=1e-4)
-  assert lm[2:] == pytest.approx(l1[2:], rel=2e-2)
-  assert em == pytest.approx(e1, rel=2e-2)
-  assert sorted(os.listdir(os.path.join(multi, 'checkpoints'))) == ['3', '6']
+  return [(_cmd(workdir, *STEPS, f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'),
+           _env(2)) for i in range(2)]
+
+
+@pytest.fixture(scope='module')
+def two_process_run(tmp_path_factory):
+  """The workdir of one uninterrupted 2-process run (24 steps, a checkpoint every 3): what one process computes
+  and what a preempted run resumes to are compared with it."""
+  workdir = str(tmp_path_factory.mktemp('two_processes'))
+  _run_all(_two_processes(workdir))
+  return workdir
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(tmp_path):
+def test_two_processes_match_one_process(two_process_run, tmp_path):
+  """Training: step 1's loss is a forward pass of identical weights on the same global batch (only the
+  reduction order differs: ~1e-7 relative), step 2 adds one all-reduced update (~4e-6, see test_train); a
+  process that read other rows would compute another batch's loss. Steps 3-6 are compared loosely (2%):
+  rounding grows through threshold flips as training goes on. Evaluation: the 2-process run's final evals
+  (running and re-estimated BN statistics) equal one process's evaluation of the same checkpoint up to
+  reduction order; an eval that summed one process's half of the test set would be off by far more."""
+  import shutil
+
+  from ttq_jax import evaluation
+  one = str(tmp_path / 'one')
+  _run_all([(_cmd(one, *STEPS), _env(1))])
+  (lm, _), (l1, _) = _losses(two_process_run), _losses(one)
+  assert len(lm) == len(l1) == 24
+  assert lm[:2] == pytest.approx(l1[:2], rel=1e-4)
+  assert lm[2:6] == pytest.approx(l1[2:6], rel=2e-2)
+  copy = str(tmp_path / 'evaluated')
+  shutil.copytree(two_process_run, copy)  # --mode eval writes into the workdir; the fixture's stays as trained
+  final = metrics_rows(two_process_run)[-1]
+  here = evaluation.evaluate_workdir(None, copy)  # this test process: 8 devices
+  assert here['step'] == 24
+  assert here['test']['running']['loss'] == pytest.approx(final['eval_loss'], rel=1e-5)
+  assert here['test']['reestimated']['loss'] == pytest.approx(final['eval_bnre_loss'], rel=1e-5)
+  # one checkpoint a step for both processes, the last 3 (config.keep_checkpoints) kept
+  assert sorted(os.listdir(os.path.join(two_process_run, 'checkpoints')), key=int) == ['18', '21', '24']
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(two_process_run, tmp_path):
   """A preemption notice that reaches one host only: JAX's preemption service (the one owner of SIGTERM in
   a multi-process run) makes both processes agree on one step, save it once and exit with 128 + SIGTERM
   within seconds; the same command then resumes to the same final state as an uninterrupted run."""
@@ -77,18 +103,9 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(tmp_p
   from configs import fashion_mnist
   from tests.conftest import restored
 
-  extra = ['--config.num_train_steps=24', '--config.checkpoint_every_steps=3']
-
-  def two_processes(workdir):
-    port = free_port()
-    return [(_cmd(workdir, *extra, f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-                  f'--process_id={i}'), _env(2)) for i in range(2)]
-
-  reference = str(tmp_path / 'reference')
-  _run_all(two_processes(reference))
   workdir = str(tmp_path / 'preempted')
   procs = [subprocess.Popen(c, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for c, e in two_processes(workdir)]
+           for c, e in _two_processes(workdir)]
   try:
     deadline = time.time() + TIMEOUT_S
     while not os.path.isdir(os.path.join(workdir, 'checkpoints', '6')) and time.time() < deadline:
@@ -109,11 +126,11 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(tmp_p
            if 'saved checkpoint at step' in l]
   assert len(saved) == 2 and saved[0] == saved[1] and 6 <= saved[0] < 24  # one agreed step, both processes
   assert max(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit()) == saved[0]
-  _run_all(two_processes(workdir))  # the same command resumes
+  _run_all(_two_processes(workdir))  # the same command resumes
   config = fashion_mnist.get_config('smoke')
   config.compilation_cache_dir, config.batch_size, config.num_train_steps = '', 32, 24
   config.ternary_kernel_lr_multiplier = 1.0  # as in _cmd: the optimizer state's structure depends on it
-  (sa, a), (sb, b) = restored(reference, config), restored(workdir, config)
+  (sa, a), (sb, b) = restored(two_process_run, config), restored(workdir, config)
   assert sa == sb == 24
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)

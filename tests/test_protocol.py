@@ -37,10 +37,11 @@ def _check_schema(data, seeds):
 
 @pytest.mark.slow
 def test_tiny_budget_end_to_end(tmp_path):
-  """One seed, two processes at a time: an FP checkpoint, then five fine-tunes of it, the JSON and the table."""
+  """One seed, the runs in the command's own process (`--parallel 0`; the subprocess runner is tested below):
+  an FP checkpoint, then five fine-tunes of it, the JSON and the table."""
   out = tmp_path / 'protocol.json'
   p = subprocess.run([sys.executable, 'experiments/reproduce.py', '--table', 'fashion_mnist_protocol', '--budget', 'tiny',
-                      '--seeds', '0', '--parallel', '2', '--workdir_root', str(tmp_path / 'runs'), '--results', str(out)],
+                      '--seeds', '0', '--parallel', '0', '--workdir_root', str(tmp_path / 'runs'), '--results', str(out)],
                      cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
   data = json.loads(out.read_text())
@@ -60,6 +61,44 @@ def test_tiny_budget_end_to_end(tmp_path):
                           'tiny', '--seeds', '0', '--workdir_root', str(tmp_path / 'runs'), '--results', str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert again.returncode == 0 and '[run ]' not in again.stdout
+  assert 'step 4/4' in (tmp_path / 'runs' / 'fashion_mnist_protocol' / 'tiny' / 'seed_0' / 'ttq_max' / 'run.log').read_text()
+
+
+def test_a_job_in_this_process_gets_the_config_of_its_command_line():
+  """`--parallel 0` trains `Job.config()`, the subprocesses `Job.command()`: the command line's overrides
+  applied to its config file's config give the same config."""
+  job = protocol.Job('ttq_mean', 2, 'tiny', '/tmp/w', init_from='/tmp/fp')
+  cmd = job.command()
+  assert cmd[1:5] == ['-m', 'ttq_jax.main', '--config', 'configs/fashion_mnist_protocol.py:ttq_mean,tiny']
+  expected = protocol._protocol_config().get_config('ttq_mean,tiny')
+  for arg in cmd[7:]:
+    key, value = arg[len('--config.'):].split('=', 1)
+    setattr(expected, key, type(getattr(expected, key))(value))
+  assert job.config().to_dict() == expected.to_dict()
+  assert (job.config().seed, job.config().init_from) == (2, '/tmp/fp')
+
+
+class _ScriptJob(protocol.Job):
+  """A job whose command line is a short Python script (no JAX): the subprocess runner's own behaviour."""
+
+  def command(self):
+    return [sys.executable, '-c', self.init_from]
+
+
+def test_the_subprocess_runner_reads_results_logs_output_and_names_a_failure(tmp_path):
+  ok = _ScriptJob('fp', 0, 'tiny', str(tmp_path / 'ok'),
+                  f"import json; print('trained'); json.dump({{'step': 4}}, open({str(tmp_path / 'ok' / 'result.json')!r}, 'w'))")
+  bad = _ScriptJob('ttq_max', 1, 'tiny', str(tmp_path / 'bad'), "import sys; print('first'); sys.exit('the last line')")
+  lines = []
+  runner = protocol.Runner(2, log=lines.append)
+  futures = [runner.submit(ok), runner.submit(bad)]
+  assert futures[0].result(timeout=60) == {'step': 4}
+  with pytest.raises(RuntimeError, match=r'ttq_max seed 1: exit 1: the last line \(log: .*bad/run.log\)'):
+    futures[1].result(timeout=60)
+  assert (tmp_path / 'ok' / 'run.log').read_text() == 'trained\n'
+  assert sum(l.startswith('[run ]') for l in lines) == 2 and sum(l.startswith('[done]') for l in lines) == 1
+  assert protocol.Runner(1, log=lines.append).submit(ok).result(timeout=60) == {'step': 4}  # re-read: not run again
+  assert sum(l.startswith('[run ]') for l in lines) == 2
 
 
 def _fake(values_by_row, seeds=(0, 1, 2)):

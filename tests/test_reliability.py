@@ -14,12 +14,12 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, metrics_rows, restored
+from tests.conftest import ROOT, metrics_rows, restored, xla_flags
 from ttq_jax import evaluation
 from ttq_jax import train
 from ttq_jax.errors import CheckpointError
 
-ENV = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1', PYTHONUNBUFFERED='1')
+ENV = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags(1), PYTHONUNBUFFERED='1')
 LONG = ['--config.num_train_steps=12', '--config.checkpoint_every_steps=3', '--config.compilation_cache_dir=']
 
 
@@ -212,7 +212,7 @@ def bad_input_runs(tmp_path_factory):
     runs.append({'argv': argv, 'stdout': str(tmp_path / f'{i}.out'), 'stderr': str(tmp_path / f'{i}.err')})
     workdirs[case] = workdir
   (tmp_path / 'cases.json').write_text(json.dumps(runs))
-  env = dict(ENV, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  env = dict(ENV, XLA_FLAGS=xla_flags(4))
   p = _run([sys.executable, 'tests/cli_driver.py', str(tmp_path / 'cases.json'), str(tmp_path / 'codes.json')],
            timeout=600, env=env)
   assert p.returncode == 0, p.stderr[-3000:]
