@@ -31,6 +31,10 @@ import tempfile  # noqa: E402
 XDG_CACHE = tempfile.mkdtemp(prefix='ttq_jax_test_cache_')
 os.environ['XDG_CACHE_HOME'] = XDG_CACHE
 jax.config.update('jax_compilation_cache_dir', os.path.join(XDG_CACHE, 'ttq_jax', 'xla'))
+# Every program cached, however short its compile (JAX's default skips those under 1 s, ttq_jax's under 0.5 s):
+# a run compiles dozens of small ones (eager ops of the reports, the schedule), and a test's command lines each
+# paid ~1.5 s for them. Set in the environment too, where the command lines the tests start read it.
+os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

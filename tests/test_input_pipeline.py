@@ -95,6 +95,23 @@ def test_malformed_file_is_a_data_error(tmp_path):
     datasets.load_fashion_mnist('test', str(tmp_path))
 
 
+def test_a_decoded_file_is_reused_until_the_file_changes(tmp_path):
+  """A file read again is not decoded again (the same read-only array), unless it was rewritten: new contents,
+  or a rewrite into a malformed file, are seen at once."""
+  fake_fashion_mnist(tmp_path, n=5, seed=1)
+  first, _ = datasets.load_fashion_mnist('train', str(tmp_path))
+  again, _ = datasets.load_fashion_mnist('train', str(tmp_path))
+  assert np.shares_memory(first, again) and not first.flags.writeable
+  with pytest.raises(ValueError):
+    first[0, 0, 0, 0] = 1  # nobody can change what the next reader gets
+  fake_fashion_mnist(tmp_path, n=6, seed=2)  # other contents, other size
+  images, _ = datasets.load_fashion_mnist('train', str(tmp_path))
+  np.testing.assert_array_equal(images, np.random.default_rng(2).integers(0, 255, (6, 28, 28)).astype(np.uint8)[..., None])
+  fake_fashion_mnist(tmp_path, n=6, seed=2, corrupt='train-images-idx3-ubyte.gz')
+  with pytest.raises(datasets.DataError, match='malformed IDX file .*train-images'):
+    datasets.load_fashion_mnist('train', str(tmp_path))
+
+
 def test_train_batches_are_deterministic_and_reshuffled_per_epoch():
   c = _data_config(limit_examples=256)
   a = ip.train_dataset(c, local_batch_size=64, seed=3)

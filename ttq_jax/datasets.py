@@ -8,6 +8,7 @@ over them are `ttq_jax.input_pipeline`, the per-image operations `ttq_jax.augmen
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import json
 import os
@@ -171,6 +172,26 @@ def fashion_mnist_dir(data_dir: str | None) -> str:
 
 
 def _read_idx(path: str, expected_ndim: int) -> np.ndarray:
+  """The array of a gzip IDX file, read-only. A local file's decoded array is kept for as long as the file's
+  size and modification time stay the same (`_read_local_idx`): a run reads each split several times (train,
+  validation, BN re-estimation, test), and a notebook runs many; decompressing the training images takes
+  ~0.3 s each time."""
+  if files.is_url(path):
+    return _decode_idx(path, expected_ndim)
+  try:
+    stat = os.stat(path)
+  except OSError:
+    return _decode_idx(path, expected_ndim)  # raises the one-line error
+  return _read_local_idx(path, expected_ndim, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)  # the four Fashion-MNIST files, twice over
+def _read_local_idx(path: str, expected_ndim: int, size: int, mtime_ns: int) -> np.ndarray:
+  del size, mtime_ns  # the cache key: a rewritten file is read again
+  return _decode_idx(path, expected_ndim)
+
+
+def _decode_idx(path: str, expected_ndim: int) -> np.ndarray:
   try:
     data = gzip.decompress(files.read_bytes(path))
   except (OSError, EOFError, zlib.error) as e:

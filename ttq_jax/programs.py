@@ -107,7 +107,9 @@ class Programs:
 
 
 def setup_compilation_cache(config) -> None:
-  """JAX's persistent compilation cache (repeated runs stop paying seconds per compile)."""
+  """JAX's persistent compilation cache (repeated runs stop paying seconds per compile). Programs that compile
+  in under 0.5 s are not cached, unless $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise (the
+  tests set 0: their many short runs each compile dozens of small programs)."""
   d = config.compilation_cache_dir
   if not d:
     return
@@ -119,5 +121,6 @@ def setup_compilation_cache(config) -> None:
     logging.warning('compilation cache dir %s is not writable; cache off', d)
     return
   jax.config.update('jax_compilation_cache_dir', d)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  if 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS' not in os.environ:  # JAX reads it at import: nothing to do
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
