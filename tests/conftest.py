@@ -7,11 +7,17 @@ import sys
 import jax
 import numpy as np
 
-# The tests' programs are compile-bound (tiny models, a few steps): LLVM at optimisation level 0 compiles them
-# ~2x faster (measured: a smoke run's compiles 8.9 s -> 3.7 s on 8 devices) for slower code that the tests barely
-# run. Numbers move by float rounding only, and every comparison a test makes is between runs made with the same
-# flags: the command lines the tests start get them too (`xla_flags`), whatever else their XLA_FLAGS say.
-TEST_XLA_FLAGS = '--xla_backend_optimization_level=0'
+# XLA flags of every test process (the command lines the tests start get them too: `xla_flags`):
+# - LLVM at optimisation level 0: the tests' programs are compile-bound (tiny models, a few steps), and compile
+#   ~2x faster (measured: a smoke run's compiles 8.9 s -> 3.7 s on 8 devices) into slower code the tests barely
+#   run. Numbers move by float rounding only, and every comparison a test makes is between runs made with the
+#   same flags.
+# - XLA:CPU's MLIR fusion emitters off: the older emitters compile the same fusions in ~half the time (measured:
+#   a smoke run's compiles on 8 devices 6.2-7.3 s -> 3.2-4.0 s at level 0).
+# - Eigen's intra-op thread pool off: two tests run at once (xdist workers) on 2 cores, and a pool whose threads
+#   share the cores with another busy process waits on them (measured: the AlexNet runlocal test 22 s alone,
+#   48 s beside one busy process with the pool, 23 s without it).
+TEST_XLA_FLAGS = '--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false --xla_cpu_multi_thread_eigen=false'
 os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 
