@@ -58,7 +58,6 @@ class Job:
            '--workdir', self.workdir, f'--config.seed={self.seed}']
     return cmd + ([f'--config.init_from={self.init_from}'] if self.init_from else [])
 
-
   def config(self):
     """The config `command()` gives the command line (for runs in this process)."""
     config = _protocol_config().get_config(f'{self.row},{self.budget}')
