@@ -36,9 +36,9 @@ RESULTS = os.path.join(ROOT, 'experiments', 'results', 'lm.json')
 GPU_RESULTS = os.path.join(ROOT, 'experiments', 'results', 'lm_gpu.json')
 # None: no choice, each family's rate of configs/lm.py (the CPU table's choice): the GPU part's 6 minutes have no room
 LEARNING_RATES = {'tiny': (3e-3, 1e-2), 'cpu': (1e-3, 3e-3, 1e-2), 'gpu': None}
-FAMILIES = ('fp', 'ttq', 'bitnet')
+FAMILIES = ('fp', 'ttq', 'bitnet')  # the rows whose learning rate is chosen; the others take their family's
 PAIRS = (('ttq', 'bitnet'), ('ttq_ft', 'bitnet_ft'), ('ttq', 'twn'))  # paired a - b beyond each row's minus FP
-README_START, README_END = '<!-- lm:start -->', '<!-- lm:end -->'  # README.md shows markdown(RESULTS) between them  # the rows whose learning rate is chosen; the others take their family's
+README_START, README_END = '<!-- lm:start -->', '<!-- lm:end -->'  # README.md shows markdown(RESULTS) between them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +170,8 @@ def run_table(*, budget: str, seeds: list[int], only: tuple[str, ...] = (), work
       config.eval_every_steps = config.checkpoint_every_steps = config.num_train_steps
       log(f'[lr  ] {family} at {lr:g}, seed {seeds[0]}, half budget')
       result = _run(config, os.path.join(root, 'lr_choice', family, f'lr_{lr:g}'), log)
-      scores[f'{lr:g}'], _ = validation_bpb(result), run_seconds.append(result['elapsed_s'])
+      scores[f'{lr:g}'] = validation_bpb(result)
+      run_seconds.append(result['elapsed_s'])
     lr_choice[family] = {'validation_bits_per_byte': scores, 'chosen': float(min(scores, key=scores.get))}
   runs: dict[str, list[dict]] = {}
   order = sorted(rows, key=lambda k: bool(rows[k].init_from))  # fine-tunes after the runs they start from
@@ -221,8 +222,11 @@ def summarize(runs: dict[str, list[dict]], lr_choice: dict, budget: str, seeds: 
     }
   first = next((rs[0] for rs in runs.values() if rs), {})
   trajectories = {k: scale_trajectories(runs[k][0]['workdir']) for k in ('ttq', 'ttq_ft') if runs.get(k)}
-  pairs = [{'a': a, 'b': b, **paired(runs[a], runs[b])} for a, b in PAIRS
-           if runs.get(a) and runs.get(b) and paired(runs[a], runs[b])]
+  pairs = []
+  for a, b in PAIRS:
+    difference = paired(runs[a], runs[b]) if runs.get(a) and runs.get(b) else None
+    if difference:
+      pairs.append({'a': a, 'b': b, **difference})
   return {'budget': budget, 'seeds': seeds, 'lr_choice': lr_choice, 'rows': table, 'paired': pairs,
           'ttq_scale_trajectories': trajectories,
           'dataset': first.get('dataset'), 'model': _model_summary(budget),
