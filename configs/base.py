@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.quant = ml_collections.ConfigDict()
   # The scale rule (ttq_jax.quant.METHODS): ttq (trained W_p / W_n) | twn (analytic alpha) | bitnet (BitNet b1.58's
-  # absmean, its own threshold only) | fp
+  # absmean, its own threshold only) | paretoq (ParetoQ's trained alpha, no threshold rule) | fp
   config.quant.method = 'ttq'
   # Module-path regex (whole path) of the layers kept full precision; every other layer with a kernel is
   # ternary. 'edges' = the model's first and last layer (models.EDGE_LAYERS); '' = none.
@@ -64,10 +64,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.quant.sparsity = 0.5              # zero fraction for threshold = sparsity
   config.quant.w_p_init = 1.0              # official code: 1.0
   config.quant.w_n_init = 1.0
-  config.quant.scale_init = 'constant'     # constant (w_p_init / w_n_init) | mean_abs (mean |w| per sign)
+  # How trained scales start at the switch to ternary (quant.SCALE_INITS): None = the method's own (ttq: constant;
+  # paretoq: max_abs); ttq: constant (w_p_init / w_n_init) | mean_abs (mean |w| per sign); paretoq: max_abs only
+  config.quant.scale_init = ml_collections.config_dict.placeholder(str)
   config.quant.positive_scales = False     # forward uses |w_p|, |w_n| (official code: no guard)
   # The input of each quantized layer: float (as it comes) | int8 (BitNet b1.58's 8-bit absmax per position)
   config.quant.activations = 'float'
+  # tensor (one scale set per layer) | channel (per output feature: TTQ's w_p / w_n, TWN's threshold and alpha,
+  # BitNet's absmean, ParetoQ's alpha)
+  config.quant.scale_granularity = 'tensor'
 
   config.dtype = 'float32'                 # float32 | bfloat16 (activations and ternary kernels)
   config.batch_size = 128                  # global
@@ -86,12 +91,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.lr_values = (0.1,)
   config.warmup_epochs = 0.0
   config.warmup_steps = 0                  # > 0 overrides warmup_epochs
-  config.warmup_steps = 0                  # > 0 overrides warmup_epochs
   config.weight_decay = 1e-4               # L2 added to the gradient of matching params (adamw: decoupled)
   config.weight_decay_regex = r'kernel$'   # which params decay (slash-joined paths, searched; w_p / w_n too
                                            # if it matches them: r'(kernel|w_p|w_n)$' as the official CIFAR code)
   config.grad_clip_norm = 0.0              # > 0: clip the global gradient norm
-  config.scale_optimizer = 'adam'          # adam (own optimizer for w_p / w_n) | same
+  config.scale_optimizer = 'adam'          # adam (own optimizer for the trained scales: w_p / w_n, alpha) | same
   config.scale_learning_rate = 1e-3        # follows the main schedule's shape
   config.ternary_kernel_lr_multiplier = 1.0  # TTQ: x learning rate of the latent kernels (from the switch)
 

@@ -5,9 +5,11 @@
 #   bash experiments/gpu_check.sh bench      # train / eval step times, TTQ / FP, PyTorch, scaling, memory
 #   bash experiments/gpu_check.sh protocol   # reproduce.py --table fashion_mnist_protocol --budget gpu
 #   bash experiments/gpu_check.sh lm         # reproduce.py --table lm --budget gpu: a larger byte-level LM, 2 seeds
+#   bash experiments/gpu_check.sh lm_study   # reproduce.py --table lm_study --budget gpu: the fine-tuning study, 1 seed
 #
 # GPU_CHECK_NO_WHEELS=1 leaves .whl/ alone (the suite runs `lm` in its tiny mode with its own environment).
-# `lm` reads LM_BUDGET (gpu; tiny: the suite's CPU check of this entry point), LM_SEEDS, LM_ROWS, LM_WORKDIR.
+# `lm` reads LM_BUDGET (gpu; tiny: the suite's CPU check of this entry point), LM_SEEDS, LM_ROWS, LM_WORKDIR;
+# `lm_study` reads LM_BUDGET, LM_SEEDS (default 0) and LM_WORKDIR.
 #
 # The GPU image lacks some of our dependencies and has no data: prepare both here first with
 # `bash experiments/gpu_carry.sh` (wheels into .whl/, Fashion-MNIST into .gpu_data/; both git-ignored,
@@ -16,7 +18,7 @@ set -u
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 PART=${1:-bench}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-case "$PART" in bench|protocol|lm) ;; *) echo "gpu_check.sh: part '$PART' is unknown: allowed are bench, protocol, lm" >&2; exit 2;; esac
+case "$PART" in bench|protocol|lm|lm_study) ;; *) echo "gpu_check.sh: part '$PART' is unknown: allowed are bench, protocol, lm, lm_study" >&2; exit 2;; esac
 if [ -z "${GPU_CHECK_NO_WHEELS:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then  # (the suite's CPU check: its own Python)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "gpu_check.sh: installing .whl/ failed" >&2; exit 1; }
@@ -52,5 +54,17 @@ if [ "$PART" = lm ]; then
   timeout 330 python3 experiments/reproduce.py --table lm --budget "${LM_BUDGET:-gpu}" --seeds "${LM_SEEDS:-0,1}" \
     --only "${LM_ROWS:-fp,ttq,bitnet,ttq_ft,bitnet_ft}" --workdir_root "${LM_WORKDIR:-/tmp/lm}" \
     --results "$OUT/lm_gpu.json" 2>&1 | grep -vE '^(W|I)[0-9]{4} |^step ' | tee "$OUT/log.txt"
+  exit "${PIPESTATUS[0]}"
+fi
+
+if [ "$PART" = lm_study ]; then
+  # One seed: its FP run (N = 600 steps) and six fine-tunes (M = 300) of lm_table's gpu model, each family at
+  # configs/lm.py's rate (no choice). Sizing rule: 7 runs in 300 s, so ~40 s a run with compile and evaluations;
+  # N = 2M as on the CPU budget. Not yet measured on a device: the first run's per-run wall_s (in the JSON) sets
+  # N and M for the next (experiments/lm_study.py BUDGETS['gpu']). The JSON is rewritten after every run.
+  [ -d .gpu_data/python_docs ] && export TTQ_TEXT_DIR=$PWD/.gpu_data/python_docs
+  timeout 330 python3 experiments/reproduce.py --table lm_study --budget "${LM_BUDGET:-gpu}" --seeds "${LM_SEEDS:-0}" \
+    --workdir_root "${LM_WORKDIR:-/tmp/lm}" --results "$OUT/lm_study_gpu.json" 2>&1 | grep -vE '^(W|I)[0-9]{4} |^step ' \
+    | tee "$OUT/log.txt"
   exit "${PIPESTATUS[0]}"
 fi

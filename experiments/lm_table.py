@@ -31,13 +31,17 @@ import time
 
 import numpy as np
 
+from ttq_jax import provenance
+from ttq_jax import statistics
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, 'experiments', 'results', 'lm.json')
 GPU_RESULTS = os.path.join(ROOT, 'experiments', 'results', 'lm_gpu.json')
 # None: no choice, each family's rate of configs/lm.py (the CPU table's choice): the GPU part's 6 minutes have no room
 LEARNING_RATES = {'tiny': (3e-3, 1e-2), 'cpu': (1e-3, 3e-3, 1e-2), 'gpu': None}
-FAMILIES = ('fp', 'ttq', 'bitnet')  # the rows whose learning rate is chosen; the others take their family's
-PAIRS = (('ttq', 'bitnet'), ('ttq_ft', 'bitnet_ft'), ('ttq', 'twn'))  # paired a - b beyond each row's minus FP
+FAMILIES = ('fp', 'ttq', 'bitnet', 'paretoq')  # the rows whose learning rate is chosen; the others take their family's
+# paired a - b beyond each row's minus FP; every comparison of the table is Holm-adjusted together
+PAIRS = (('ttq', 'bitnet'), ('ttq_ft', 'bitnet_ft'), ('ttq', 'twn'), ('ttq', 'paretoq'), ('paretoq', 'bitnet'))
 README_START, README_END = '<!-- lm:start -->', '<!-- lm:end -->'  # README.md shows markdown(RESULTS) between them
 
 
@@ -54,6 +58,7 @@ ROWS = {
     'fp': Row('FP', 'fp', 'fp'),
     'ttq': Row('TTQ', 'ttq', 'ttq'),
     'bitnet': Row('BitNet b1.58', 'bitnet', 'bitnet'),
+    'paretoq': Row('ParetoQ (per-channel learned scale)', 'paretoq', 'paretoq'),
     'twn': Row('TWN', 'twn', 'ttq', first_seed=True),
     'bitnet_a8': Row('BitNet b1.58, 8-bit activations (W1.58A8)', 'bitnet_a8', 'bitnet', first_seed=True),
     'ttq_a8': Row('TTQ, 8-bit activations', 'ttq_a8', 'ttq', first_seed=True),
@@ -111,15 +116,18 @@ def _mean_std(values) -> dict:
   return {'mean': float(v.mean()), 'std': float(v.std(ddof=1)) if len(v) > 1 else None, 'n': len(v)}
 
 
-def paired(a: list[dict], b: list[dict]) -> dict | None:
-  """Same-seed differences a - b of the chosen test bits per byte: mean, its standard error, per seed."""
-  by_seed = {r['seed']: chosen_bpb(r) for r in b}
-  diffs = {r['seed']: chosen_bpb(r) - by_seed[r['seed']] for r in a if r['seed'] in by_seed}
-  if not diffs:
-    return None
-  d = np.asarray(list(diffs.values()))
-  se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else None
-  return {'mean': float(d.mean()), 'se': se, 'n': len(d), 'per_seed': diffs}
+def paired_tests(table: dict) -> tuple[dict, list[dict]]:
+  """From the rows' per-seed chosen test bits per byte: ({row: its difference to FP}, [the PAIRS]), every test
+  Holm-adjusted over all of them (`ttq_jax.statistics`). Only the per-seed values are read, so a table built from
+  runs and one re-read from its JSON give the same tests."""
+  by_seed = {k: {p['seed']: p['test_bits_per_byte_chosen_on_validation'] for p in r['per_seed']} for k, r in table.items()}
+  keys = [(k, 'fp') for k in table if k != 'fp' and 'fp' in table]
+  keys += [(a, b) for a, b in PAIRS if a in table and b in table]
+  tests = [statistics.paired(by_seed[a], by_seed[b], a, b) for a, b in keys]
+  adjusted = iter(statistics.holm_adjusted(tests))
+  tests = [next(adjusted) if t else None for t in tests]
+  minus_fp = {a: t for (a, b), t in zip(keys, tests) if b == 'fp' and (a, b) not in PAIRS}
+  return minus_fp, [t for (a, b), t in zip(keys, tests) if b != 'fp' and t]
 
 
 def scale_trajectories(workdir: str) -> dict[str, dict[str, list]]:
@@ -144,10 +152,24 @@ def run_table(*, budget: str, seeds: list[int], only: tuple[str, ...] = (), work
   rows = {k: r for k, r in ROWS.items() if not only or k in only}
   path = results or (os.path.join(root, 'lm.json') if budget == 'tiny' else GPU_RESULTS if budget == 'gpu' else RESULTS)
 
+  previous = None
+  if only and os.path.exists(path):  # the rows --only leaves out keep their entries (and their runs' figures)
+    with open(path) as f:
+      previous = json.load(f)
+  prov = provenance.record(ROOT)
+
   def write(runs, final: bool) -> dict:  # after every run: an interrupted table keeps what finished
-    out = summarize(runs, lr_choice, budget, seeds, rows)
-    out['wall_minutes'], out['complete'] = (time.perf_counter() - started) / 60, final  # of this invocation
-    out['run_minutes_total'] = sum(run_seconds) / 60  # every run's own wall time (elapsed_s), learning rates included
+    out = summarize(runs, lr_choice, budget, seeds, rows, previous)
+    out['complete'] = final
+    out['commit'], out['clean'], out['command'] = prov['commit'], prov['clean'], prov['command']
+    out['invocation_wall_minutes'] = (time.perf_counter() - started) / 60  # this invocation (finished runs re-read)
+    # every run's own wall time (elapsed_s), learning rates included; with --only, the earlier figure plus this one's
+    out['run_minutes_total'] = sum(run_seconds) / 60 + ((previous or {}).get('run_minutes_total') or 0.0)
+    out['wall_minutes'] = out['run_minutes_total']
+    out['lr_choice_runs'] = (previous or {}).get('lr_choice_runs', []) + lr_runs
+    if previous:
+      out['provenance'] = {'earlier_rows_from': previous.get('commit') or 'a file written before provenance was recorded',
+                           'rows_run_now': sorted(k for k, rs in runs.items() if rs)}
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, 'w') as f:
       json.dump(out, f, indent=1)
@@ -156,7 +178,7 @@ def run_table(*, budget: str, seeds: list[int], only: tuple[str, ...] = (), work
     return out
 
   families = sorted({r.family for r in rows.values()} | {ROWS[r.init_from].family for r in rows.values() if r.init_from})
-  lr_choice, started, run_seconds = {}, time.perf_counter(), []
+  lr_choice, started, run_seconds, lr_runs = {}, time.perf_counter(), [], []
   for family in [f for f in FAMILIES if f in families]:
     if LEARNING_RATES[budget] is None:
       lr_choice[family] = {'validation_bits_per_byte': {}, 'chosen': budget_config(family, budget).learning_rate}
@@ -171,6 +193,8 @@ def run_table(*, budget: str, seeds: list[int], only: tuple[str, ...] = (), work
       log(f'[lr  ] {family} at {lr:g}, seed {seeds[0]}, half budget')
       result = _run(config, os.path.join(root, 'lr_choice', family, f'lr_{lr:g}'), log)
       scores[f'{lr:g}'] = validation_bpb(result)
+      lr_runs.append({'family': family, 'learning_rate': lr, 'elapsed_s': result['elapsed_s'],
+                      **provenance.config_record(config)})
       run_seconds.append(result['elapsed_s'])
     lr_choice[family] = {'validation_bits_per_byte': scores, 'chosen': float(min(scores, key=scores.get))}
   runs: dict[str, list[dict]] = {}
@@ -189,7 +213,7 @@ def run_table(*, budget: str, seeds: list[int], only: tuple[str, ...] = (), work
       workdir = os.path.join(root, key, f'seed_{seed}')
       log(f'[run ] {row.name}, seed {seed}, lr {config.learning_rate:g}, in {workdir}')
       result = _run(config, workdir, log)
-      runs[key].append({'seed': seed, 'workdir': workdir, 'learning_rate': config.learning_rate, **result})
+      runs[key].append({'seed': seed, 'workdir': workdir, 'learning_rate': config.learning_rate, 'config': config, **result})
       run_seconds.append(result['elapsed_s'])
       write(runs, final=False)
   out = write(runs, final=True)
@@ -199,9 +223,11 @@ def run_table(*, budget: str, seeds: list[int], only: tuple[str, ...] = (), work
   return out
 
 
-def summarize(runs: dict[str, list[dict]], lr_choice: dict, budget: str, seeds: list[int], rows: dict) -> dict:
-  import jax
-  table = {}
+def summarize(runs: dict[str, list[dict]], lr_choice: dict, budget: str, seeds: list[int], rows: dict,
+              previous: dict | None = None) -> dict:
+  """The table of `runs`; with `previous` (the results JSON before this invocation), the rows and learning-rate
+  choices not run now keep their entries from it, and every paired test is computed from the per-seed values."""
+  table = dict((previous or {}).get('rows', {}))
   for key, rs in runs.items():
     if not rs:
       continue
@@ -211,28 +237,26 @@ def summarize(runs: dict[str, list[dict]], lr_choice: dict, budget: str, seeds: 
         'test_bits_per_byte_chosen_on_validation': _mean_std([chosen_bpb(r) for r in rs]),
         'test_bits_per_byte_final': _mean_std([r['bits_per_byte'] for r in rs]),
         'validation_bits_per_byte_best': _mean_std([validation_bpb(r) for r in rs]),
-        'minus_fp': paired(rs, runs['fp']) if key != 'fp' and runs.get('fp') else None,
         'mean_sparsity': float(np.mean(sparsity)) if sparsity else None,
         'run_minutes': _mean_std([r['elapsed_s'] / 60 for r in rs]),
         'per_seed': [{'seed': r['seed'], 'test_bits_per_byte_chosen_on_validation': chosen_bpb(r),
                       'chosen_step': r['best_on_validation']['running']['step'], 'final': r['bits_per_byte'],
-                      'elapsed_s': r['elapsed_s']} for r in rs],
+                      'elapsed_s': r['elapsed_s'], 'corpus_sha256': r['dataset']['corpus_sha256'],
+                      **provenance.config_record(r['config'])} for r in rs],
         'samples_seed_0': rs[0].get('samples'),
         'scales_seed_0': rs[0].get('scales'),
     }
+  table = {k: table[k] for k in ROWS if k in table}  # the table's row order
+  minus_fp, pairs = paired_tests(table)
+  for key, row in table.items():
+    row['minus_fp'] = minus_fp.get(key)
   first = next((rs[0] for rs in runs.values() if rs), {})
-  trajectories = {k: scale_trajectories(runs[k][0]['workdir']) for k in ('ttq', 'ttq_ft') if runs.get(k)}
-  pairs = []
-  for a, b in PAIRS:
-    difference = paired(runs[a], runs[b]) if runs.get(a) and runs.get(b) else None
-    if difference:
-      pairs.append({'a': a, 'b': b, **difference})
-  return {'budget': budget, 'seeds': seeds, 'lr_choice': lr_choice, 'rows': table, 'paired': pairs,
-          'ttq_scale_trajectories': trajectories,
-          'dataset': first.get('dataset'), 'model': _model_summary(budget),
-          'machine': {'cpu_count': os.cpu_count(), 'processor': platform.processor() or platform.machine(),
-                      'backend': jax.default_backend(), 'device': str(jax.devices()[0].device_kind),
-                      'jax': jax.__version__}}
+  trajectories = dict((previous or {}).get('ttq_scale_trajectories', {}))
+  trajectories.update({k: scale_trajectories(runs[k][0]['workdir']) for k in ('ttq', 'ttq_ft') if runs.get(k)})
+  return {'budget': budget, 'seeds': seeds, 'lr_choice': {**(previous or {}).get('lr_choice', {}), **lr_choice},
+          'rows': table, 'paired': pairs, 'ttq_scale_trajectories': trajectories,
+          'dataset': first.get('dataset') or (previous or {}).get('dataset'), 'model': _model_summary(budget),
+          'machine': provenance.machine()}
 
 
 def plot(runs: dict[str, list[dict]], out: dict, path: str) -> None:
@@ -275,19 +299,20 @@ def markdown(out: dict) -> str:
            f'sequence {m["seq_len"]}, batch {m["batch_size"]}, {m["num_train_steps"]} steps per run (budget '
            f'`{out["budget"]}`), seeds {",".join(map(str, out["seeds"]))}; test bits per byte (lower is better) of the '
            'model chosen on validation.', '',
-           '| row | seeds | lr | test bits/byte (chosen on validation) | minus FP, same seed (+- SE) | final test bits/byte | '
+           '| row | seeds | lr | test bits/byte (chosen on validation, +- std) | minus FP, same seed (+- SE) | final test bits/byte | '
            'mean sparsity | minutes a run |', '|---|---|---|---|---|---|---|---|']
   for key, r in out['rows'].items():
     d = r['minus_fp']
-    diff = '-' if not d else f'{d["mean"]:+.3f}' + (f' +- {d["se"]:.3f}' if d['se'] is not None else '') + f' (n={d["n"]})'
+    diff = '-' if not d else f'{d["mean"]:+.3f}' + (f' +- {d["se"]:.3f}' if d['se'] is not None else '') + (
+        f' (n={d["n"]}, Holm p={d["p_holm"]:.2g})' if d.get('p_holm') is not None else f' (n={d["n"]})')
     sp = f'{r["mean_sparsity"]:.3f}' if r['mean_sparsity'] is not None else '-'
     lines.append(f'| {r["row"]} | {len(r["seeds"])} | {r["learning_rate"]:g} | '
                  f'{_fmt(r["test_bits_per_byte_chosen_on_validation"])} | {diff} | {_fmt(r["test_bits_per_byte_final"])} | '
                  f'{sp} | {_fmt(r["run_minutes"], 1)} |')
-  if out.get('paired'):
-    lines += ['', 'Paired same-seed differences of test bits/byte: ' + '; '.join(
-        f'{out["rows"][p["a"]]["row"]} - {out["rows"][p["b"]]["row"]} {p["mean"]:+.3f}'
-        + (f' +- {p["se"]:.3f}' if p['se'] is not None else '') + f' (n={p["n"]})' for p in out['paired'])]
+  tests = [r['minus_fp'] for r in out['rows'].values() if r['minus_fp']] + out.get('paired', [])
+  lines += ['', f'Paired same-seed differences a - b of test bits/byte (two-sided paired t, df = n - 1, Holm-adjusted over '
+            f'the table\'s {len(tests)} comparisons; "resolved" at adjusted p < 0.05): ' + '; '.join(
+                f'{out["rows"][t["a"]]["row"]} - {out["rows"][t["b"]]["row"]} {statistics.describe(t)}' for t in tests)]
   lines += ['', 'Learning rate chosen on validation (seed ' + str(out['seeds'][0]) + ', half budget; none listed: '
             "configs/lm.py's): " + '; '.join(
       f'{fam}: ' + ', '.join(f'{lr} -> {v:.3f}' for lr, v in c['validation_bits_per_byte'].items()) + f' (chose {c["chosen"]:g})'
@@ -313,3 +338,12 @@ def main(args) -> None:
   if unknown:
     raise SystemExit(f'--only {unknown[0]!r} is not a row of the lm table: allowed are {", ".join(ROWS)}')
   run_table(budget=args.budget, seeds=seeds, only=only, workdir_root=args.workdir_root, results=args.results)
+
+
+def recompute_tests(data: dict) -> dict:
+  """A results JSON with its paired tests (minus FP and PAIRS) recomputed from the rows' per-seed values."""
+  data = dict(data, rows={k: dict(r) for k, r in data['rows'].items()})
+  minus_fp, data['paired'] = paired_tests(data['rows'])
+  for key, row in data['rows'].items():
+    row['minus_fp'] = minus_fp.get(key)
+  return data

@@ -3,6 +3,7 @@ r"""Reproduction harness: the paper's rows (and their recipes), and our Fashion-
     python experiments/reproduce.py --table fashion_mnist [--seeds 0,1,2]   # CPU, offline (~8 min a run)
     python experiments/reproduce.py --table fashion_mnist_protocol [--seeds 0,1,2] [--budget tiny|cpu|gpu] [--parallel N]
     python experiments/reproduce.py --table lm --seeds 0,1,2 [--budget tiny|cpu|gpu] [--only fp,ttq,...]  # ternary LMs
+    python experiments/reproduce.py --table lm_study --seeds 0,1,2 [--budget tiny|cpu|gpu]  # LM fine-tuning study
     python experiments/reproduce.py --table paper                           # the paper's rows + FP twins
     python experiments/reproduce.py --table paper --describe [--json OUT] [--markdown docs/recipes.md]
 
@@ -14,7 +15,8 @@ validation split, reported on test, mean +- std over seeds. `--describe` prints 
 every paper row, computed from its config (`ttq_jax.recipes`), next to the official values.
 `--table fashion_mnist_protocol` is the paper's protocol (one FP checkpoint per seed, every method
 fine-tunes it): `experiments/protocol.py`. `--table lm` (byte-level decoders on the Python documentation: FP,
-TTQ, BitNet b1.58, TWN, 8-bit activations, fine-tunes from FP): `experiments/lm_table.py`.
+TTQ, BitNet b1.58, ParetoQ, TWN, 8-bit activations, fine-tunes from FP): `experiments/lm_table.py`. `--table lm_study`
+(every method fine-tuned from one FP decoder per seed, paired tests, ternary dynamics): `experiments/lm_study.py`.
 """
 
 from __future__ import annotations
@@ -151,10 +153,11 @@ def describe(args) -> None:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--table', choices=['fashion_mnist', 'fashion_mnist_protocol', 'lm', 'paper'], default='fashion_mnist')
+  p.add_argument('--table', choices=['fashion_mnist', 'fashion_mnist_protocol', 'lm', 'lm_study', 'paper'],
+                 default='fashion_mnist')
   p.add_argument('--budget', choices=['tiny', 'cpu', 'gpu'], default='cpu',
                  help='fashion_mnist_protocol: steps of the FP checkpoint and of the fine-tunes (configs/fashion_mnist_protocol.py); '
-                 'lm: model size and steps (experiments/lm_table.py)')
+                 'lm, lm_study: model size and steps (experiments/lm_table.py, experiments/lm_study.py)')
   p.add_argument('--parallel', type=int, default=1, help='fashion_mnist_protocol: runs at once (processes); 0: one after another in '
                  'this process')
   p.add_argument('--seeds', default='0,1,2', help='fashion_mnist: comma-separated config.seed values')
@@ -177,6 +180,10 @@ def main():
       p.error(f'--parallel={args.parallel} must be >= 0 (0: the runs in this process, one after another)')
     import protocol  # experiments/protocol.py
     protocol.main(args)
+    return
+  if args.table == 'lm_study':
+    import lm_study  # experiments/lm_study.py
+    lm_study.main(args)
     return
   if args.table == 'lm':
     import lm_table  # experiments/lm_table.py

@@ -7,6 +7,7 @@ from ttq_jax import config_check
 from ttq_jax import export_format
 from ttq_jax import optim
 from ttq_jax import programs
+from ttq_jax import quant
 from ttq_jax import state as state_lib
 from ttq_jax.errors import ConfigError
 
@@ -32,7 +33,7 @@ def test_choices_are_the_dispatch_tables():
   assert config_check.CHOICES['lr_schedule'] is optim.SCHEDULES
   assert config_check.CHOICES['optimizer'] is optim.OPTIMIZERS
   assert config_check.CHOICES['scale_optimizer'] is optim.SCALE_OPTIMIZERS
-  assert config_check.CHOICES['quant.scale_init'] is state_lib.SCALE_INITS
+  assert config_check.CHOICES['quant.scale_init'] is quant.SCALE_INITS
   assert config_check.CHOICES['dtype'] is state_lib.DTYPES
   assert config_check.CHOICES['export.packing'] is export_format.PACKINGS
   assert config_check.CHOICES['xla_cpu_ynn_fusion'] is programs.YNN_FUSION_MODES
@@ -49,6 +50,8 @@ def test_every_allowed_value_validates_and_an_unknown_one_is_named(smoke_config,
       continue  # needs larger images than Fashion-MNIST (its own test)
     if key == 'data.name' and datasets.DATASETS[value].reader == 'text':  # read whole, from a corpus folder
       smoke_config.data.limit_examples, smoke_config.data.data_dir = 0, text_corpus
+    if key == 'quant.scale_init':  # each method takes its own scale inits (a test below refuses the others)
+      smoke_config.quant.method = next(m.name for m in quant.METHODS.values() if value in m.scale_inits)
     target[leaf] = value
     config_check.validate(smoke_config)
   target[leaf] = 'nope'

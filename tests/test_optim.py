@@ -11,6 +11,11 @@ from ttq_jax.quant import QuantConfig, TernaryLayer
 CONV = (TernaryLayer('TernaryConv_0', QuantConfig()),)  # the one ternary layer of the hand-made params
 
 
+def layers_of(params):
+  """The TTQ layers of a hand-written params dict: the modules holding w_p / w_n."""
+  return tuple(TernaryLayer(name, QuantConfig()) for name, module in params.items() if 'w_p' in module)
+
+
 def test_learning_rate_schedules(smoke_config):
   c = smoke_config
   c.num_train_steps = 100
@@ -41,7 +46,7 @@ def test_every_schedule_and_optimizer_in_the_tables_builds(smoke_config):
   for name in optim.OPTIMIZERS:
     for scales in optim.SCALE_OPTIMIZERS:
       smoke_config.optimizer, smoke_config.scale_optimizer = name, scales
-      tx = optim.create_optimizer(smoke_config, params)
+      tx = optim.create_optimizer(smoke_config, params, layers_of(params))
       updates, _ = tx.update(params, tx.init(params), params)
       assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
 
@@ -58,7 +63,7 @@ def test_first_update_uses_sgd_for_weights_and_adam_for_scales(smoke_config):
                               'bias': jnp.array([0.5])}}
   grads = {'TernaryConv_0': {'kernel': jnp.array([0.1, 0.2]), 'w_p': jnp.float32(3.0), 'w_n': jnp.float32(-0.5),
                              'bias': jnp.array([1.0])}}
-  tx = optim.create_optimizer(c, params)
+  tx = optim.create_optimizer(c, params, layers_of(params))
   updates, _ = tx.update(grads, tx.init(params), params)
   u = updates['TernaryConv_0']
   np.testing.assert_allclose(u['kernel'], [-0.05 * (0.1 + 0.01), -0.05 * (0.2 - 0.02)], rtol=1e-6)
@@ -66,7 +71,7 @@ def test_first_update_uses_sgd_for_weights_and_adam_for_scales(smoke_config):
   assert float(u['w_p']) == pytest.approx(-0.002, rel=1e-4) and float(u['w_n']) == pytest.approx(0.002, rel=1e-4)
   c.weight_decay_regex = r'(kernel|w_p|w_n)$'  # the official CIFAR regularizer: kernels and scales
   c.scale_optimizer = 'same'
-  tx = optim.create_optimizer(c, params)
+  tx = optim.create_optimizer(c, params, layers_of(params))
   u = tx.update(grads, tx.init(params), params)[0]['TernaryConv_0']
   assert float(u['w_p']) == pytest.approx(-0.05 * (3.0 + 0.01))
 
@@ -86,7 +91,7 @@ def test_adamw_decouples_weight_decay_from_the_gradient(smoke_config):
   updates = {}
   for name in ('adamw', 'adam'):
     c.optimizer = name
-    tx = optim.create_optimizer(c, params)
+    tx = optim.create_optimizer(c, params, layers_of(params))
     updates[name] = tx.update(grads, tx.init(params), params)[0]['Dense_0']
   np.testing.assert_allclose(updates['adamw']['kernel'], [-0.05 * (1 + 0.1), -0.05 * (1 - 0.2)], rtol=1e-5)
   np.testing.assert_allclose(updates['adamw']['bias'], [-0.05], rtol=1e-5)
@@ -95,7 +100,7 @@ def test_adamw_decouples_weight_decay_from_the_gradient(smoke_config):
   np.testing.assert_allclose(updates['adam']['kernel'], [-0.05, 0.0], rtol=1e-5, atol=1e-7)
   # Scales selected by the regex decay with their own Adam too (lr 0.002): decoupled under adamw, not dropped
   c.weight_decay_regex, c.scale_optimizer, c.scale_learning_rate, c.optimizer = r'(kernel|w_p|w_n)$', 'adam', 0.002, 'adamw'
-  tx = optim.create_optimizer(c, params)
+  tx = optim.create_optimizer(c, params, layers_of(params))
   u = tx.update(grads, tx.init(params), params)[0]['Dense_0']
   assert float(u['w_p']) == pytest.approx(-0.002 * (1 + 0.1 * 1.0), rel=1e-5)
   assert float(u['w_n']) == pytest.approx(0.002 - 0.002 * 0.1 * 1.0, rel=1e-5)
@@ -107,7 +112,7 @@ def test_second_sgd_update_carries_momentum(smoke_config):
   c.nesterov, c.lr_schedule, c.learning_rate, c.weight_decay, c.momentum = False, 'constant', 0.1, 0.0, 0.9
   c.scale_optimizer, c.ternary_kernel_lr_multiplier = 'same', 1.0
   params = {'TernaryConv_0': {'kernel': jnp.array([1.0]), 'w_p': jnp.float32(1.0), 'w_n': jnp.float32(1.0)}}
-  tx = optim.create_optimizer(c, params)
+  tx = optim.create_optimizer(c, params, layers_of(params))
   g1 = jax.tree.map(lambda x: jnp.full_like(x, 2.0), params)
   g2 = jax.tree.map(lambda x: jnp.full_like(x, -1.0), params)
   state = tx.init(params)
@@ -120,7 +125,12 @@ def test_second_sgd_update_carries_momentum(smoke_config):
 def test_masks_name_what_each_setting_applies_to():
   params = {'TernaryConv_0': {'kernel': 0, 'w_p': 0, 'w_n': 0, 'bias': 0}, 'Conv_0': {'kernel': 0},
             'BatchNorm_0': {'scale': 0, 'bias': 0}, 'Block': {'TernaryDense_3': {'kernel': 0, 'w_p': 0, 'w_n': 0}}}
-  labels = optim.param_labels(params)
+  layers = (TernaryLayer('TernaryConv_0', QuantConfig()), TernaryLayer('Block/TernaryDense_3', QuantConfig()))
+  labels = optim.param_labels(params, layers)  # the scales the layers' method names, at their paths
+  assert optim.param_labels(params) == jax.tree.map(lambda _: 'weight', params)  # no layer: no scale
+  paretoq = optim.param_labels({'d': {'kernel': 0, 'alpha': 0}, 'prelu': {'alpha': 0}},
+                               (TernaryLayer('d', QuantConfig(method='paretoq')),))
+  assert paretoq == {'d': {'kernel': 'weight', 'alpha': 'scale'}, 'prelu': {'alpha': 'weight'}}
   assert labels['TernaryConv_0'] == {'kernel': 'weight', 'w_p': 'scale', 'w_n': 'scale', 'bias': 'weight'}
   assert labels['Block']['TernaryDense_3']['w_n'] == 'scale' and labels['BatchNorm_0']['scale'] == 'weight'
   decay = optim.weight_decay_mask(params, r'kernel$')

@@ -3,6 +3,7 @@ column, from a metrics file written by hand."""
 
 import json
 
+import numpy as np
 import pytest
 
 from ttq_jax import reports
@@ -62,3 +63,25 @@ def test_final_table_names_each_layers_rule_and_activations():
   row = lambda name: next(l.split() for l in table if l.startswith(name + ' '))
   assert row('a') == ['a', 'bitnet', 'absmean', 'act=int8', '0.250', '+0.2000', '+0.2000']
   assert row('b') == ['b', 'ttq', 'max', 't=0.1', '0.500', '+1.5000', '+0.5000']
+
+
+def test_code_dynamics_by_hand():
+  """near_threshold: | |w| - delta | <= 0.1 delta with the delta in force (TTQ: 0.05 max|w| = 0.1 per tensor;
+  ParetoQ per channel: alpha / 3); flip_rate: absent on the first call, then the fraction of codes that changed."""
+  from ttq_jax.quant import QuantConfig, TernaryLayer
+  ttq_kernel = np.array([2.0, 0.1, 0.095, 0.105, 0.111, -0.092, 0.5, 0.0], np.float32)  # in band: 0.1 .095 .105 -.092
+  # ParetoQ, 2 output channels: alpha = (3, 0.3) -> delta = (1, 0.1); in band: 1.05, 0.095 (0.5, 0.2, -0.3, 0.12 not)
+  pq_kernel = np.array([[1.05, 0.095], [0.5, 0.2], [-0.3, -0.12]], np.float32)
+  params = {'a': {'kernel': ttq_kernel, 'w_p': np.float32(1.0), 'w_n': np.float32(1.0)},
+            'b': {'kernel': pq_kernel, 'alpha': np.array([3.0, 0.3], np.float32)}}
+  layers = (TernaryLayer('a', QuantConfig()), TernaryLayer('b', QuantConfig(method='paretoq', scale_granularity='channel'),
+                                                           (1, 2)))
+  dynamics = reports.CodeDynamics()
+  first = dynamics.scalars(params, layers)
+  assert first == pytest.approx({'near_threshold/a': 4 / 8, 'near_threshold/b': 2 / 6})
+  params['a']['kernel'] = ttq_kernel * np.array([1, 1, 1, 1, 1, 1, -1, 1], np.float32) + np.array([0, 0, 0.01, 0, 0, 0, 0, 0])
+  params['b']['alpha'] = np.array([3.0, 0.7], np.float32)  # delta 0.233: 0.2 and -0.12 flip to zero... 0.2 was +1
+  second = dynamics.scalars(params, layers)
+  # a: 0.5 -> -0.5 flips, 0.095 -> 0.105 crosses 0.1 (0 -> +1): 2 of 8; b: codes before [[1, 0], [0, 1], [0, -1]], after
+  # u = w / a: 0.2 / 0.7 = 0.29 and 0.12 / 0.7 = 0.17 -> 0: 2 of 6
+  assert second['flip_rate/a'] == pytest.approx(2 / 8) and second['flip_rate/b'] == pytest.approx(2 / 6)

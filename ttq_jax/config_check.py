@@ -24,7 +24,7 @@ from ttq_jax import programs
 from ttq_jax import state as state_lib
 from ttq_jax import steps as steps_lib
 from ttq_jax.errors import ConfigError
-from ttq_jax.quant import METHODS, QuantConfig
+from ttq_jax.quant import METHODS, SCALE_INITS, QuantConfig
 
 # config key -> the dispatch table that owns its allowed values
 CHOICES = {
@@ -32,7 +32,7 @@ CHOICES = {
     'model.bn_bias_init': models.BN_BIAS_INITS,
     'data.name': datasets.DATASETS,
     'data.train_crop': augment.TRAIN_CROPS,
-    'quant.scale_init': state_lib.SCALE_INITS,
+    'quant.scale_init': SCALE_INITS,  # or None: the method's own
     'dtype': state_lib.DTYPES,
     'optimizer': optim.OPTIMIZERS,
     'lr_schedule': optim.SCHEDULES,
@@ -98,6 +98,8 @@ def validate(config, *, custom_model: bool = False) -> None:
     value = _get(config, key)
     if key == 'data.name' and value == datasets.USER_DATA_NAME and config.data.user_dataset:
       continue  # your own data: its facts are in the config
+    if key == 'quant.scale_init' and value is None:
+      continue
     if value not in table:
       raise ConfigError(f'{key}={value!r} is unknown: allowed are {", ".join(sorted(table))}')
   info = datasets.dataset_info(config.data)
@@ -108,9 +110,13 @@ def validate(config, *, custom_model: bool = False) -> None:
                       f'data.name={config.data.name!r} has {info.input_shape[0]}x{info.input_shape[1]}: '
                       f'allowed datasets for it are {", ".join(fits)}')
   try:
-    QuantConfig.from_mapping(config.quant)
+    method = QuantConfig.from_mapping(config.quant).spec
+    method.check_scale_init(config.quant.scale_init)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  if config.normalize_init and method.trained_scales and not method.ttq_settings:
+    raise ConfigError(f'normalize_init=True does not apply to quant.method={config.quant.method!r} (its scale starts '
+                      'from the kernel as it is): allowed is False')
   try:
     re.compile(config.quant.full_precision_layers)
   except re.error as e:
@@ -195,7 +201,7 @@ def flatten(d, prefix: str = '') -> dict:
 VALUE_IF_ABSENT = {'ternary_kernel_lr_multiplier': 1.0, 'quant.k': 0.7, 'model.bn_unbiased_variance': False,
                    'model.bn_bias_init': 'zeros', 'fp_warmup_steps': 0, 'quant.activations': 'float',
                    'model.depth': 0, 'model.width': 0, 'model.num_heads': 0, 'model.mlp_width': 0,
-                   'model.activation': '', 'data.seq_len': 256}
+                   'model.activation': '', 'data.seq_len': 256, 'quant.scale_granularity': 'tensor'}
 
 
 def complete(saved: dict) -> ml_collections.ConfigDict:
@@ -224,11 +230,16 @@ def saved_values(saved: dict) -> dict:
 
 
 def canonical_quant(flat: dict) -> dict:
-  """`flat` (a flattened config) with `quant.threshold` as the rule in force: None is the method's own rule."""
+  """`flat` (a flattened config) with `quant.threshold` and `quant.scale_init` as the rules in force: None is the
+  method's own, and a method without trained scales has no scale init."""
   flat = dict(flat)
+  method = METHODS.get(flat.get('quant.method'))
   if flat.get('quant.threshold') is None:
-    method = METHODS.get(flat.get('quant.method'))
     flat['quant.threshold'] = method.own_threshold if method else None
+  if method and not method.trained_scales:
+    flat['quant.scale_init'] = None
+  elif flat.get('quant.scale_init') is None:
+    flat['quant.scale_init'] = method.own_scale_init if method else None
   return flat
 
 

@@ -41,7 +41,7 @@ def export_tensors(params, batch_stats, layers) -> tuple[dict[str, np.ndarray], 
   """({name: array} of every variable stored as is, {kernel path: TernaryWeights} of the ternary layers
   (`quant.ternary_layers`), whose latent kernels and scales are stored packed instead)."""
   ternary = {f'params/{p}': tw for p, tw in quant_lib.ternary_weights(params, layers).items()}
-  packed_with_codes = {f'params/{layer.path}/{s}' for layer in layers for s in ('w_p', 'w_n')}
+  packed_with_codes = {f'params/{p}' for layer in layers for p in layer.scale_paths}  # the method's trained scales
   tensors = {name: value for name, value in {**_flatten(params, 'params/'), **_flatten(batch_stats, 'batch_stats/')}.items()
              if name not in ternary and name not in packed_with_codes}
   return tensors, ternary

@@ -16,9 +16,6 @@ import optax
 
 from ttq_jax import steps
 
-SCALE_NAMES = ('w_p', 'w_n')
-
-
 # --------------------------------------------------------------------------- learning-rate schedules
 
 
@@ -101,8 +98,9 @@ def _scale_adam(config, decay_mask) -> optax.GradientTransformation:
   return optax.adam(learning_rate)
 
 
-# How TTQ's w_p / w_n are trained: 'adam' (their own Adam at scale_learning_rate, on the weights'
-# schedule shape) or 'same' (the weights' optimizer, as the official code). Either decays the scales that
+# How the trained scales (TTQ's w_p / w_n, ParetoQ's alpha) are trained: 'adam' (their own Adam at
+# scale_learning_rate, on the weights' schedule shape) or 'same' (the weights' optimizer, as the official TTQ code
+# and ParetoQ's single AdamW). Either decays the scales that
 # `weight_decay_regex` selects as the weights' optimizer decays (L2 in the gradient, or decoupled).
 SCALE_OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     'adam': _scale_adam,
@@ -118,13 +116,11 @@ def path_str(path) -> str:
   return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
 
 
-def _is_scale(path) -> bool:
-  return path_str(path).rsplit('/', 1)[-1] in SCALE_NAMES
-
-
-def param_labels(params) -> Any:
-  """'scale' for TTQ's w_p / w_n, 'weight' for everything else."""
-  return jax.tree_util.tree_map_with_path(lambda p, _: 'scale' if _is_scale(p) else 'weight', params)
+def param_labels(params, layers=()) -> Any:
+  """'scale' for the trained scales of the `layers` (`quant.TernaryLayer`s: the parameters their method's entry of
+  `quant.METHODS` names, e.g. TTQ's w_p / w_n, ParetoQ's alpha, at the layer's path), 'weight' for everything else."""
+  scales = {p for layer in layers for p in layer.scale_paths}
+  return jax.tree_util.tree_map_with_path(lambda p, _: 'scale' if path_str(p) in scales else 'weight', params)
 
 
 def weight_decay_mask(params, regex: str) -> Any:
@@ -141,8 +137,8 @@ def ternary_kernel_mask(params, layers) -> Any:
 
 
 def create_optimizer(config, params, layers=()) -> optax.GradientTransformation:
-  """Weights: `OPTIMIZERS[config.optimizer]`; w_p / w_n: `SCALE_OPTIMIZERS[config.scale_optimizer]`.
-  `layers`: the model's ternary layers (`quant.ternary_layers`), for the latent-kernel multiplier.
+  """Weights: `OPTIMIZERS[config.optimizer]`; the trained scales of `layers` (the model's ternary layers,
+  `quant.ternary_layers`; their methods name the scales): `SCALE_OPTIMIZERS[config.scale_optimizer]`.
 
   Weight decay applies to params whose path matches `weight_decay_regex` (latent kernels by default;
   `(kernel|w_p|w_n)$` adds the scales): L2 added to the gradient (as the official code's regularizer), or
@@ -152,7 +148,7 @@ def create_optimizer(config, params, layers=()) -> optax.GradientTransformation:
   inner = optax.multi_transform(
       {'weight': _weights_optimizer(config, decay_mask),
        'scale': SCALE_OPTIMIZERS[config.scale_optimizer](config, decay_mask)},
-      param_labels(params))
+      param_labels(params, layers))
   chain = []
   if config.grad_clip_norm > 0:
     chain.append(optax.clip_by_global_norm(config.grad_clip_norm))

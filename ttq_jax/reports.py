@@ -40,12 +40,31 @@ def rules_differ_from_config(layers, config) -> str:
   expected = quant_lib.rule_settings(quant_lib.QuantConfig.from_mapping(config.quant))
   for layer in layers:
     got = quant_lib.rule_settings(layer.quant)
-    mismatch = {k: (expected.get(k), v) for k, v in got.items() if k != 'scale_granularity' and expected.get(k) != v}
+    mismatch = {k: (expected.get(k), v) for k, v in got.items() if expected.get(k) != v}
     if mismatch:
       details = ', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in mismatch.items())
       return (f'config.quant is not what the model\'s rules do (layer {layer.path!r}: {details}); the rules decide, '
               'and result.json lists each layer\'s settings (layer_rules)')
   return ''
+
+
+class CodeDynamics:
+  """Ternary dynamics for metrics rows, per ternary layer: `flip_rate/<layer>`, the fraction of its codes that
+  changed since the previous call (the previous logged step of this process; absent on the first call, so after
+  a start or resume), and `near_threshold/<layer>`, the fraction of its latent weights within 10% of the zero
+  threshold in force for them (`quant.near_threshold`). Called on log steps only: the train step is unchanged."""
+
+  def __init__(self):
+    self.previous: dict[str, np.ndarray] = {}
+
+  def scalars(self, params, layers) -> dict[str, float]:
+    params = jax.device_get(params)
+    codes = {p: np.asarray(tw.codes) for p, tw in quant_lib.ternary_weights(params, layers).items()}
+    layer = lambda path: path.rsplit('/', 1)[0]
+    out = {f'flip_rate/{layer(p)}': v for p, v in quant_lib.flip_rates(self.previous, codes).items()}
+    out.update({f'near_threshold/{layer(p)}': v for p, v in quant_lib.near_threshold(params, layers).items()})
+    self.previous = codes
+    return out
 
 
 def flat_quant_scalars(report: dict) -> dict[str, float]:
@@ -148,7 +167,9 @@ def format_eval_table(result: dict, config, model_name: str | None = None) -> st
     lines.append(f'  parameters: {counts["ternary"]:,} ternary, {counts["full_precision"]:,} full precision')
   if result.get('sparsity'):
     rules = result.get('layer_rules') or {}
-    describe = lambda r: ' '.join([r['method'], r['threshold']] + [f'{k}={r[k]:g}' for k in ('t', 'k', 'sparsity') if k in r]
+    describe = lambda r: ' '.join([r['method']] + ([r['threshold']] if r['threshold'] else [])
+                                  + [f'{k}={r[k]:g}' for k in ('t', 'k', 'sparsity') if k in r]
+                                  + (['per-channel'] if r.get('scale_granularity') == 'channel' else [])
                                   + ([f'act={r["activations"]}'] if 'activations' in r else []))
     rows = [(path.rsplit('/', 1)[0], describe(rules[path]) if path in rules else '-', f'{s:.3f}',
              f'{result["scales"][path][0]:+.4f}', f'{result["scales"][path][1]:+.4f}')

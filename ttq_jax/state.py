@@ -121,46 +121,26 @@ def shardings_of(state) -> Any:
 # --------------------------------------------------------------------------- the switch to ternary
 
 
-def _constant_scales(kernel, layer: quant_lib.TernaryLayer, like):
-  del kernel
-  q = layer.quant
-  return jnp.full_like(like['w_p'], q.w_p_init), jnp.full_like(like['w_n'], q.w_n_init)
-
-
-def _mean_abs_scales(kernel, layer: quant_lib.TernaryLayer, like):
-  """Mean |w| of each sign above the threshold (per output channel for per-channel scales)."""
-  delta = quant_lib.threshold(kernel, layer.quant)
-  pos, neg = kernel > delta, kernel < -delta
-  mean = lambda mask, x: (quant_lib.sum_to_shape(jnp.where(mask, x, 0), layer.scale_shape) /
-                          jnp.maximum(quant_lib.sum_to_shape(mask.astype(jnp.float32), layer.scale_shape), 1))
-  w_p, w_n = mean(pos, kernel), mean(neg, -kernel)
-  return (w_p.reshape(like['w_p'].shape).astype(like['w_p'].dtype),
-          w_n.reshape(like['w_n'].shape).astype(like['w_n'].dtype))
-
-
-# quant.scale_init -> (kernel, its TernaryLayer, the layer's params) -> (w_p, w_n) at the switch to ternary
-SCALE_INITS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
-    'constant': _constant_scales,   # w_p_init / w_n_init (official code: 1.0)
-    'mean_abs': _mean_abs_scales,   # mean |w| of each sign above the threshold
-}
-
-
 def start_ternary(params, config, layers) -> dict:
   """At the switch to ternary (end of the FP warm-up, or after `init_from`): for each layer of `layers`
-  (`TrainState.ternary`) whose method trains its scales (`quant.METHODS[...].trained_scales`), optionally
-  scale the kernel to [-1, 1] (`normalize_init`, the paper's text) and set w_p / w_n by
-  `SCALE_INITS[config.quant.scale_init]`. Returns a new params dict."""
+  (`TrainState.ternary`) whose method trains scales (`quant.METHODS[...].scale_names`), optionally scale the
+  kernel to [-1, 1] (`normalize_init`, the paper's text) and set its scales by the method's
+  `initial_scales` with `config.quant.scale_init` (None: the method's own; ttq: 'constant' w_p_init / w_n_init
+  or 'mean_abs'; paretoq: 'max_abs', max|w| per channel or tensor). Returns a new params dict."""
   params = flax.core.unfreeze(params) if isinstance(params, flax.core.FrozenDict) else jax.tree.map(lambda x: x, params)
-  init_scales = SCALE_INITS[config.quant.scale_init]
   for layer in layers:
-    if not layer.quant.spec.trained_scales:  # TWN, BitNet: no scale to set
+    spec = layer.quant.spec
+    if not spec.trained_scales:  # TWN, BitNet: no scale to set
       continue
     value = params
     for k in filter(None, layer.path.split('/')):
       value = value[k]
     if config.normalize_init:
       value['kernel'] = value['kernel'] / jnp.max(jnp.abs(value['kernel']))
-    value['w_p'], value['w_n'] = init_scales(value['kernel'], layer, value)
+    scales = spec.initial_scales(jnp.asarray(value['kernel'], jnp.float32), layer.quant, layer.scale_shape,
+                                 config.quant.scale_init)
+    for name, scale in scales.items():
+      value[name] = jnp.reshape(scale, value[name].shape).astype(value[name].dtype)
   return params
 
 

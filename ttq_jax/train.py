@@ -211,7 +211,8 @@ def _switch_to_ternary(state, config, step: int):
   """Sets the scales (and optionally normalises kernels) at the start of ternary training."""
   params = state_lib.start_ternary(state.params, config, state.ternary)
   logging.info('step %d: %s, training ternary from here (scales: %s)', step,
-               'full-precision warm-up done' if step else 'no full-precision warm-up', config.quant.scale_init)
+               'full-precision warm-up done' if step else 'no full-precision warm-up',
+               config.quant.scale_init or "each method's own")
   return state.replace(params=jax.device_put(params, state_lib.shardings_of(state.params)))
 
 
@@ -256,11 +257,12 @@ def _target_reached(config, metrics: dict, step: int, started: float) -> dict:
   return {}
 
 
-def _progress_scalars(config, progress, state, step: int) -> dict[str, Any]:
+def _progress_scalars(config, progress, state, step: int, dynamics: reports.CodeDynamics) -> dict[str, Any]:
   rate = progress.rate(step)
   return {'steps_per_second': rate, 'images_per_second': rate * config.batch_size,
           'host_peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-          **reports.flat_quant_scalars(reports.quant_report(state, config))}
+          **reports.flat_quant_scalars(reports.quant_report(state, config)),
+          **dynamics.scalars(state.params, state.ternary)}
 
 
 # --------------------------------------------------------------------------- the job
@@ -313,6 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
   # Loop: one train step, then one-line checks of what is due after it.
   task = tasks.of(config)
   pending, target, best, last = [], {}, _BestOnValidation(task), (None, None)  # last: (step, eval columns)
+  dynamics = reports.CodeDynamics()  # flip rates between this process's logged steps
   with StopSignal() as stop, contextlib.ExitStack() as cleanup:
     cleanup.callback(writer.close)
     cleanup.callback(inputs.close)  # stops the input workers (after the step's checkpoint is saved)
@@ -332,7 +335,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
       if do_log or do_save:  # finiteness is checked before every save
         row, pending = summarize_pending(pending, lr_fn), []
       if do_log:
-        row.update(_progress_scalars(config, progress, state, step))
+        row.update(_progress_scalars(config, progress, state, step, dynamics))
       if do_eval:
         columns, eval_row = _run_eval(config, programs, state, inputs, quantized)
         last = (step, columns)

@@ -25,7 +25,7 @@ def test_weights_by_hand():
   out, grad = jax.value_and_grad(lambda w: jnp.sum(quant.bitnet_ternarize(w) * G))(W)
   np.testing.assert_allclose(quant.bitnet_ternarize(W), np.float32(W_CODES) * W_ALPHA, rtol=1e-6)
   np.testing.assert_array_equal(grad, G)  # straight through: the whole residual is held constant
-  tw = TernaryWeights.from_latent(W, None, None, BITNET)
+  tw = TernaryWeights.from_latent(W, None, BITNET)
   np.testing.assert_array_equal(tw.codes, W_CODES)
   assert float(tw.w_p) == float(tw.w_n) == pytest.approx(W_ALPHA, rel=1e-6)
   np.testing.assert_array_equal(tw.dense(), quant.bitnet_ternarize(W))  # exported == computed, bit for bit
@@ -40,7 +40,7 @@ def test_weight_ties_round_half_to_even_and_zero_tensor():
   zero = jnp.zeros((3, 2))
   np.testing.assert_array_equal(quant.bitnet_ternarize(zero), zero)  # s = 1 / 1e-5: no NaN
   np.testing.assert_array_equal(jax.grad(lambda w: jnp.sum(quant.bitnet_ternarize(w) * 2.0))(zero), 2.0 * np.ones((3, 2)))
-  np.testing.assert_array_equal(TernaryWeights.from_latent(zero, None, None, BITNET).codes, np.zeros((3, 2)))
+  np.testing.assert_array_equal(TernaryWeights.from_latent(zero, None, BITNET).codes, np.zeros((3, 2)))
 
 
 def test_per_channel_scale_is_one_per_output_feature():

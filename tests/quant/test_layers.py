@@ -21,7 +21,7 @@ def ternary(layer: nn.Module, q: QuantConfig = TTQ) -> nn.Module:
 
 
 def _kernel(w, w_p, w_n, q):
-  return quant.METHODS[q.method].kernel(w, w_p, w_n, q)
+  return quant.METHODS[q.method].kernel(w, {'w_p': w_p, 'w_n': w_n}, q)
 
 
 @pytest.mark.parametrize('kwargs', [
@@ -117,7 +117,7 @@ def test_bf16_compute_keeps_float32_params():
 
 
 @pytest.mark.parametrize('kwargs,msg', [
-    (dict(method='int8'), "quant.method='int8' is unknown: allowed are ttq, twn, bitnet, fp"),
+    (dict(method='int8'), "quant.method='int8' is unknown: allowed are ttq, twn, bitnet, paretoq, fp"),
     (dict(threshold='median'), "quant.threshold='median' is unknown: allowed are None (the method's own), max, mean, sparsity, absmean"),
     (dict(k=0.0), 'quant.k=0.0 is out of range: allowed is quant.k > 0'),
     (dict(t=1.0), 'quant.t=1.0 is out of range'),

@@ -181,7 +181,7 @@ def test_bfloat16_model_ternarizes_in_float32(granularity):
   params = flax.core.unfreeze(model.init(jax.random.PRNGKey(0), jnp.ones((1, 2)))['params'])
   params['kernel'] = kernel
   forward = model.apply({'params': params}, jnp.eye(2, dtype=jnp.bfloat16))  # rows of the ternary kernel
-  tw = quant.TernaryWeights.from_latent(kernel, params['w_p'], params['w_n'], Rule())
+  tw = quant.TernaryWeights.from_latent(kernel, {'w_p': params['w_p'], 'w_n': params['w_n']}, Rule())
   assert float(jnp.bfloat16(0.05006)) <= float(jnp.bfloat16(0.05))  # bf16 would have decided 0 here
   np.testing.assert_array_equal(np.sign(np.asarray(forward, np.float32)), tw.codes)
   np.testing.assert_array_equal(tw.codes, [[1, 1, -1], [1, 0, 0]])

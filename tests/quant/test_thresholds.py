@@ -34,7 +34,7 @@ def _config(method, threshold):
 
 def _kernel(w, w_p, w_n, q):
   """The forward kernel of q's method (`quant.METHODS[q.method].kernel`), as a selected layer computes it."""
-  return quant.METHODS[q.method].kernel(w, w_p, w_n, q)
+  return quant.METHODS[q.method].kernel(w, {'w_p': w_p, 'w_n': w_n}, q)
 
 
 @pytest.mark.parametrize('threshold', ['max', 'mean', 'sparsity'])
@@ -61,7 +61,7 @@ def test_forward_and_gradients_by_value(method, threshold):
     kernel = lambda w: _kernel(w, None, None, q)
     np.testing.assert_allclose(kernel(W), codes * ALPHA[threshold], rtol=1e-6)
     np.testing.assert_allclose(jax.grad(lambda w: jnp.sum(kernel(w) * G))(W), G)  # straight through
-  tw = TernaryWeights.from_latent(W, jnp.float32(W_P), jnp.float32(W_N), q)  # what reports and export use
+  tw = TernaryWeights.from_latent(W, {'w_p': jnp.float32(W_P), 'w_n': jnp.float32(W_N)}, q)  # what reports and export use
   np.testing.assert_array_equal(tw.codes, codes)
   if method == 'twn':
     assert float(tw.w_p) == float(tw.w_n) == pytest.approx(ALPHA[threshold], rel=1e-6)
@@ -116,6 +116,45 @@ def test_export_and_reload_each_pair(tmp_path, method, threshold):
   np.testing.assert_allclose(plain.apply(loaded, x), model.apply({'params': params}, x), rtol=1e-5, atol=1e-6)
   _, _, report = export_format.read(path)
   kernel = params['conv']['kernel']
-  expected = TernaryWeights.from_latent(kernel, params['conv'].get('w_p'), params['conv'].get('w_n'), q)
+  expected = TernaryWeights.from_latent(kernel, {'w_p': params['conv'].get('w_p'), 'w_n': params['conv'].get('w_n')}, q)
   assert report['params/conv/kernel']['sparsity'] == pytest.approx(expected.sparsity)
   np.testing.assert_array_equal(loaded['params']['conv']['kernel'], expected.dense())
+
+
+# A Dense kernel (in 4, out 3) whose third column is ~20x smaller than the others.
+SMALL_COLUMN = jnp.array([[1.0, -0.8, 0.05], [-0.4, 0.2, -0.02], [0.1, 1.2, 0.04], [-0.9, -0.1, -0.01]], jnp.float32)
+# per column, TWN's own rule: delta_c = 0.7 * mean|w_c| = 0.42, 0.4025, 0.021; alpha_c = mean |w_c| above delta_c
+PER_CHANNEL_TWN = np.array([[0.95, -1.0, 0.045], [0.0, 0.0, 0.0], [0.0, 1.0, 0.045], [-0.95, 0.0, 0.0]], np.float32)
+
+
+@pytest.mark.parametrize('threshold,expected', [
+    (None, PER_CHANNEL_TWN),
+    # 'max' per column, t = 0.7: delta_c = 0.7, 0.84, 0.035 -> alpha_c = 0.95, 1.2, 0.045
+    ('max', np.array([[0.95, 0.0, 0.045], [0.0, 0.0, 0.0], [0.0, 1.2, 0.045], [-0.95, 0.0, 0.0]], np.float32)),
+])
+def test_per_channel_twn_takes_delta_and_alpha_per_output_channel(tmp_path, threshold, expected):
+  """With scale_granularity='channel', TWN's threshold and alpha are per output column, so the small column keeps
+  its nonzeros (per tensor, delta = 0.7 * 0.4017 = 0.281 zeroes it whole); export (v2, per channel) and reload."""
+  rule = quant.Rule(method='twn', threshold=threshold, t=0.7, scale_granularity='channel')  # the top-level layer
+  model = quant.quantize(nn.Dense(3, use_bias=False, name='d'), [rule])
+  x = jnp.eye(4)
+  params = {'kernel': SMALL_COLUMN}
+  np.testing.assert_allclose(model.apply({'params': params}, x), expected, rtol=1e-6, atol=1e-7)
+  layer = quant.TernaryLayer('', rule, (1, 3))
+  tw = TernaryWeights.from_latent(SMALL_COLUMN, None, rule, layer.scale_shape)
+  np.testing.assert_allclose(tw.dense(), expected, rtol=1e-6)
+  assert tw.w_p.shape == (1, 3)
+  per_tensor = quant.quantize(nn.Dense(3, use_bias=False, name='d'), [quant.Rule(method='twn')])
+  assert not np.any(per_tensor.apply({'params': params}, x)[:, 2])  # the bug this guards against
+  path = os.path.join(tmp_path, 'twn.safetensors')
+  layers = quant.ternary_layers(model, x)
+  assert layers[0].scale_shape == (1, 3)
+  export_format.save(path, export_format.build_export(params, {}, layers, '2bit'), packing='2bit', config={}, step=1)
+  variables, _, report = export_format.read(path)
+  np.testing.assert_allclose(variables['params']['kernel'], expected, rtol=1e-6)
+  assert report['params/kernel']['per_channel']
+
+
+def test_per_channel_sparsity_threshold_zeroes_the_fraction_in_every_channel():
+  delta = quant.delta_from_sparsity(SMALL_COLUMN, 0.5, axes=(0,))
+  np.testing.assert_allclose(delta, [[0.4, 0.2, 0.02]])  # the 2nd smallest |w| of each column

@@ -1,11 +1,15 @@
-"""Ternary quantization (TTQ, Zhu et al. ICLR 2017; TWN, Li & Liu 2016; BitNet b1.58, Ma et al. 2024): the maths,
-the method and threshold tables, the ternary weight type, `quantize(model, rules)` for any Flax model, reports."""
+"""Ternary quantization (TTQ, Zhu et al. ICLR 2017; TWN, Li & Liu 2016; BitNet b1.58, Ma et al. 2024; ParetoQ, Liu
+et al. 2025): the maths, the method and threshold tables, the ternary weight type, `quantize(model, rules)` for any
+Flax model, reports."""
 
 from ttq_jax.quant._ternary import absmax_int8
 from ttq_jax.quant._ternary import bitnet_ternarize
 from ttq_jax.quant._ternary import delta_from_max
 from ttq_jax.quant._ternary import delta_from_mean
 from ttq_jax.quant._ternary import delta_from_sparsity
+from ttq_jax.quant._ternary import paretoq_bwd
+from ttq_jax.quant._ternary import paretoq_fwd
+from ttq_jax.quant._ternary import paretoq_ternarize
 from ttq_jax.quant._ternary import sum_to_shape
 from ttq_jax.quant._ternary import ternarize
 from ttq_jax.quant._ternary import ternarize_bwd
@@ -14,12 +18,17 @@ from ttq_jax.quant._ternary import twn_scale
 from ttq_jax.quant._ternary import twn_ternarize
 from ttq_jax.quant._ternary import twn_threshold_and_scale
 from ttq_jax.quant.config import QuantConfig
+from ttq_jax.quant.config import SCALE_GRANULARITIES
 from ttq_jax.quant.methods import ACTIVATIONS
 from ttq_jax.quant.methods import Method
 from ttq_jax.quant.methods import METHODS
+from ttq_jax.quant.methods import SCALE_INITS
+from ttq_jax.quant.methods import scale_params
 from ttq_jax.quant.methods import Threshold
 from ttq_jax.quant.methods import THRESHOLDS
 from ttq_jax.quant.report import count_params
+from ttq_jax.quant.report import flip_rates
+from ttq_jax.quant.report import near_threshold
 from ttq_jax.quant.report import layer_reports
 from ttq_jax.quant.report import LayerReport
 from ttq_jax.quant.report import layer_scales

@@ -115,10 +115,16 @@ def ternarize(w: jax.Array, w_p: jax.Array, w_n: jax.Array, delta: jax.Array) ->
 # --------------------------------------------------------------------------- thresholds
 
 
-def delta_from_max(w: jax.Array, t: float) -> jax.Array:
-  """The paper's threshold rule: delta = t * max|w| (no gradient; paper uses t = 0.05)."""
+def _reduce(fn, x, axes):
+  """fn over the whole of `x` (0-d) when `axes` is None, else over `axes` with keepdims (per output channel)."""
+  return fn(x) if axes is None else fn(x, axis=tuple(axes), keepdims=True)
+
+
+def delta_from_max(w: jax.Array, t: float, axes=None) -> jax.Array:
+  """The paper's threshold rule: delta = t * max|w| (no gradient; paper uses t = 0.05); over `axes` (keepdims)
+  for a per-channel threshold."""
   check_unit_interval('t', t)
-  return jax.lax.stop_gradient(t * jnp.max(jnp.abs(w)))
+  return jax.lax.stop_gradient(t * _reduce(jnp.max, jnp.abs(w), axes))
 
 
 def check_positive(name: str, value: float) -> None:
@@ -127,24 +133,35 @@ def check_positive(name: str, value: float) -> None:
     raise ValueError(f'{name}={value!r} is out of range: allowed is {name} > 0')
 
 
-def delta_from_mean(w: jax.Array, k: float) -> jax.Array:
-  """TWN's threshold rule: delta = k * mean|w| (no gradient; TWN uses k = 0.7, Li & Liu 2016 Eq. 8)."""
+def delta_from_mean(w: jax.Array, k: float, axes=None) -> jax.Array:
+  """TWN's threshold rule: delta = k * mean|w| (no gradient; TWN uses k = 0.7, Li & Liu 2016 Eq. 8); over `axes`
+  (keepdims) for a per-channel threshold."""
   check_positive('k', k)
-  return jax.lax.stop_gradient(k * jnp.mean(jnp.abs(w)))
+  return jax.lax.stop_gradient(k * _reduce(jnp.mean, jnp.abs(w), axes))
 
 
-def delta_from_sparsity(w: jax.Array, r: float) -> jax.Array:
+def delta_from_sparsity(w: jax.Array, r: float, axes=None) -> jax.Array:
   """Constant-sparsity rule: the threshold that makes a fraction `r` of `w` zero.
 
-  With k = round(r * w.size), delta is the k-th smallest |w|, so (for distinct values) exactly k
-  entries satisfy |w| <= delta. r = 0 gives delta = 0: binary weights.
+  With k = round(r * n) (n: w.size, or the size of one channel over `axes`), delta is the k-th smallest |w| (of
+  the channel), so (for distinct values) exactly k entries satisfy |w| <= delta. r = 0 gives delta = 0: binary
+  weights.
   """
   check_unit_interval('sparsity', r)
-  k = int(round(r * w.size))
+  if axes is None:
+    k = int(round(r * w.size))
+    if k == 0:
+      return jnp.zeros((), w.dtype)
+    return jax.lax.stop_gradient(jnp.sort(jnp.abs(w).reshape(-1))[k - 1])
+  axes = tuple(a % w.ndim for a in axes)
+  kept = tuple(i for i in range(w.ndim) if i not in axes)
+  n = int(math.prod(w.shape[i] for i in axes))
+  k = int(round(r * n))
+  keep_shape = tuple(1 if i in axes else d for i, d in enumerate(w.shape))
   if k == 0:
-    return jnp.zeros((), w.dtype)
-  magnitudes = jnp.sort(jnp.abs(w).reshape(-1))
-  return jax.lax.stop_gradient(magnitudes[k - 1])
+    return jnp.zeros(keep_shape, w.dtype)
+  channels = jnp.transpose(jnp.abs(w), kept + axes).reshape(-1, n)  # one row per channel
+  return jax.lax.stop_gradient(jnp.sort(channels, axis=1)[:, k - 1].reshape(keep_shape))
 
 
 # --------------------------------------------------------------------------- TWN baseline
@@ -153,12 +170,13 @@ def delta_from_sparsity(w: jax.Array, r: float) -> jax.Array:
 TWN_K = 0.7  # TWN's threshold factor: delta = 0.7 * mean|w|
 
 
-def twn_scale(w: jax.Array, delta: jax.Array) -> jax.Array:
+def twn_scale(w: jax.Array, delta: jax.Array, axes=None) -> jax.Array:
   """TWN's analytic scale for a given threshold: alpha = mean of |w| over |w| > delta (float32, no gradient;
-  0 when no weight is above delta)."""
+  0 when no weight is above delta); over `axes` (keepdims) per output channel, with `delta` per channel too."""
   a = jnp.abs(w).astype(jnp.float32)
   above = a > jnp.asarray(delta, jnp.float32)
-  return jax.lax.stop_gradient(jnp.sum(jnp.where(above, a, 0.0)) / jnp.maximum(jnp.sum(above), 1))
+  total = _reduce(jnp.sum, jnp.where(above, a, 0.0), axes)
+  return jax.lax.stop_gradient(total / jnp.maximum(_reduce(jnp.sum, above, axes), 1))
 
 
 def twn_threshold_and_scale(w: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -167,18 +185,22 @@ def twn_threshold_and_scale(w: jax.Array) -> tuple[jax.Array, jax.Array]:
   return delta, twn_scale(w, delta)
 
 
-def twn_ternarize(w: jax.Array, delta: jax.Array | None = None) -> jax.Array:
+def twn_ternarize(w: jax.Array, delta: jax.Array | None = None, axes=None) -> jax.Array:
   """Ternary Weight Networks (Li & Liu 2016): alpha * sign(w) where |w| > delta, else 0.
 
-  `delta`: the threshold (0-d; default TWN's own, 0.7 * mean|w|); alpha = mean of |w| above it. The scale
-  is not trained; the gradient to `w` is the plain straight-through estimator (dw = g).
+  `delta`: the threshold (0-d; default TWN's own, 0.7 * mean|w|); alpha = mean of |w| above it. `axes`: per
+  output channel, `delta` then broadcasts against `w` (one per channel) and alpha is taken over `axes`. The
+  scale is not trained; the gradient to `w` is the plain straight-through estimator (dw = g).
   """
   if delta is None:
     delta, alpha = twn_threshold_and_scale(w)
   else:
-    _check_scalar('delta', delta)
+    if axes is None:
+      _check_scalar('delta', delta)
+    else:
+      _check_scale('delta', delta, jnp.shape(w))
     delta = jax.lax.stop_gradient(jnp.asarray(delta, jnp.float32))
-    alpha = twn_scale(w, delta)
+    alpha = twn_scale(w, delta, axes)
   wt = jnp.where(jnp.abs(w) > delta.astype(w.dtype), jnp.sign(w) * alpha.astype(w.dtype), jnp.zeros((), w.dtype))
   return w + jax.lax.stop_gradient(wt - w)
 
@@ -264,3 +286,69 @@ def absmax_int8(x: jax.Array, axes) -> jax.Array:
   s = 127 / max(max|x|, 1e-5), x_q = clip(round(x * s), -128, 127) / s. Straight-through: dx = g."""
   axes = tuple(int(a) % x.ndim for a in axes)
   return _absmax_int8(x, axes)
+
+
+# --------------------------------------------------------------------------- ParetoQ ternary (Liu et al. 2025)
+#
+# facebookresearch/ParetoQ, models/utils_quant.py, StretchedElasticQuant with w_bits=0 (n_levels 1.5, shift 0):
+#   a = where(alpha > eps, alpha, eps);  W_q = a * round(clamp(W / a, -c, c) * 1.5) / 1.5,  c = 1 - 1e-2
+#   backward:  u = W / a;  small = u < -c;  big = u > c;  middle = the rest
+#              dW = middle * G;  dalpha = sum over the row of (-small + big + middle * (q(u) - u)) * G / sqrt(numel(W))
+# dalpha goes to the raw alpha even where it is clamped at eps (the clamp is outside autograd's view there).
+# torch.round rounds half to even, as jnp.round; decisions are taken in float32.
+
+PARETOQ_EPS = 1e-5
+PARETOQ_CLIP = 1.0 - 1e-2
+PARETOQ_LEVELS = 1.5
+
+
+def paretoq_codes(w: jax.Array, alpha: jax.Array) -> jax.Array:
+  """round(clip(w / a, -0.99, 0.99) * 1.5) in {-1, 0, +1} (float32), a = max(alpha, 1e-5): the one place ParetoQ's
+  codes are decided (the forward kernel is a * codes / 1.5, the export these codes with the scale 2a / 3)."""
+  a = jnp.maximum(jnp.asarray(alpha, jnp.float32), PARETOQ_EPS)
+  return jnp.round(jnp.clip(jnp.asarray(w, jnp.float32) / a, -PARETOQ_CLIP, PARETOQ_CLIP) * PARETOQ_LEVELS)
+
+
+def paretoq_fwd(w, alpha):
+  """Forward rule of ParetoQ's ternary quantizer; returns (W_q in w's dtype, residuals)."""
+  a = jnp.maximum(jnp.asarray(alpha, jnp.float32), PARETOQ_EPS)
+  wq = a * paretoq_codes(w, alpha) / PARETOQ_LEVELS
+  return wq.astype(w.dtype), (w, alpha)
+
+
+def paretoq_bwd(residuals, g):
+  """Backward rule (LSQ-style): dW = g where |W / a| <= 0.99, else 0; dalpha = the sum, over the axes alpha
+  broadcasts along, of s * g / sqrt(numel(W)), s = -1 below -0.99, +1 above 0.99, q(u) - u between."""
+  w, alpha = residuals
+  a = jnp.maximum(jnp.asarray(alpha, jnp.float32), PARETOQ_EPS)
+  u = jnp.asarray(w, jnp.float32) / a
+  small, big = u < -PARETOQ_CLIP, u > PARETOQ_CLIP
+  middle = ~(small | big)
+  g32 = g.astype(jnp.float32)
+  q = jnp.round(jnp.clip(u, -PARETOQ_CLIP, PARETOQ_CLIP) * PARETOQ_LEVELS) / PARETOQ_LEVELS
+  s = jnp.where(small, -1.0, jnp.where(big, 1.0, q - u))
+  dalpha = (sum_to_shape(s * g32, jnp.shape(alpha)) / math.sqrt(w.size)).astype(jnp.asarray(alpha).dtype)
+  dw = jnp.where(middle, g32, 0.0).astype(w.dtype)
+  return dw, dalpha
+
+
+@jax.custom_vjp
+def _paretoq_ternarize(w, alpha):
+  return paretoq_fwd(w, alpha)[0]
+
+
+_paretoq_ternarize.defvjp(paretoq_fwd, paretoq_bwd)
+
+
+def paretoq_ternarize(w: jax.Array, alpha: jax.Array) -> jax.Array:
+  """ParetoQ's ternary quantizer: a * round(clip(w / a, -0.99, 0.99) * 1.5) / 1.5, a = max(alpha, 1e-5), levels
+  -2a/3, 0, +2a/3 (zero where |w / a| <= 1/3). `alpha`: 0-d (per tensor, upstream's `layerwise`) or broadcastable
+  to `w` (per output channel). Gradients: `paretoq_bwd`."""
+  _check_scale('alpha', alpha, jnp.shape(w))
+  return _paretoq_ternarize(w, jnp.asarray(alpha))
+
+
+def max_abs(w: jax.Array, axes=None) -> jax.Array:
+  """max|w| in float32 over `axes` (keepdims; None: the whole tensor, 0-d): ParetoQ's initial alpha."""
+  a = jnp.abs(jnp.asarray(w, jnp.float32))
+  return jnp.max(a) if axes is None else jnp.max(a, axis=axes, keepdims=True)

@@ -1,7 +1,8 @@
 """The quantization settings of a layer: one frozen, keyword-only dataclass.
 
 Two choices are separate: the *method* is the scale rule (`METHODS`: 'ttq' trained W_p / W_n; 'twn' TWN's
-analytic alpha = mean of |w| above delta; 'bitnet' BitNet b1.58's absmean; 'fp' no quantization) and the
+analytic alpha = mean of |w| above delta; 'bitnet' BitNet b1.58's absmean; 'paretoq' ParetoQ's trained alpha;
+'fp' no quantization) and the
 *threshold* is the rule for delta (`THRESHOLDS`: 'max' t * max|w|, the TTQ paper's; 'mean' k * mean|w|,
 TWN's; 'sparsity' a fixed zero fraction; 'absmean' BitNet's, which only BitNet takes). Left at None, the
 threshold is the method's own rule (`METHODS[method].own_threshold`), so `QuantConfig(method='twn')` is TWN
@@ -20,6 +21,8 @@ from ttq_jax.quant import _ternary
 from ttq_jax.quant._ternary import check_positive, check_unit_interval
 from ttq_jax.quant.methods import ACTIVATIONS, METHODS, THRESHOLDS, Method
 
+SCALE_GRANULARITIES = ('tensor', 'channel')
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantConfig:
@@ -27,16 +30,22 @@ class QuantConfig:
 
   Attributes:
     method: the scale rule, a key of `METHODS`: 'ttq' (trained w_p / w_n, the paper), 'twn' (alpha =
-      mean |w| above delta, Li & Liu 2016), 'bitnet' (BitNet b1.58's absmean, Ma et al. 2024) or 'fp'.
+      mean |w| above delta, Li & Liu 2016), 'bitnet' (BitNet b1.58's absmean, Ma et al. 2024), 'paretoq' (a
+      trained alpha, zero band |w| <= alpha / 3; Liu et al. 2025) or 'fp'.
     threshold: the delta rule, a key of `THRESHOLDS` or None (the method's own: 'max' for ttq, 'mean' for
-      twn, 'absmean' for bitnet): 'max' (delta = t * max|w|, paper Eq. 9), 'mean' (delta = k * mean|w|,
-      TWN's) or 'sparsity' (a fixed zero fraction) combine with ttq and twn; bitnet takes only its own.
+      twn, 'absmean' for bitnet, none for paretoq): 'max' (delta = t * max|w|, paper Eq. 9), 'mean' (delta =
+      k * mean|w|, TWN's) or 'sparsity' (a fixed zero fraction) combine with ttq and twn; bitnet takes only its
+      own, paretoq none.
     t: threshold factor for 'max' (paper: 0.05).
     k: threshold factor for 'mean' (TWN: 0.7).
     sparsity: zero fraction for 'sparsity' (paper sweeps 0 to 0.5).
-    w_p_init, w_n_init: initial scales (official code: 1.0).
+    w_p_init, w_n_init: initial scales (official code: 1.0); ttq only.
     positive_scales: use |w_p|, |w_n| in the forward pass so the scales cannot flip sign
-      (the official code has no such guard).
+      (the official code has no such guard); ttq only.
+    scale_granularity: 'tensor' (one scale set per layer, the papers' TTQ / TWN / BitNet) or 'channel' (one per
+      output feature: the kernel's output axes, flattened for DenseGeneral / Einsum with several; ParetoQ's
+      per-row alpha). ttq keeps its threshold per tensor; twn takes its threshold and alpha per channel; bitnet
+      its absmean per channel; paretoq its alpha (and so its zero band) per channel.
     activations: 'float' (the input as it comes) or 'int8' (BitNet b1.58's 8-bit absmax per position over
       the layer's contracted input axes, straight-through; with any method: 'bitnet' + 'int8' is W1.58A8).
       BitLinear also RMS-normalises its input before quantizing it: that norm is the model's, not this.
@@ -51,11 +60,15 @@ class QuantConfig:
   w_n_init: float = 1.0
   positive_scales: bool = False
   activations: str = 'float'
+  scale_granularity: str = 'tensor'
 
   def __post_init__(self):
     if self.method not in METHODS:
       raise ValueError(f'quant.method={self.method!r} is unknown: allowed are {", ".join(METHODS)}')
-    METHODS[self.method].check_threshold(self.threshold)
+    if self.scale_granularity not in SCALE_GRANULARITIES:
+      raise ValueError(f'quant.scale_granularity={self.scale_granularity!r} is unknown: allowed are '
+                       f'{", ".join(SCALE_GRANULARITIES)}')
+    METHODS[self.method].check(self)
     if self.activations not in ACTIVATIONS:
       raise ValueError(f'quant.activations={self.activations!r} is unknown: allowed are {", ".join(ACTIVATIONS)}')
     check_unit_interval('quant.t', self.t)
@@ -79,7 +92,8 @@ class QuantConfig:
     return self.threshold or self.spec.own_threshold
 
   def delta(self, kernel: jax.Array) -> jax.Array:
-    """The layer's threshold for `kernel` under the rule in force (no gradient)."""
+    """The per-tensor threshold for `kernel` under the rule in force (no gradient); the threshold a layer
+    uses, per tensor or per channel, is its method's (`METHODS[method].delta`)."""
     return THRESHOLDS[self.threshold_rule].delta(kernel, self)
 
   @classmethod

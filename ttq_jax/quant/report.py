@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ttq_jax.quant.methods import THRESHOLDS
+from ttq_jax.quant.methods import THRESHOLDS, scale_params
 from ttq_jax.quant.rules import TernaryLayer
 from ttq_jax.quant.weights import TernaryWeights
 
@@ -28,10 +28,8 @@ def ternary_weights(params: Mapping[str, Any], layers: Sequence[TernaryLayer]) -
   out = {}
   for layer in layers:
     module = _get(params, layer.path)
-    w_p, w_n = module.get('w_p'), module.get('w_n')
-    if w_p is not None:
-      w_p, w_n = jnp.reshape(w_p, layer.scale_shape), jnp.reshape(w_n, layer.scale_shape)
-    out[layer.kernel_path] = TernaryWeights.from_latent(module['kernel'], w_p, w_n, layer.quant, layer.scale_shape)
+    scales = scale_params(module.__getitem__, layer.quant.spec, layer.scale_shape)
+    out[layer.kernel_path] = TernaryWeights.from_latent(module['kernel'], scales, layer.quant, layer.scale_shape)
   return out
 
 
@@ -41,7 +39,7 @@ class LayerReport:
   table, `--mode eval`, the export log and `export_format.read` alike.
 
   numel: weights of the kernel; sparsity: fraction of zero codes; w_p / w_n: the scales the forward pass uses
-  (their mean over channels with per-channel scales; TWN's alpha and BitNet's 1 / s twice); per_channel:
+  (their mean over channels with per-channel scales; TWN's alpha, BitNet's 1 / s and ParetoQ's 2a / 3 twice); per_channel:
   whether the scales are per output feature; packed_bytes: in an export file, its codes, shape and scales.
   """
   numel: int
@@ -83,6 +81,30 @@ def layer_scales(params: Mapping[str, Any], layers: Sequence[TernaryLayer]) -> d
   return {p: (r.w_p, r.w_n) for p, r in layer_reports(params, layers).items()}
 
 
+NEAR_THRESHOLD_BAND = 0.1  # near_threshold: | |w| - delta | <= 0.1 * delta
+
+
+def near_threshold(params: Mapping[str, Any], layers: Sequence[TernaryLayer]) -> dict[str, float]:
+  """{kernel path: fraction of latent weights with | |w| - delta | <= 0.1 * delta}, delta the zero threshold in
+  force for that weight (`METHODS[method].delta`: per tensor, or per channel for per-channel TWN / BitNet and
+  ParetoQ's a / 3): the weights a small step moves across a threshold ("deadzone trapping", Tequila 2026)."""
+  out = {}
+  for layer in layers:
+    module = _get(params, layer.path)
+    kernel = jnp.asarray(module['kernel'], jnp.float32)
+    delta = layer.quant.spec.delta(kernel, scale_params(module.__getitem__, layer.quant.spec, layer.scale_shape),
+                                   layer.quant, layer.scale_shape)
+    near = jnp.abs(jnp.abs(kernel) - delta) <= NEAR_THRESHOLD_BAND * delta
+    out[layer.kernel_path] = float(jnp.mean(near))
+  return out
+
+
+def flip_rates(previous: Mapping[str, np.ndarray], codes: Mapping[str, np.ndarray]) -> dict[str, float]:
+  """{kernel path: fraction of codes that differ between two reads} for the layers in both with the same shape."""
+  return {p: float(np.mean(np.asarray(c) != np.asarray(previous[p]))) for p, c in codes.items()
+          if p in previous and np.shape(previous[p]) == np.shape(c) and np.size(c)}
+
+
 def rule_settings(quant) -> dict[str, Any]:
   """A layer's quantization settings as reported: method, the threshold rule in force and its factor, and
   what differs from the defaults (positive scales, scale granularity, activations)."""
@@ -93,7 +115,7 @@ def rule_settings(quant) -> dict[str, Any]:
     out[factor] = float(getattr(quant, factor))
   if quant.spec.trained_scales and quant.positive_scales:
     out['positive_scales'] = True
-  if getattr(quant, 'scale_granularity', 'tensor') != 'tensor':
+  if quant.scale_granularity != 'tensor':
     out['scale_granularity'] = quant.scale_granularity
   if quant.activations != 'float':
     out['activations'] = quant.activations

@@ -2,7 +2,7 @@
 select, without touching the model's code (the qwix idea, with the paper's trained quantizer).
 
     model = quantize(MyViT(), [Rule(module_path=r'.*(attention|mlp)/.*'), Rule(module_path='head', method='fp')])
-    variables = model.init(rng, x)     # the plain model's variables + `w_p` / `w_n` beside each ternary kernel
+    variables = model.init(rng, x)     # the plain model's variables + the method's scales beside each ternary kernel
 
 A layer is selected by its module path (slash-joined names, as in the params tree, e.g.
 `encoder/block_0/attention/query`): the first rule whose `module_path` regex matches the whole path
@@ -16,7 +16,8 @@ How: during the model's `__call__`, a Flax method interceptor gives each selecte
 that returns the ternary kernel of the rule's method (`METHODS[method].kernel`: for 'ttq' the paper's
 custom_vjp with the layer's own `w_p` / `w_n`) computed from the float32 latent kernel, and with
 `activations='int8'` quantizes the layer's input; everything else about the layer is unchanged. So the
-params tree is the plain model's tree plus the trained scales (ttq only), and a full-precision checkpoint
+params tree is the plain model's tree plus the trained scales (`METHODS[method].scale_names`: `w_p` / `w_n`
+for ttq, `alpha` for paretoq, none for twn / bitnet), and a full-precision checkpoint
 of the plain model loads into it as it is (the paper's fine-tuning recipe).
 """
 
@@ -33,10 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ttq_jax.quant.config import QuantConfig
+from ttq_jax.quant.config import SCALE_GRANULARITIES, QuantConfig  # noqa: F401
 from ttq_jax.quant.methods import ACTIVATIONS
-
-SCALE_GRANULARITIES = ('tensor', 'channel')
 # Layers whose `kernel` parameter is their weight matrix (output features on the kernel's last axes,
 # except for Einsum, whose output axes the equation names).
 KERNEL_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose, nn.Einsum)
@@ -45,15 +44,10 @@ KERNEL_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose, nn.Einsum
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Rule(QuantConfig):
   """Which layers (`module_path`, a regex over the whole slash-joined module path) and how (the
-  `QuantConfig` fields: method, threshold, t, k, sparsity, w_p_init, w_n_init, positive_scales, activations).
-
-  scale_granularity: 'tensor' (one w_p and one w_n per layer, the paper) or 'channel' (one per output
-    feature: the kernel's output axes, flattened for DenseGeneral / Einsum with several; an extension
-    beyond the paper). The threshold stays per tensor.
-  """
+  `QuantConfig` fields: method, threshold, t, k, sparsity, w_p_init, w_n_init, positive_scales, activations,
+  scale_granularity)."""
 
   module_path: str = '.*'
-  scale_granularity: str = 'tensor'
 
   def __post_init__(self):
     super().__post_init__()
@@ -61,9 +55,6 @@ class Rule(QuantConfig):
       re.compile(self.module_path)
     except re.error as e:
       raise ValueError(f'Rule.module_path={self.module_path!r} is not a regex: {e}') from None
-    if self.scale_granularity not in SCALE_GRANULARITIES:
-      raise ValueError(f'Rule.scale_granularity={self.scale_granularity!r} is unknown: allowed are '
-                       f'{", ".join(SCALE_GRANULARITIES)}')
 
   def matches(self, path: str) -> bool:
     return re.fullmatch(self.module_path, path) is not None
@@ -85,8 +76,8 @@ def output_axes(module: nn.Module, kernel_ndim: int) -> tuple[int, ...]:
   return (kernel_ndim - 1,)
 
 
-def scale_shapes(module: nn.Module, kernel_shape, rule: Rule) -> tuple[tuple[int, ...], tuple[int, ...]]:
-  """(stored shape of w_p / w_n, the shape they broadcast with against the kernel)."""
+def scale_shapes(module: nn.Module, kernel_shape, rule: QuantConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(stored shape of the layer's scales, the shape they broadcast with against the kernel)."""
   if rule.scale_granularity == 'tensor':
     return (), ()
   axes = output_axes(module, len(kernel_shape))
@@ -94,10 +85,11 @@ def scale_shapes(module: nn.Module, kernel_shape, rule: Rule) -> tuple[tuple[int
   return (int(np.prod([kernel_shape[i] for i in axes])),), broadcast
 
 
-def ternary_kernel(kernel: jax.Array, w_p, w_n, rule: QuantConfig, scale_shape=()) -> jax.Array:
+def ternary_kernel(kernel: jax.Array, scales, rule: QuantConfig, scale_shape=()) -> jax.Array:
   """The kernel a selected layer computes with: its method's forward kernel (`METHODS[rule.method].kernel`,
-  with the method's gradient rule) on the float32 latent kernel, as `TernaryWeights` decides its codes."""
-  return rule.spec.kernel(kernel.astype(jnp.float32), w_p, w_n, rule, scale_shape).astype(kernel.dtype)
+  with the method's gradient rule) on the float32 latent kernel, as `TernaryWeights` decides its codes.
+  `scales`: {name: value in `scale_shape`} of the method's trained scales."""
+  return rule.spec.kernel(kernel.astype(jnp.float32), scales, rule, scale_shape).astype(kernel.dtype)
 
 
 def input_axes(module: nn.Module, x_ndim: int) -> tuple[int, ...]:
@@ -155,13 +147,14 @@ class _Session:
       value = real_param(name, init_fn, *init_args, **init_kwargs)
       if name != 'kernel':
         return value
-      w_p = w_n = None
       stored, broadcast = scale_shapes(module, value.shape, rule)
       self.broadcast[path] = broadcast
-      if rule.spec.trained_scales:
-        w_p = real_param('w_p', nn.initializers.constant(rule.w_p_init), stored, jnp.float32).reshape(broadcast)
-        w_n = real_param('w_n', nn.initializers.constant(rule.w_n_init), stored, jnp.float32).reshape(broadcast)
-      return ternary_kernel(value, w_p, w_n, rule, broadcast)
+      scales = {}
+      for scale in rule.spec.scale_names:  # initialised by the method (its own scale init) from the kernel
+        init = lambda rng, shape, dtype, scale=scale: jnp.reshape(
+            rule.spec.initial_scales(value.astype(jnp.float32), rule, broadcast)[scale], shape).astype(dtype)
+        scales[scale] = real_param(scale, init, stored, jnp.float32).reshape(broadcast)
+      return ternary_kernel(value, scales, rule, broadcast)
 
     object.__setattr__(module, 'param', param)  # this instance only, for this call
     try:
@@ -190,7 +183,7 @@ def _quantized_call(self, *args, **kwargs):
 
 def quantize(model: nn.Module, rules: Sequence[Rule]) -> nn.Module:
   """A Flax module that computes what `model` computes, with the kernels of the layers that `rules`
-  select ternarized by the paper's quantizer (per-layer `w_p` / `w_n`, trained). See the module doc."""
+  select ternarized by their rules' methods (TTQ by default: per-layer `w_p` / `w_n`, trained). See the module doc."""
   rules = tuple(rules)
   for r in rules:
     if not isinstance(r, Rule):
@@ -208,7 +201,7 @@ def _settings(model: nn.Module) -> dict[str, Any]:
 
 class TernaryLayer(NamedTuple):
   """A layer whose kernel is ternary: its module `path` (the kernel is `path + '/kernel'`), its settings
-  (`quant`: a quantizing method of `METHODS`, threshold, ...) and the shape its `w_p` / `w_n` take against the
+  (`quant`: a quantizing method of `METHODS`, threshold, ...) and the shape its method's scales take against the
   kernel (`scale_shape`: () per tensor; 1s except on the output axes per channel)."""
   path: str
   quant: QuantConfig
@@ -217,6 +210,11 @@ class TernaryLayer(NamedTuple):
   @property
   def kernel_path(self) -> str:
     return f'{self.path}/kernel' if self.path else 'kernel'
+
+  @property
+  def scale_paths(self) -> tuple[str, ...]:
+    """Paths of the layer's trained scale parameters (`METHODS[method].scale_names`, beside the kernel)."""
+    return tuple(f'{self.path}/{n}' if self.path else n for n in self.quant.spec.scale_names)
 
 
 def _trace(model: nn.Module, example_args, example_kwargs) -> _Session:

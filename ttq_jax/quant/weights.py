@@ -1,17 +1,18 @@
 """`TernaryWeights`: the one value type of a ternary kernel (codes + two scales), with its conversions.
 
-    TernaryWeights.from_latent(kernel, w_p, w_n, quant)   # the forward pass's decision, in float32
+    TernaryWeights.from_latent(kernel, scales, quant)     # the forward pass's decision, in float32
     weights.dense()                                        # the kernel the forward pass computes with
     weights.pack('2bit') / TernaryWeights.unpack(...)      # bytes for export (ttq_jax.quant.packing)
 
 Codes are decided by the method's entry of `METHODS` on the float32 latent kernel, with the same functions
-its forward kernel uses (`_ternary.ternary_masks` for ttq / twn, `bitnet_codes` for bitnet), so what is
+its forward kernel uses (`_ternary.ternary_masks` for ttq / twn, `bitnet_codes` for bitnet, `paretoq_codes` for
+paretoq), so what is
 reported and exported is what the network computed with, also when the model computes in bfloat16.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import flax.struct
 import jax
@@ -36,13 +37,14 @@ class TernaryWeights:
   w_n: jax.Array
 
   @classmethod
-  def from_latent(cls, kernel: jax.Array, w_p: jax.Array | None, w_n: jax.Array | None,
-                  quant: QuantConfig, scale_shape=()) -> 'TernaryWeights':
+  def from_latent(cls, kernel: jax.Array, scales: Mapping[str, jax.Array] | None, quant: QuantConfig,
+                  scale_shape=()) -> 'TernaryWeights':
     """The ternary weights a latent kernel stands for under `quant`: the codes and scales of its method
     (`METHODS[quant.method].weights`: 'ttq' the trained w_p / w_n; 'twn' and 'bitnet' their computed scale
-    twice, w_p / w_n ignored), with the threshold rule in force. Decisions are taken in float32.
-    `scale_shape`: the scales' broadcast shape against the kernel (() per tensor)."""
-    codes, w_p, w_n = quant.spec.weights(jnp.asarray(kernel, jnp.float32), w_p, w_n, quant, scale_shape)
+    twice; 'paretoq' 2a / 3 twice), with the threshold rule in force. Decisions are taken in float32.
+    `scales`: {name: value} of the method's trained scales (None or {} for methods without);
+    `scale_shape`: their broadcast shape against the kernel (() per tensor)."""
+    codes, w_p, w_n = quant.spec.weights(jnp.asarray(kernel, jnp.float32), dict(scales or {}), quant, scale_shape)
     return cls(codes, w_p, w_n)
 
   def dense(self, dtype: Any = jnp.float32) -> jax.Array:
