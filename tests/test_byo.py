@@ -25,9 +25,27 @@ def test_byo_example_end_to_end(tmp_path):
   assert all(summary['layers'][f'params/conv_{i}/kernel']['per_channel'] for i in (0, 1))
   assert from_file['top1_accuracy'] == ttq['top1_accuracy']
   assert from_file['loss'] == pytest.approx(ttq['loss'], rel=1e-5)
-  # warm start: the first TTQ step starts from the FP run's trained weights, not from a fresh init
-  fp_rows, ttq_rows = metrics_rows(tmp_path / 'fp'), metrics_rows(tmp_path / 'ttq')
-  assert ttq_rows[0]['train_loss'] < fp_rows[0]['train_loss']
+  # warm start: the TTQ run read the FP run's final parameters (the digest of what it loaded) ...
+  import json
+  import jax
+  import numpy as np
+  from flax import traverse_util
+  from ttq_jax import checkpoint as ckpt
+  from ttq_jax import state as state_lib
+  ttq_rows = metrics_rows(tmp_path / 'ttq')
+  record = json.loads((tmp_path / 'ttq' / 'init_from.json').read_text())
+  fp = state_lib.restore(None, str(tmp_path / 'fp'), model=byo_model.Net())
+  fp_params = jax.device_get(fp.state.params)
+  assert record['step'] == fp.step and record['params_sha256'] == ckpt.params_sha256(fp_params)
+  # ... and loading copies them: every FP tensor lands at its path in the quantized model's state
+  ttq_state = state_lib.restore(None, str(tmp_path / 'ttq'), model=quant.quantize(byo_model.Net(), byo_model.RULES)).state
+  loaded, again_record = ckpt.load_init_from(ttq_state, str(tmp_path / 'fp'))
+  assert again_record['params_sha256'] == record['params_sha256']
+  flat_loaded = traverse_util.flatten_dict(jax.device_get(loaded.params), sep='/')
+  for path, value in traverse_util.flatten_dict(fp_params, sep='/').items():
+    np.testing.assert_array_equal(flat_loaded[path], value, err_msg=path)
+  assert any(not np.array_equal(flat_loaded[p], v) for p, v in
+             traverse_util.flatten_dict(jax.device_get(ttq_state.params), sep='/').items() if p in flat_loaded)
 
   data, config = byo_model.make_data(), byo_model.make_config(smoke=True)
   config.init_from = str(tmp_path / 'fp')

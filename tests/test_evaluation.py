@@ -65,18 +65,26 @@ def test_the_workdirs_config_decides_eval_and_export(smoke_config, tmp_path, cap
   import os
   from ttq_jax import config_check, export, train
   workdir = str(tmp_path / 'run')
+  from ttq_jax import state as state_lib
   c = smoke_config.copy_and_resolve_references()
   c.fp_warmup_steps = 4  # ternary from step 5 of 6
+  c.quant.t = 0.1  # a nested key, trained with
   result = train.train_and_evaluate(c, workdir)
   assert result['ternary_steps'] == 2 and result['param_counts']['ternary'] > 0
   smoke_config.fp_warmup_steps = 100  # "the config file": would make step 6 a warm-up checkpoint
+  smoke_config.quant.t = 0.3  # and a threshold that would zero other weights
   smoke_config.eval_batch_size = 128  # may change
   with caplog.at_level('WARNING'):
     ev = evaluation.evaluate_workdir(smoke_config, workdir)
   assert 'fp_warmup_steps (saved 4, given 100)' in caplog.text and 'eval_batch_size (saved' not in caplog.text
-  assert ev['top1_accuracy'] == pytest.approx(result['top1_accuracy']) and ev['sparsity']
+  assert 'quant.t (saved 0.1, given 0.3)' in caplog.text
+  assert ev['top1_accuracy'] == pytest.approx(result['top1_accuracy']) and ev['sparsity'] == pytest.approx(result['sparsity'])
   assert evaluation.evaluate_workdir(None, workdir)['top1_accuracy'] == pytest.approx(result['top1_accuracy'])
-  assert export.export_workdir(smoke_config, workdir)['step'] == 6  # not refused as a warm-up checkpoint
+  restored = state_lib.restore(smoke_config, workdir)
+  assert {layer.quant.t for layer in restored.state.ternary} == {0.1}  # the saved nested value, not the given one
+  exported = export.export_workdir(smoke_config, workdir)
+  assert exported['step'] == 6  # not refused as a warm-up checkpoint
+  assert {k.removeprefix('params/'): r['sparsity'] for k, r in exported['layers'].items()} == pytest.approx(result['sparsity'])
   assert json.load(open(os.path.join(workdir, 'config.json')))['fp_warmup_steps'] == 4  # nothing rewritten
   # explicit overrides: only what may change
   config_check.check_overrides(workdir, ['eval_batch_size', 'data.data_dir'])

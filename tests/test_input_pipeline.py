@@ -428,14 +428,16 @@ def test_worker_processes_make_the_same_batches_and_resume_anywhere(imagenet_lik
     got = [next(it) for _ in range(5)]  # past the first epoch (6 batches of 8) is not needed: 48 / 8 = 6
     state = it.get_state()
   assert state == {'next_index': 5}
-  for workers in (1, 0):
+  resumed = {}
+  for workers in (1, 0):  # both resume at batch 5 and read on from there
     with ip.BatchIterator(ds, workers=workers) as it:
       it.set_state(state)
-      got += [next(it) for _ in range(4)] if workers == 1 else []
-  for a, b in zip(reference, got):
-    np.testing.assert_array_equal(a['image'], b['image'])
-    np.testing.assert_array_equal(a['label'], b['label'])
-  assert len(got) == 9
+      resumed[workers] = [next(it) for _ in range(4)]
+  for run in (got + resumed[1], got + resumed[0]):
+    assert len(run) == 9
+    for a, b in zip(reference, run):
+      np.testing.assert_array_equal(a['image'], b['image'])
+      np.testing.assert_array_equal(a['label'], b['label'])
   in_process = list(ip.eval_batches(c, split='test', global_batch_size=8, workers=0))
   by_workers = list(ip.eval_batches(c, split='test', global_batch_size=8, workers=2))
   assert [b['mask'].sum() for b in by_workers] == [8, 8, 4]

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT, free_port, metrics_rows, wait_all, xla_flags
@@ -66,9 +68,15 @@ def two_process_run(tmp_path_factory):
 def test_two_processes_match_one_process(two_process_run, tmp_path):
   """Training: step 1's loss is a forward pass of identical weights on the same global batch (only the
   reduction order differs: ~1e-7 relative), step 2 adds one all-reduced update (~4e-6, see test_train); a
-  process that read other rows would compute another batch's loss. Steps 3-6 are compared loosely (2%):
-  rounding grows through threshold flips as training goes on. Evaluation: the 2-process run's final evals
-  (running and re-estimated BN statistics) equal one process's evaluation of the same checkpoint up to
+  process that read other rows would compute another batch's loss. After that, rounding grows through threshold
+  flips: measured on the 2-core CI machine, the relative loss difference per step is at most 2.2% (step 19) and
+  0.54% / 0.70% on average over steps 7-16 / 17-24 (the epoch boundary is at 16). So the whole trajectory is held
+  to 3% a step and 1.2% on average per epoch: a run whose processes read other rows in epoch 2 (a reshuffle bug,
+  measured by putting one in: 4.6% at steps 17 and 23, 1.8% on average) fails it. The final parameters
+  diverge through those flips (honestly 3.9% in relative L2, 0.8% of the codes differ, BN biases up to 80% of
+  their scale), so they are held only to 10% / 3%: a process that never updated or missed the all-reduce fails
+  that, a reshuffle in the last epoch does not (measured: 3.8% / 0.8%). Evaluation: the 2-process run's final
+  evals (running and re-estimated BN statistics) equal one process's evaluation of the same checkpoint up to
   reduction order; an eval that summed one process's half of the test set would be off by far more."""
   import shutil
 
@@ -78,7 +86,18 @@ def test_two_processes_match_one_process(two_process_run, tmp_path):
   (lm, _), (l1, _) = _losses(two_process_run), _losses(one)
   assert len(lm) == len(l1) == 24
   assert lm[:2] == pytest.approx(l1[:2], rel=1e-4)
-  assert lm[2:6] == pytest.approx(l1[2:6], rel=2e-2)
+  rel = np.abs(np.asarray(lm) - np.asarray(l1)) / np.abs(np.asarray(l1))
+  assert rel.max() < 0.03, rel.round(4).tolist()
+  assert rel[6:16].mean() < 0.012 and rel[16:].mean() < 0.012, rel.round(4).tolist()  # epoch 1 (after step 6), epoch 2
+  from tests.conftest import restored
+  from ttq_jax import quant
+  (s2, a), (s1, b) = restored(two_process_run, None), restored(one, None)  # (their saved configs decide)
+  assert s2 == s1 == 24
+  pa, pb = [np.asarray(x, np.float64) for x in jax.tree.leaves(a.params)], [np.asarray(x, np.float64) for x in jax.tree.leaves(b.params)]
+  relative_l2 = np.sqrt(sum(np.sum((x - y) ** 2) for x, y in zip(pa, pb)) / sum(np.sum(y ** 2) for y in pb))
+  codes_a, codes_b = quant.ternary_weights(a.params, a.ternary), quant.ternary_weights(b.params, b.ternary)
+  codes_differ = np.mean(np.concatenate([np.ravel(np.asarray(codes_a[k].codes) != np.asarray(codes_b[k].codes)) for k in codes_b]))
+  assert relative_l2 < 0.10 and codes_differ < 0.03, (relative_l2, codes_differ)
   copy = str(tmp_path / 'evaluated')
   shutil.copytree(two_process_run, copy)  # --mode eval writes into the workdir; the fixture's stays as trained
   final = metrics_rows(two_process_run)[-1]

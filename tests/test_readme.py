@@ -12,6 +12,9 @@ import pytest
 from tests.conftest import ROOT
 
 SKETCH = '<!-- sketch -->'
+# What the runnable blocks print, checked by value: the notebook block's ternary steps (12 steps, 6 of them the
+# FP warm-up), its checkpoint's step, and the quantizer on w = [-1, -0.2, 0.01, 0.3, 0.9] with delta = 0.05 * 1.
+PRINTED = ('6 12 [-0.5 -0.5  0.   1.5  1.5]',)
 
 
 def python_blocks() -> list[tuple[int, str, bool]]:
@@ -50,3 +53,6 @@ def test_runnable_blocks_run_outside_the_checkout(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
   p = subprocess.run([sys.executable, str(driver)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0 and 'all blocks ran' in p.stdout, p.stdout[-3000:] + p.stderr[-5000:]
+  lines = [line.strip() for line in p.stdout.splitlines()]
+  for printed in PRINTED:
+    assert printed in lines, (printed, p.stdout[-3000:])

@@ -85,3 +85,19 @@ def test_code_dynamics_by_hand():
   # a: 0.5 -> -0.5 flips, 0.095 -> 0.105 crosses 0.1 (0 -> +1): 2 of 8; b: codes before [[1, 0], [0, 1], [0, -1]], after
   # u = w / a: 0.2 / 0.7 = 0.29 and 0.12 / 0.7 = 0.17 -> 0: 2 of 6
   assert second['flip_rate/a'] == pytest.approx(2 / 8) and second['flip_rate/b'] == pytest.approx(2 / 6)
+
+
+def test_rules_differ_from_config_names_the_first_layer_and_the_setting():
+  """The warning a run with your own quantized model prints when config.quant says otherwise; silent when equal."""
+  import ml_collections
+  from ttq_jax.quant import QuantConfig, TernaryLayer
+  config = ml_collections.ConfigDict({'quant': {'method': 'ttq', 'threshold': None, 't': 0.05, 'k': 0.7, 'sparsity': 0.5,
+                                                'scale_granularity': 'tensor'}})
+  same = (TernaryLayer('a', QuantConfig()), TernaryLayer('b', QuantConfig()))
+  assert reports.rules_differ_from_config(same, config) == ''
+  layers = (TernaryLayer('a', QuantConfig()), TernaryLayer('b/c', QuantConfig(t=0.1, scale_granularity='channel')))
+  message = reports.rules_differ_from_config(layers, config)
+  assert message.startswith("config.quant is not what the model's rules do (layer 'b/c': t 0.05 -> 0.1, "
+                            "scale_granularity None -> 'channel')")
+  config.quant.method = 'bitnet'
+  assert "layer 'a': method 'bitnet' -> 'ttq', threshold 'absmean' -> 'max'" in reports.rules_differ_from_config(same, config)

@@ -76,6 +76,10 @@ def test_bfloat16_trains_and_matches_float32_at_init(smoke_config):
     smoke_config.dtype = dtype
     mesh, state = state_lib.create_mesh_and_state(smoke_config, mesh_shape=(1, 1))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))  # params stay float32
+    # distinct scales (exact in bfloat16), so that a bfloat16 path computing with w_n = w_p would differ
+    state = state.replace(params=jax.tree_util.tree_map_with_path(
+        lambda p, v: jnp.full_like(v, {'w_p': 1.5, 'w_n': 0.25}[p[-1].key]) if p[-1].key in ('w_p', 'w_n') else v,
+        state.params))
     programs = train.create_programs(smoke_config, mesh, state)
     eval_batches = list(input_pipeline.eval_batches(smoke_config.data, global_batch_size=256))
     at_init = evaluation.evaluate(programs, state, eval_batches)

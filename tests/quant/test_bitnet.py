@@ -2,7 +2,9 @@
 a rule field, by hand-computed values, on every kind of layer a rule can select; export and reload."""
 
 import dataclasses
+import os
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -124,15 +126,32 @@ def test_w158a8_on_every_layer_kind(name):
   np.testing.assert_allclose(dx, rx, rtol=1e-5, atol=1e-5)
 
 
-def test_int8_with_ttq_and_fp_and_an_embedding_refused():
+def test_int8_with_ttq_and_fp_and_an_embedding_refused(tmp_path):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 4))
   fp = quant.quantize(nn.Dense(3), [Rule(method='fp', activations='int8')])
   v = fp.init(jax.random.PRNGKey(1), x)
   np.testing.assert_allclose(fp.apply(v, x), nn.Dense(3).apply(v, jnp.asarray(_ref_act(x, (1,)))), rtol=1e-6)
   np.testing.assert_array_equal(fp.apply(v, inputs=x), fp.apply(v, x))  # the input given by keyword too
   ttq = quant.quantize(nn.Dense(3), [Rule(activations='int8')])
-  assert set(ttq.init(jax.random.PRNGKey(1), x)['params']) == {'kernel', 'bias', 'w_p', 'w_n'}
+  tv = flax.core.unfreeze(ttq.init(jax.random.PRNGKey(1), x))
+  assert set(tv['params']) == {'kernel', 'bias', 'w_p', 'w_n'}
   assert quant.activation_modes(ttq, x) == {'': 'int8'} and quant.activation_modes(nn.Dense(3), x) == {}
+  # TTQ + int8 by value: the int8 input (absmax per row) times TTQ's kernel with distinct w_p / w_n
+  tv['params']['w_p'], tv['params']['w_n'] = jnp.float32(1.5), jnp.float32(0.5)
+  kernel = np.asarray(tv['params']['kernel'])
+  delta = 0.05 * np.abs(kernel).max()
+  by_hand = np.where(kernel > delta, 1.5, np.where(kernel < -delta, -0.5, 0.0))
+  expected = _ref_act(x, (1,)) @ by_hand + np.asarray(tv['params']['bias'])
+  np.testing.assert_allclose(ttq.apply(tv, x), expected, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(np.asarray(x) @ by_hand + np.asarray(tv['params']['bias']), expected, atol=1e-4)  # int8 shows
+  # its export: the dense TTQ kernel, the input quantized again on reload
+  from ttq_jax import export, export_format
+  path = os.path.join(tmp_path, 'ttq_a8.safetensors')
+  export_format.save(path, export_format.build_export(tv['params'], {}, quant.ternary_layers(ttq, x), '2bit'),
+                     packing='2bit', config={}, step=1, activations=quant.activation_modes(ttq, x))
+  plain, loaded = export.load(path, model=ttq)
+  np.testing.assert_array_equal(loaded['params']['kernel'], by_hand.astype(np.float32))
+  np.testing.assert_allclose(plain.apply(loaded, x), expected, rtol=1e-5, atol=1e-6)
   embed = quant.quantize(nn.Embed(5, 3), [Rule(method='fp', activations='int8')])
   with pytest.raises(ValueError, match='selects the nn.Embed'):
     embed.init(jax.random.PRNGKey(0), jnp.zeros((2,), jnp.int32))

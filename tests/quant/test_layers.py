@@ -3,6 +3,7 @@
 import dataclasses
 import re
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -106,14 +107,22 @@ def test_twn_layer_has_no_trained_scales():
 
 
 def test_bf16_compute_keeps_float32_params():
-  x = jnp.ones((2, 6, 6, 3), jnp.bfloat16)
+  """Params stay float32; with distinct w_p = 1.5 and w_n = 0.5 the bfloat16 layer computes the same ternary kernel
+  as float32 (a plain conv on the hand-made kernel codes * scales), to bfloat16 rounding."""
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 6, 3)).astype(jnp.bfloat16)
   layer = ternary(nn.Conv(4, (3, 3), dtype=jnp.bfloat16))
-  v = layer.init(jax.random.PRNGKey(0), x)
+  v = flax.core.unfreeze(layer.init(jax.random.PRNGKey(0), x))
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(v))
+  v['params']['w_p'], v['params']['w_n'] = jnp.float32(1.5), jnp.float32(0.5)
   y = layer.apply(v, x)
   assert y.dtype == jnp.bfloat16
+  kernel = np.asarray(v['params']['kernel'])
+  delta = 0.05 * np.abs(kernel).max()
+  by_hand = np.where(kernel > delta, 1.5, np.where(kernel < -delta, -0.5, 0.0)).astype(np.float32)
+  expected = nn.Conv(4, (3, 3)).apply({'params': {'kernel': by_hand, 'bias': v['params']['bias']}}, x.astype(jnp.float32))
+  np.testing.assert_allclose(y.astype(jnp.float32), expected, rtol=3e-2, atol=3e-2)
   y32 = ternary(nn.Conv(4, (3, 3))).apply(v, x.astype(jnp.float32))
-  np.testing.assert_allclose(y.astype(jnp.float32), y32, rtol=3e-2, atol=3e-2)
+  np.testing.assert_allclose(y32, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('kwargs,msg', [

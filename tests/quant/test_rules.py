@@ -176,15 +176,20 @@ def test_attention_projections_are_dense_general():
 def test_bfloat16_model_ternarizes_in_float32(granularity):
   """A latent weight just above the float32 threshold stays +w_p although in bfloat16 it would equal the
   threshold: the codes the forward pass uses are `TernaryWeights.from_latent`'s (what export writes)."""
-  model = quant.quantize(nn.Dense(3, use_bias=False, dtype=jnp.bfloat16), [Rule(scale_granularity=granularity)])
+  rule = Rule(scale_granularity=granularity)
+  model = quant.quantize(nn.Dense(3, use_bias=False, dtype=jnp.bfloat16), [rule])
   kernel = jnp.array([[1.0, 0.05006, -0.05006], [0.3, -0.04, 0.0]], jnp.float32)  # delta = 0.05
   params = flax.core.unfreeze(model.init(jax.random.PRNGKey(0), jnp.ones((1, 2)))['params'])
   params['kernel'] = kernel
+  params['w_p'], params['w_n'] = jnp.full_like(params['w_p'], 1.5), jnp.full_like(params['w_n'], 0.5)  # exact in bf16
   forward = model.apply({'params': params}, jnp.eye(2, dtype=jnp.bfloat16))  # rows of the ternary kernel
-  tw = quant.TernaryWeights.from_latent(kernel, {'w_p': params['w_p'], 'w_n': params['w_n']}, Rule())
+  shape = (1, 3) if granularity == 'channel' else ()
+  scales = {k: params[k].reshape(shape) for k in ('w_p', 'w_n')}
+  tw = quant.TernaryWeights.from_latent(kernel, scales, rule, shape)
   assert float(jnp.bfloat16(0.05006)) <= float(jnp.bfloat16(0.05))  # bf16 would have decided 0 here
-  np.testing.assert_array_equal(np.sign(np.asarray(forward, np.float32)), tw.codes)
   np.testing.assert_array_equal(tw.codes, [[1, 1, -1], [1, 0, 0]])
+  np.testing.assert_array_equal(np.asarray(forward, np.float32), [[1.5, 1.5, -0.5], [1.5, 0.0, 0.0]])  # by value
+  np.testing.assert_array_equal(np.asarray(forward, np.float32), tw.dense())
 
 
 def test_rule_validation():
