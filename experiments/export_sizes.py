@@ -81,6 +81,8 @@ def main():
                                 'ternary_compression': ternary_fp32 / packed, 'file_bytes': size,
                                 'model_compression': fp32 / size, 'export_s_median': t_export, 'load_s_median': t_load}
   if args.json:
+    from ttq_jax import provenance
+    out['provenance'] = provenance.record(ROOT)
     with open(args.json, 'w') as f:
       json.dump(out, f, indent=1)
     print(f'wrote {args.json}')

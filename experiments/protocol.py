@@ -27,6 +27,8 @@ import time
 
 import numpy as np
 
+from ttq_jax import statistics
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = 'configs/fashion_mnist_protocol.py'
 RESULTS = os.path.join(ROOT, 'experiments', 'results', 'fashion_mnist_protocol.json')
@@ -161,15 +163,28 @@ def _scale_range(result: dict):
 
 
 def _paired(rows: dict, metric: str) -> list[dict]:
+  """The PAIRS' same-seed differences of `metric` (`ttq_jax.statistics.paired`: mean, se, two-sided paired t with
+  df = n - 1; `stderr` is `se` rounded, as the file always held); Holm is applied by `with_holm`, per column."""
   out = []
   for a, b in PAIRS:
     if a not in rows or b not in rows:
       continue
-    d = np.asarray(rows[a][metric], np.float64) - np.asarray(rows[b][metric], np.float64)
-    stderr = float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None
-    out.append({'a': a, 'b': b, 'metric': metric, 'mean': round(float(d.mean()), 4),
-                'stderr': None if stderr is None else round(stderr, 4), 'per_seed': [round(float(x), 4) for x in d],
-                'resolved': bool(stderr is not None and stderr > 0 and abs(d.mean()) >= 2 * stderr)})
+    test = statistics.paired(dict(zip(rows[a]['seeds'], rows[a][metric])), dict(zip(rows[b]['seeds'], rows[b][metric])), a, b)
+    out.append({**test, 'metric': metric, 'mean': round(test['mean'], 4),
+                'stderr': None if test['se'] is None else round(test['se'], 4),
+                'per_seed': [round(float(x), 4) for x in test['per_seed'].values()]})
+  return out
+
+
+def with_holm(data: dict) -> dict:
+  """`paired` (re-estimated BN, the headline) and `paired_running`, each with `p_holm` over its column's comparisons
+  and `resolved` = Holm-adjusted p < 0.05; recomputed from the rows' per-seed values alone."""
+  rows = {r['name']: r for r in data['rows']}
+  out = dict(data)
+  for key, metric in (('paired', 'test_top1_reestimated'), ('paired_running', 'test_top1_running')):
+    out[key] = statistics.holm_adjusted(_paired(rows, metric))
+    for t in out[key]:
+      t['resolved'] = statistics.verdict(t) == 'resolved'
   return out
 
 
@@ -196,16 +211,14 @@ def build_results(fp_results: dict, results: dict, *, budget: str, seeds, machin
         'ternary_parameters': [r['param_counts']['ternary'] if method != 'fp' else 0 for r in rs],
         'elapsed_s': [round(r['elapsed_s'], 1) for r in rs],
     }
-  return {
+  return with_holm({
       'budget': {'name': budget, 'fp_steps': fp_steps, 'finetune_steps': finetune_steps, 'batch_size': batch_size},
       'machine': machine, 'commit': commit,
       'rows': list(rows.values()),
       'fp_init_test_top1': [_pct(fp_results[s]['top1_accuracy']) for s in seeds],
       'fp_init_test_top1_running': [_pct(fp_results[s]['test']['running']['top1_accuracy']) for s in seeds],
-      'paired': _paired(rows, 'test_top1_reestimated'),
-      'paired_running': _paired(rows, 'test_top1_running'),
       'paper_ttq_minus_fp_cifar': list(PAPER_TTQ_MINUS_FP),
-  }
+  })
 
 
 def check_same_init(data: dict) -> list[str]:
@@ -231,8 +244,7 @@ def _ms(values) -> str:
 def _claim(p: dict) -> str:
   if p['stderr'] is None:
     return f'{p["mean"]:+.2f} (one seed)'
-  verdict = 'resolved' if p['resolved'] else 'not resolved'
-  return f'{p["mean"]:+.2f} ± {p["stderr"]:.2f} ({verdict})'
+  return f'{p["mean"]:+.2f} ± {p["stderr"]:.2f} (p = {p["p"]:.2g}, Holm p = {p["p_holm"]:.2g}: {statistics.verdict(p)})'
 
 
 LABELS = {'fp': 'FP fine-tune', 'ttq_max': 'TTQ, max (t = 0.05)', 'ttq_mean': 'TTQ, mean (k = 0.7)',
@@ -258,7 +270,8 @@ def markdown(data: dict) -> str:
     lines.append(f'| {LABELS.get(r["name"], r["name"])} | {_ms(r["test_top1_reestimated"])} | {per_seed} | '
                  f'{_ms(r["test_top1_running"])} | {_ms(r["val_top1_best"])} | '
                  f'{f"{np.mean(sp):.3f}" if sp else "-"} | {scale} |')
-  lines += ['', '| claim (paired, same seed; points of test top-1) | re-estimated BN | running BN |', '|---|---|---|']
+  lines += ['', '| claim (paired, same seed; points of test top-1 +- SE; two-sided paired t, Holm over the '
+            f'{len(data["paired"])} tests of a column) | re-estimated BN | running BN |', '|---|---|---|']
   running = {(p['a'], p['b']): p for p in data['paired_running']}
   for p in data['paired']:
     lines.append(f'| {p["a"]} − {p["b"]} | {_claim(p)} | {_claim(running[(p["a"], p["b"])])} |')

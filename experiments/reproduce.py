@@ -119,6 +119,30 @@ def fashion_mnist_table(results: dict[str, list[dict]], seeds) -> str:
   return '\n'.join(lines)
 
 
+# paired comparisons of the seeds table: every row against FP, and between methods
+SEEDS_PAIRS = (('TTQ, our recipe (quickstart)', 'TWN'), ('TTQ, our recipe (quickstart)', 'BitNet b1.58 weights (absmean)'),
+               ('BitNet b1.58 weights (absmean)', 'TWN'), ('TTQ, our recipe (quickstart)', 'TTQ, paper recipe'))
+
+
+def seeds_tests(results: dict[str, list[dict]], seeds) -> list[dict]:
+  """Paired same-seed differences (points of test top-1 chosen on validation, running BN; the runs of a row are in
+  `seeds` order) with a two-sided paired t and Holm over all of them (`ttq_jax.statistics`)."""
+  from ttq_jax import statistics
+  top1 = {row: {s: 100 * r['best_on_validation']['running']['top1_accuracy'] for s, r in zip(seeds, rs)}
+          for row, rs in results.items() if rs}
+  pairs = [(row, 'FP') for row in top1 if row != 'FP' and 'FP' in top1] + [p for p in SEEDS_PAIRS if p[0] in top1 and p[1] in top1]
+  return statistics.holm_adjusted([statistics.paired(top1[a], top1[b], a, b) for a, b in pairs])
+
+
+def seeds_tests_table(tests: list[dict]) -> str:
+  from ttq_jax import statistics
+  lines = [f'Paired same-seed differences a - b (points of test top-1, running BN; two-sided paired t, Holm over these '
+           f'{len(tests)} tests; "resolved" at adjusted p < 0.05):', '', '| a - b | difference | verdict |', '|---|---|---|']
+  for t in tests:
+    lines.append(f'| {t["a"]} - {t["b"]} | {statistics.describe(t, 2)} | {statistics.verdict(t)} |')
+  return '\n'.join(lines)
+
+
 def paper_table(results: dict[str, dict], missing: dict[str, str]) -> str:
   lines = ['| row | final / best / mean of last 5 test error (%), running BN | same, re-estimated BN | '
            'paper error (%) |', '|---|---|---|---|']
@@ -214,7 +238,7 @@ def main():
             results[row] += [result] if result else []
           except RuntimeError as e:
             print(f'[fail] {e}', flush=True)
-      body = fashion_mnist_table(results, seeds)
+      body = fashion_mnist_table(results, seeds) + '\n\n' + seeds_tests_table(seeds_tests(results, seeds))
       command = f'--table fashion_mnist --seeds {args.seeds}' + (f' --only {args.only}' if args.only else '')
     else:
       results, missing, workdirs = {}, {}, {}
@@ -244,8 +268,10 @@ def main():
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, 'w') as f:
     f.write(text)
-  with open(out.replace('.md', '.json'), 'w') as f:
-    json.dump(results, f, indent=2)
+  with open(out.replace('.md', '.json'), 'w') as f:  # the runs by row, and how the file was made
+    from ttq_jax import provenance
+    json.dump({**results, 'provenance': {**provenance.record(ROOT), 'configs': {
+        row: FASHION_MNIST_ROWS[row][1] for row in results if row in FASHION_MNIST_ROWS}}}, f, indent=2)
   print(text)
   print(f'wrote {out}')
 
