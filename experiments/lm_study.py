@@ -188,6 +188,7 @@ def run_study(*, budget: str, seeds: list[int], workdir_root: str = 'workdirs/re
   study.fp_base(seeds[0])
   lr_choice = study.choose_learning_rates()
   rows: dict[str, list[dict]] = {k: [] for k in ROWS}
+  write(lr_choice, rows, complete=False)  # the choice, before the first row
   for seed in seeds:
     study.fp_base(seed)
     for key, row in ROWS.items():

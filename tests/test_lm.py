@@ -1,6 +1,8 @@
 """The byte-level decoder of ttq_jax/lm.py: by value (RMSNorm, rotary), causality, parameter count by hand, and
 the rules that make its projections ternary (embedding and head full precision)."""
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -128,7 +130,7 @@ def test_smoke_trains_resumes_exactly_evaluates_and_exports(tmp_path, text_corpu
   assert ev_file['bits_per_byte'] == pytest.approx(ev['bits_per_byte'], rel=1e-6)
 
 
-@pytest.mark.parametrize('variant', ['', 'fp', 'ttq', 'twn', 'bitnet', 'bitnet_a8', 'ttq_a8', 'smoke'])
+@pytest.mark.parametrize('variant', ['', 'fp', 'ttq', 'twn', 'bitnet', 'paretoq', 'bitnet_a8', 'ttq_a8', 'smoke'])
 def test_every_variant_of_configs_lm_validates_as_its_docstring_says(text_corpus, variant):
   from configs import lm as lm_config
   from ttq_jax import config_check
@@ -139,7 +141,44 @@ def test_every_variant_of_configs_lm_validates_as_its_docstring_says(text_corpus
   assert config.quant.method == method and config.model.name == 'lm_decoder' and config.data.name == 'python_docs'
   assert config.quant.activations == ('int8' if variant.endswith('_a8') else 'float')
   assert config.weight_decay == (0.1 if method == 'fp' else 0.0) and config.optimizer == 'adamw'
-  assert config.quant.scale_init == 'mean_abs' and config.quant.full_precision_layers == 'edges'
+  assert config.quant.full_precision_layers == 'edges'
+  if method == 'paretoq':  # its own scale init (max |w| per row), per channel, in the weights' AdamW
+    assert (config.quant.scale_init, config.quant.scale_granularity, config.scale_optimizer) == (None, 'channel', 'same')
+  else:
+    assert config.quant.scale_init == 'mean_abs' and config.quant.scale_granularity == 'tensor'
   assert 'python -m ttq_jax.main --config configs/lm.py' in lm_config.__doc__
   with pytest.raises(ValueError, match="config argument 'nope' is unknown: allowed are fp, ttq, twn"):
     lm_config.get_config('nope')
+
+
+@pytest.mark.slow
+def test_paretoq_trains_evaluates_and_exports_from_the_command_line(tmp_path, text_corpus):
+  """configs/lm.py:paretoq (at the smoke size): train, `--mode eval`, `--mode export`, and the export evaluated
+  with `restore_from` give the training run's bits per byte; every projection holds `alpha` per output channel."""
+  import json
+  import subprocess
+  import sys
+  from tests.conftest import ROOT
+  workdir = str(tmp_path / 'paretoq')
+  small = ['--config.model.depth=1', '--config.model.width=32', '--config.model.num_heads=2', '--config.model.mlp_width=64',
+           '--config.data.seq_len=32', '--config.batch_size=8', '--config.eval_batch_size=64', '--config.num_train_steps=4',
+           '--config.warmup_steps=1', '--config.eval_every_steps=2', '--config.checkpoint_every_steps=2',
+           '--config.log_every_steps=2', '--config.mesh_shape=(1, 1)', f'--config.data.data_dir={text_corpus}']
+  base = [sys.executable, '-m', 'ttq_jax.main', '--config', 'configs/lm.py:paretoq', '--workdir', workdir]
+  run = lambda *extra: subprocess.run(base + list(extra), cwd=ROOT, capture_output=True, text=True, timeout=300)
+  trained = run(*small)
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  result = json.load(open(f'{workdir}/result.json'))
+  rule = {'method': 'paretoq', 'threshold': None, 'scale_granularity': 'channel'}
+  assert len(result['layer_rules']) == 7 and all(r == rule for r in result['layer_rules'].values())
+  data = f'--config.data.data_dir={text_corpus}'  # (eval may read another folder: data.data_dir is overridable)
+  evaluated = run('--mode', 'eval', data)
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert json.load(open(f'{workdir}/eval/step_4.json'))['bits_per_byte'] == result['bits_per_byte']
+  exported = run('--mode', 'export', data)
+  assert exported.returncode == 0, exported.stderr[-3000:]
+  from_file = run('--mode', 'eval', data, f'--config.restore_from={workdir}/export/model.safetensors')
+  assert from_file.returncode == 0, from_file.stderr[-3000:]
+  ev = [json.load(open(os.path.join(workdir, 'eval', f))) for f in os.listdir(os.path.join(workdir, 'eval'))
+        if f != 'step_4.json']
+  assert ev and ev[0]['bits_per_byte'] == pytest.approx(result['bits_per_byte'], rel=1e-6)

@@ -39,3 +39,26 @@ def test_mean_se():
   m = statistics.mean_se([1.0, 2.0, 3.0])
   assert m == {'mean': 2.0, 'std': 1.0, 'se': pytest.approx(1 / math.sqrt(3)), 'n': 3}
   assert statistics.mean_se([4.0])['se'] is None
+
+
+def test_provenance_of_this_checkout(tmp_path):
+  """The commit of a git checkout and whether code differs from it (results files may change)."""
+  import subprocess
+  from ttq_jax import provenance
+  run = lambda *a: subprocess.run(['git', '-C', str(tmp_path), *a], check=True, capture_output=True)
+  run('init', '-q')
+  (tmp_path / 'code.py').write_text('x = 1\n')
+  (tmp_path / 'experiments' / 'results').mkdir(parents=True)
+  (tmp_path / 'experiments' / 'results' / 't.json').write_text('{}\n')
+  run('add', '.')
+  run('-c', 'user.name=t', '-c', 'user.email=t@t', 'commit', '-qm', 'c')
+  state = provenance.git_state(str(tmp_path))
+  assert len(state['commit']) == 40 and state['clean'] is True
+  (tmp_path / 'experiments' / 'results' / 't.json').write_text('{"rows": 1}\n')
+  assert provenance.git_state(str(tmp_path))['clean'] is True  # a table being rewritten
+  (tmp_path / 'code.py').write_text('x = 2\n')
+  assert provenance.git_state(str(tmp_path))['clean'] is False
+  assert provenance.git_state(str(tmp_path / 'experiments'))['commit'] == state['commit']
+  plain = tmp_path.parent / f'{tmp_path.name}_plain'  # (pytest's temporary folders are outside any checkout)
+  plain.mkdir()
+  assert provenance.git_state(str(plain)) == {'commit': None, 'clean': None}

@@ -13,15 +13,21 @@ import sys
 from typing import Any
 
 
+RESULTS_DIR = 'experiments/results/'  # what runs write: a change there leaves the code as committed
+
+
 def git_state(root: str) -> dict[str, Any]:
-  """{'commit': HEAD's sha (None outside a git checkout), 'clean': no tracked file differs from HEAD}."""
+  """{'commit': HEAD's sha (None outside a git checkout), 'clean': no tracked file outside experiments/results/
+  differs from HEAD (the tables there are rewritten while their runs go on)}."""
   def git(*args):
     return subprocess.run(['git', '-C', root, *args], capture_output=True, text=True, timeout=30)
   head = git('rev-parse', 'HEAD')
   if head.returncode:
     return {'commit': None, 'clean': None}
   status = git('status', '--porcelain', '--untracked-files=no')
-  return {'commit': head.stdout.strip(), 'clean': status.returncode == 0 and not status.stdout.strip()}
+  changed = [line[3:] for line in status.stdout.splitlines() if line.strip()]
+  return {'commit': head.stdout.strip(),
+          'clean': status.returncode == 0 and not [p for p in changed if not p.startswith(RESULTS_DIR)]}
 
 
 def command() -> str:
