@@ -49,7 +49,6 @@ VARIANTS = ('', 'fp', 'ttq', 'twn', 'bitnet', 'paretoq', 'bitnet_a8', 'ttq_a8', 
 METHOD = {'': 'ttq', 'fp': 'fp', 'ttq': 'ttq', 'twn': 'twn', 'bitnet': 'bitnet', 'paretoq': 'paretoq',
           'bitnet_a8': 'bitnet', 'ttq_a8': 'ttq', 'smoke': 'ttq'}
 # Chosen on validation (seed 0, half budget; experiments/results/lm.json `lr_choice`); TWN takes TTQ's (its family).
-# ParetoQ: not yet chosen on validation (experiments/results/lm.json lr_choice names it once it is); BitNet's until then.
 LEARNING_RATE = {'fp': 3e-3, 'ttq': 1e-2, 'twn': 1e-2, 'bitnet': 3e-3, 'paretoq': 3e-3}
 NUM_TRAIN_STEPS = 200      # the CPU budget of the committed table
 EVAL_EVERY_STEPS = 100

@@ -322,6 +322,9 @@ def main(args) -> dict:
   data = build_results(fp_results, results, budget=args.budget, seeds=seeds, machine=machine_description(),
                        commit=commit_description())
   data['wall_s'] = round(time.perf_counter() - started, 1)
+  from ttq_jax import provenance
+  data['provenance'] = {**provenance.record(ROOT), 'configs': {  # each run: its config file and variant, with its seed
+      row: f'configs/fashion_mnist_protocol.py:{row},{args.budget}' for row in ['fp_init', *_protocol_config().ROWS]}}
   problems = check_same_init(data)
   if problems:
     raise SystemExit('; '.join(problems))

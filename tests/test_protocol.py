@@ -105,19 +105,30 @@ def _fake(values_by_row, seeds=(0, 1, 2)):
   """A results dict with given test top-1 (re-estimated) per row and seed."""
   rows = {}
   for name, values in values_by_row.items():
-    rows[name] = {'test_top1_reestimated': values, 'test_top1_running': values}
+    rows[name] = {'name': name, 'seeds': list(seeds), 'test_top1_reestimated': values, 'test_top1_running': values}
   return rows
 
 
-def test_paired_difference_and_its_standard_error_by_hand():
+def test_paired_difference_its_t_test_and_holm_by_hand():
   rows = _fake({'ttq_max': [90.0, 91.0, 92.5], 'fp': [89.0, 91.5, 91.0]})
   (p,) = protocol._paired(rows, 'test_top1_reestimated')
   # d = (1.0, -0.5, 1.5): mean 2/3, sample std sqrt(((1/3)^2 + (7/6)^2 + (5/6)^2) / 2) = sqrt(13/12)
+  se = np.sqrt(13 / 12) / np.sqrt(3)
   assert (p['a'], p['b']) == ('ttq_max', 'fp') and p['mean'] == pytest.approx(2 / 3, abs=1e-4)
-  assert p['stderr'] == pytest.approx(np.sqrt(13 / 12) / np.sqrt(3), abs=1e-4)
-  assert not p['resolved']  # 0.667 < 2 x 0.601
-  (q,) = protocol._paired(_fake({'ttq_max': [92.0, 93.0, 94.1], 'fp': [90.0, 91.0, 92.0]}), 'test_top1_reestimated')
-  assert q['mean'] == pytest.approx(2.0333, abs=1e-4) and q['resolved']
+  assert p['stderr'] == pytest.approx(se, abs=1e-4) and p['t'] == pytest.approx((2 / 3) / se)
+  assert p['p'] == pytest.approx(1 - p['t'] / np.sqrt(2 + p['t'] ** 2))  # Student's t, 2 degrees of freedom
+  # three comparisons in a column: Holm multiplies the smallest p by 3, the next by 2, keeping them monotone
+  rows.update(_fake({'twn_max': [92.0, 93.0, 94.1]}))
+  rows['fp'] = dict(rows['fp'])
+  data = protocol.with_holm({'rows': [rows['fp'], rows['ttq_max'], rows['twn_max']]})
+  by_pair = {(t['a'], t['b']): t for t in data['paired']}
+  assert set(by_pair) == {('ttq_max', 'fp'), ('twn_max', 'fp'), ('ttq_max', 'twn_max')}
+  ps = sorted(t['p'] for t in data['paired'])
+  assert sorted(t['p_holm'] for t in data['paired']) == pytest.approx([3 * ps[0], max(3 * ps[0], 2 * ps[1]),
+                                                                       max(3 * ps[0], 2 * ps[1], ps[2])])
+  assert not by_pair[('ttq_max', 'fp')]['resolved']
+  drop = lambda ts: [{k: v for k, v in t.items() if k != 'metric'} for t in ts]
+  assert drop(data['paired_running']) == drop(data['paired'])  # (the same values in both columns here)
 
 
 def test_readme_table_is_the_generated_one():

@@ -36,6 +36,25 @@ def test_start_ternary_by_hand(smoke_config, scale_init, normalize, kernel, w_p,
   assert float(PARAMS['TernaryConv_0']['w_p']) == pytest.approx(0.3)  # the input is not modified
 
 
+@pytest.mark.parametrize('granularity,scale_shape,alpha', [
+    ('channel', (1, 3), [2.0, 0.5, 0.3]),   # max |w| of each output column
+    ('tensor', (), 2.0),                     # max |w| of the kernel
+])
+def test_start_ternary_sets_paretoq_alpha_from_the_kernel(smoke_config, granularity, scale_shape, alpha):
+  """At the switch (and after init_from), ParetoQ's alpha restarts at max |w| over its reduced axes, whatever it
+  held; None is the method's own scale init, TTQ's scales are not touched."""
+  smoke_config.quant.scale_init = None
+  kernel = jnp.array([[1.0, -0.5, 0.3], [-2.0, 0.25, -0.1]])
+  params = {'p': {'kernel': kernel, 'alpha': jnp.full(np.prod(scale_shape, dtype=int), 7.0).reshape(-1 if scale_shape else ())},
+            **PARAMS}
+  layers = (TernaryLayer('p', QuantConfig(method='paretoq', scale_granularity=granularity), scale_shape),
+            TernaryLayer('TernaryConv_0', QuantConfig()))
+  out = state_lib.start_ternary(params, smoke_config, layers)
+  np.testing.assert_array_equal(out['p']['alpha'], np.float32(alpha))
+  assert out['p']['alpha'].shape == params['p']['alpha'].shape
+  assert float(out['TernaryConv_0']['w_p']) == 1.0 and float(out['TernaryConv_0']['w_n']) == 1.0  # ttq's own: constant
+
+
 def test_restore_of_an_empty_workdir_is_a_checkpoint_error(smoke_config, tmp_path):
   with pytest.raises(CheckpointError, match='has no checkpoints'):
     state_lib.restore(smoke_config, str(tmp_path))
