@@ -80,6 +80,26 @@ def test_quant_errors_become_config_errors(smoke_config):
     config_check.validate(smoke_config)
 
 
+@pytest.mark.parametrize('overrides,message', [
+    ({'quant.scale_init': 'mean_abs'}, "quant.scale_init='mean_abs' does not apply to quant.method='paretoq': allowed "
+                                       "are None \\(the method's own, 'max_abs'\\) or max_abs$"),
+    ({'quant.scale_init': 'constant'}, "quant.scale_init='constant' does not apply to quant.method='paretoq'"),
+    ({'normalize_init': True}, "normalize_init=True does not apply to quant.method='paretoq'"),
+    ({'quant.w_n_init': 2.0}, "quant.w_n_init=2.0 does not apply to quant.method='paretoq'"),
+    ({'quant.threshold': 'mean'}, "quant.threshold='mean' does not combine with quant.method='paretoq'"),
+    ({'quant.scale_granularity': 'row'}, "quant.scale_granularity='row' is unknown: allowed are tensor, channel$"),
+])
+def test_settings_paretoq_does_not_take_are_one_line_errors(smoke_config, overrides, message):
+  smoke_config.quant.method = 'paretoq'
+  config_check.validate(smoke_config)  # its defaults (scale_init None: its own) are fine
+  for key, value in overrides.items():
+    section, _, leaf = key.rpartition('.')
+    (smoke_config[section] if section else smoke_config)[leaf] = value
+  with pytest.raises(ConfigError, match=message) as e:
+    config_check.validate(smoke_config)
+  assert '\n' not in str(e.value)
+
+
 def test_init_from_without_warmup_and_fp_runs_with_both_are_fine(smoke_config):
   smoke_config.init_from, smoke_config.fp_warmup_epochs = '/runs/fp', 0.0
   config_check.validate(smoke_config)

@@ -14,7 +14,8 @@ from tests.conftest import ROOT
 SKETCH = '<!-- sketch -->'
 # What the runnable blocks print, checked by value: the notebook block's ternary steps (12 steps, 6 of them the
 # FP warm-up), its checkpoint's step, and the quantizer on w = [-1, -0.2, 0.01, 0.3, 0.9] with delta = 0.05 * 1.
-PRINTED = ('6 12 [-0.5 -0.5  0.   1.5  1.5]',)
+PRINTED = ('6 12 [-0.5 -0.5  0.   1.5  1.5]',
+           "['blocks/0', 'blocks/1'] (8,)")  # the NNX block: its two ternary layers, per-channel w_p gradients
 
 
 def python_blocks() -> list[tuple[int, str, bool]]:

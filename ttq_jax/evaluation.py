@@ -168,6 +168,7 @@ def evaluate_workdir(config, workdir: str, *, model=None, data=None, loss_fn=Non
   The workdir's saved config decides what was trained (`config_check.workdir_config`: `config` may be None,
   and only its `EVAL_OVERRIDABLE` keys apply). From Python, `model` / `data` / `loss_fn` are your own, as
   given to `train.train_and_evaluate`."""
+  config_check.check_model(model)
   config_check.check_writable(files.resolve(workdir))  # results are written there: refuse before any work
   config = config_check.workdir_config(config, files.resolve(workdir))
   config, user_sources = datasets.with_user_data(config, data, files.resolve(workdir))

@@ -80,6 +80,7 @@ def export_workdir(config, workdir: str, *, model=None, data=None) -> dict[str, 
   """Exports the newest (or `eval_step`) checkpoint to WORKDIR/export/model.safetensors (`model`, `data`:
   your own, as given to `train.train_and_evaluate`). The workdir's saved config decides what was trained
   (`config_check.workdir_config`; `config` may be None)."""
+  config_check.check_model(model)
   config_check.check_writable(files.resolve(workdir))  # results are written there: refuse before any work
   config = config_check.workdir_config(config, files.resolve(workdir))
   config, user_sources = datasets.with_user_data(config, data, files.resolve(workdir))

@@ -280,6 +280,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
   Returns the final eval metrics with the quantization report.
   """
   # Setup: every check that can refuse runs before anything is compiled or written.
+  config_check.check_model(model)
   config, user_sources = datasets.with_user_data(config, data)
   config_check.validate(config, custom_model=model is not None)
   config_check.check_warm_start(config)

@@ -2,6 +2,8 @@
 et al. 2025): the maths, the method and threshold tables, the ternary weight type, `quantize(model, rules)` for any
 Flax model, reports."""
 
+from ttq_jax.quant import nnx_rules  # noqa: F401  (quantize for NNX models: `quant.nnx_rules.params`, ...)
+
 from ttq_jax.quant._ternary import absmax_int8
 from ttq_jax.quant._ternary import bitnet_ternarize
 from ttq_jax.quant._ternary import delta_from_max
@@ -39,9 +41,9 @@ from ttq_jax.quant.report import ternary_kernels
 from ttq_jax.quant.report import ternary_weights
 from ttq_jax.quant.rules import activation_modes
 from ttq_jax.quant.rules import Rule
-from ttq_jax.quant.rules import quantize
+from ttq_jax.quant.api import quantize
 from ttq_jax.quant.rules import selected_layers
-from ttq_jax.quant.rules import ternary_layers
+from ttq_jax.quant.api import ternary_layers
 from ttq_jax.quant.rules import TernaryLayer
 from ttq_jax.quant.rules import unquantized
 from ttq_jax.quant.rules import with_activation_modes
