@@ -24,11 +24,11 @@ import warnings
 from typing import Any, Sequence
 
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from ttq_jax.quant.methods import ACTIVATIONS
-from ttq_jax.quant.rules import Rule, TernaryLayer, first_rule, ternary_kernel
+from ttq_jax.quant.rules import (Rule, TernaryLayer, einsum_input_axes, einsum_output_axes, first_rule, granular_shapes,
+                                 ternary_kernel)
 
 KERNEL_LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.ConvTranspose, nnx.Einsum)
 
@@ -44,9 +44,7 @@ def layer_path(path) -> str:
 def output_axes(module: nnx.Module, kernel_ndim: int) -> tuple[int, ...]:
   """The kernel axes that index output features."""
   if isinstance(module, nnx.Einsum):
-    inputs, output = module.einsum_str.replace(' ', '').split('->')
-    kernel_letters = inputs.split(',')[1]
-    return tuple(i for i, c in enumerate(kernel_letters) if c in output)
+    return einsum_output_axes(module.einsum_str)
   if isinstance(module, nnx.LinearGeneral):
     return tuple(range(kernel_ndim - len(module.out_features), kernel_ndim))
   return (kernel_ndim - 1,)
@@ -55,22 +53,10 @@ def output_axes(module: nnx.Module, kernel_ndim: int) -> tuple[int, ...]:
 def input_axes(module: nnx.Module, x_ndim: int) -> tuple[int, ...]:
   """The axes of a layer's input that its kernel contracts (as `rules.input_axes` for Linen)."""
   if isinstance(module, nnx.Einsum):
-    inputs, output = module.einsum_str.replace(' ', '').split('->')
-    letters = inputs.split(',')[0].replace('...', '')
-    lead = x_ndim - len(letters)
-    return tuple(lead + i for i, c in enumerate(letters) if c not in output)
+    return einsum_input_axes(module.einsum_str, x_ndim)
   if isinstance(module, nnx.LinearGeneral):
     return tuple(sorted(a % x_ndim for a in module.axis))
   return (x_ndim - 1,)
-
-
-def _scale_shapes(module, kernel_shape, rule: Rule) -> tuple[tuple[int, ...], tuple[int, ...]]:
-  """(stored shape of the layer's scales, the shape they broadcast with against the kernel)."""
-  if rule.scale_granularity == 'tensor':
-    return (), ()
-  axes = output_axes(module, len(kernel_shape))
-  broadcast = tuple(d if i in axes else 1 for i, d in enumerate(kernel_shape))
-  return (int(np.prod([kernel_shape[i] for i in axes])),), broadcast
 
 
 def _ternary_call(self, *args, **kwargs):
@@ -133,7 +119,7 @@ def quantize(model: nnx.Module, rules: Sequence[Rule]) -> nnx.Module:
     if not rule.quantized and rule.activations == 'float':
       continue  # an 'fp' rule asks for nothing
     kernel = jnp.asarray(module.kernel.get_value(), jnp.float32)
-    stored, broadcast = _scale_shapes(module, kernel.shape, rule)
+    stored, broadcast = granular_shapes(kernel.shape, output_axes(module, kernel.ndim), rule.scale_granularity)
     for scale, value in rule.spec.initial_scales(kernel, rule, broadcast).items():
       setattr(module, scale, nnx.Param(jnp.reshape(value, stored).astype(jnp.float32)))
     module.ttq_rule, module.ttq_scale_shape = rule, broadcast

@@ -64,25 +64,42 @@ def first_rule(rules: Sequence[Rule], path: str) -> Rule | None:
   return next((r for r in rules if r.matches(path)), None)
 
 
+def einsum_output_axes(einsum_str: str) -> tuple[int, ...]:
+  """The axes of an einsum's kernel (its second operand) that its output keeps."""
+  inputs, output = einsum_str.replace(' ', '').split('->')
+  return tuple(i for i, c in enumerate(inputs.split(',')[1]) if c in output)
+
+
+def einsum_input_axes(einsum_str: str, x_ndim: int) -> tuple[int, ...]:
+  """The axes of an einsum's input (its first operand, of `x_ndim` dims) that it contracts."""
+  inputs, output = einsum_str.replace(' ', '').split('->')
+  letters = inputs.split(',')[0].replace('...', '')
+  lead = x_ndim - len(letters)
+  return tuple(lead + i for i, c in enumerate(letters) if c not in output)
+
+
 def output_axes(module: nn.Module, kernel_ndim: int) -> tuple[int, ...]:
   """The kernel axes that index output features."""
   if isinstance(module, nn.Einsum):
-    inputs, output = module.einsum_str.replace(' ', '').split('->')
-    kernel_letters = inputs.split(',')[1]
-    return tuple(i for i, c in enumerate(kernel_letters) if c in output)
+    return einsum_output_axes(module.einsum_str)
   if isinstance(module, nn.DenseGeneral):
     features = module.features if isinstance(module.features, Sequence) else (module.features,)
     return tuple(range(kernel_ndim - len(features), kernel_ndim))
   return (kernel_ndim - 1,)
 
 
+def granular_shapes(kernel_shape, out_axes, granularity: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(stored shape of a layer's scales, the shape they broadcast with against the kernel): () and () per tensor;
+  (out,) and 1s except on the output axes per channel."""
+  if granularity == 'tensor':
+    return (), ()
+  broadcast = tuple(d if i in out_axes else 1 for i, d in enumerate(kernel_shape))
+  return (int(np.prod([kernel_shape[i] for i in out_axes])),), broadcast
+
+
 def scale_shapes(module: nn.Module, kernel_shape, rule: QuantConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """(stored shape of the layer's scales, the shape they broadcast with against the kernel)."""
-  if rule.scale_granularity == 'tensor':
-    return (), ()
-  axes = output_axes(module, len(kernel_shape))
-  broadcast = tuple(d if i in axes else 1 for i, d in enumerate(kernel_shape))
-  return (int(np.prod([kernel_shape[i] for i in axes])),), broadcast
+  return granular_shapes(kernel_shape, output_axes(module, len(kernel_shape)), rule.scale_granularity)
 
 
 def ternary_kernel(kernel: jax.Array, scales, rule: QuantConfig, scale_shape=()) -> jax.Array:
@@ -97,10 +114,7 @@ def input_axes(module: nn.Module, x_ndim: int) -> tuple[int, ...]:
   DenseGeneral, the input letters the output lacks of Einsum, the channel axis (last, per pixel) of Conv and
   ConvTranspose."""
   if isinstance(module, nn.Einsum):
-    inputs, output = module.einsum_str.replace(' ', '').split('->')
-    letters = inputs.split(',')[0].replace('...', '')
-    lead = x_ndim - len(letters)
-    return tuple(lead + i for i, c in enumerate(letters) if c not in output)
+    return einsum_input_axes(module.einsum_str, x_ndim)
   if isinstance(module, nn.DenseGeneral):
     axis = module.axis if isinstance(module.axis, Sequence) else (module.axis,)
     return tuple(sorted(a % x_ndim for a in axis))
