@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import platform
 import sys
 import time
 

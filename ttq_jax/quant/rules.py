@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ttq_jax.quant.config import SCALE_GRANULARITIES, QuantConfig  # noqa: F401
+from ttq_jax.quant.config import QuantConfig
 from ttq_jax.quant.methods import ACTIVATIONS
 # Layers whose `kernel` parameter is their weight matrix (output features on the kernel's last axes,
 # except for Einsum, whose output axes the equation names).
