@@ -291,8 +291,9 @@ def markdown(out: dict) -> str:
                   f'{fam}: ' + (', '.join(f'{lr} -> {v:.3f}' for lr, v in c['validation_bits_per_byte'].items()) or 'none')
                   + f' (chose {c["chosen"]:g})' for fam, c in out['lr_choice'].items())]
   shared = out['init_shared']
+  same = 'no fine-tune yet' if not shared else 'yes' if all(shared.values()) else 'NO: ' + json.dumps(shared)
   lines += ['', f'Every row of a seed started from the same parameters (SHA-256 of what init_from loaded): '
-            f'{"yes" if shared and all(shared.values()) else "NO: " + json.dumps(shared)}; every run read the corpus with '
+            f'{same}; every run read the corpus with '
             f'sha256 {", ".join(s[:16] + "..." for s in out["corpus_sha256"])}. Runs\' own wall times summed: '
             f'{out["wall_minutes"]:.0f} minutes.']
   return '\n'.join(lines)
