@@ -60,8 +60,9 @@ fi
 if [ "$PART" = lm_study ]; then
   # One seed: its FP run (N = 600 steps) and six fine-tunes (M = 300) of lm_table's gpu model, each family at
   # configs/lm.py's rate (no choice). Sizing rule: 7 runs in 300 s, so ~40 s a run with compile and evaluations;
-  # N = 2M as on the CPU budget. Not yet measured on a device: the first run's per-run wall_s (in the JSON) sets
-  # N and M for the next (experiments/lm_study.py BUDGETS['gpu']). The JSON is rewritten after every run.
+  # N = 2M as on the CPU budget. Measured on one H200: the 7 runs' own wall times 5.0 minutes, the part 315 s with
+  # installs (experiments/results/h200/lm_study_gpu.json): at the limit, so N and M stay. The JSON is rewritten
+  # after every run.
   [ -d .gpu_data/python_docs ] && export TTQ_TEXT_DIR=$PWD/.gpu_data/python_docs
   timeout 330 python3 experiments/reproduce.py --table lm_study --budget "${LM_BUDGET:-gpu}" --seeds "${LM_SEEDS:-0}" \
     --workdir_root "${LM_WORKDIR:-/tmp/lm}" --results "$OUT/lm_study_gpu.json" 2>&1 | grep -vE '^(W|I)[0-9]{4} |^step ' \
