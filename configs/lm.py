@@ -5,6 +5,7 @@ BitNet b1.58, ParetoQ, TWN and full precision on the same architecture and budge
     python -m ttq_jax.main --config configs/lm.py:fp --workdir workdirs/lm_fp
     python -m ttq_jax.main --config configs/lm.py:bitnet --workdir workdirs/lm_bitnet
     python -m ttq_jax.main --config configs/lm.py:paretoq --workdir workdirs/lm_paretoq
+    python -m ttq_jax.main --config configs/lm.py:nnx --workdir workdirs/lm_nnx          # the decoder in Flax NNX
     python -m ttq_jax.main --config configs/lm.py:ttq --workdir workdirs/lm_ttq_ft \
         --config.init_from=workdirs/lm_fp                                                 # fine-tuned from FP
 
@@ -36,7 +37,9 @@ scale), starting at max |w| of its row, trained in the weights' AdamW (`scale_op
 single optimizer), no weight decay on alpha (`weight_decay_regex` matches kernels only).
 
 Variants: `:fp`, `:ttq` (default), `:twn`, `:bitnet` (BitNet b1.58 weights: absmean ternary, straight-through),
-`:paretoq` (ParetoQ's learned per-channel scale),
+`:paretoq` (ParetoQ's learned per-channel scale), `:nnx` (TTQ on the same decoder written in Flax NNX,
+`lm_decoder_nnx`, ttq_jax.lm_nnx: same layers, paths and parameter count; other methods with
+`--config.quant.method`; its initial weights are NNX's draw, not the Linen model's),
 `:bitnet_a8` (and 8-bit absmax activations per token: W1.58A8), `:ttq_a8`, `:smoke` (a tiny model and a few
 steps, for tests). Expected (2-core CPU, seeds 0-2, test bits per byte of the model chosen on validation, mean +-
 std): FP 2.555 +- 0.052, TTQ 2.531 +- 0.020, BitNet b1.58 2.696 +- 0.017; every row, with the paired tests, in
@@ -45,9 +48,9 @@ README, "Ternary language models" (experiments/results/lm.json).
 
 from configs import base
 
-VARIANTS = ('', 'fp', 'ttq', 'twn', 'bitnet', 'paretoq', 'bitnet_a8', 'ttq_a8', 'smoke')
+VARIANTS = ('', 'fp', 'ttq', 'twn', 'bitnet', 'paretoq', 'bitnet_a8', 'ttq_a8', 'nnx', 'smoke')
 METHOD = {'': 'ttq', 'fp': 'fp', 'ttq': 'ttq', 'twn': 'twn', 'bitnet': 'bitnet', 'paretoq': 'paretoq',
-          'bitnet_a8': 'bitnet', 'ttq_a8': 'ttq', 'smoke': 'ttq'}
+          'bitnet_a8': 'bitnet', 'ttq_a8': 'ttq', 'nnx': 'ttq', 'smoke': 'ttq'}
 # Chosen on validation (seed 0, half budget; experiments/results/lm.json `lr_choice`); TWN takes TTQ's (its family).
 LEARNING_RATE = {'fp': 3e-3, 'ttq': 1e-2, 'twn': 1e-2, 'bitnet': 3e-3, 'paretoq': 3e-3}
 NUM_TRAIN_STEPS = 200      # the CPU budget of the committed table
@@ -59,7 +62,7 @@ def get_config(arg: str = ''):
     raise ValueError(f'config argument {arg!r} is unknown: allowed are {", ".join(v for v in VARIANTS if v)}')
   config = base.get_config()
   method = METHOD[arg]
-  config.model.name = 'lm_decoder'
+  config.model.name = 'lm_decoder_nnx' if arg == 'nnx' else 'lm_decoder'
   config.model.depth, config.model.width, config.model.num_heads, config.model.mlp_width = 4, 128, 4, 344
   config.model.activation = 'silu'
   config.data.name = 'python_docs'

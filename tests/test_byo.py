@@ -64,6 +64,26 @@ def test_byo_example_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
+def test_byo_example_in_flax_nnx(tmp_path):
+  """`byo_model.py --api nnx`: the same net in NNX warm-starts from its FP checkpoint, trains ternary, exports with
+  per-channel scales, and the file scores what the checkpoint scores."""
+  sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+  import json
+  import byo_model
+  from ttq_jax import checkpoint as ckpt
+  from ttq_jax import state as state_lib
+
+  out = byo_model.run(str(tmp_path), smoke=True, api='nnx')
+  ttq, summary, from_file = out['ttq'], out['export'], out['from_file']
+  assert sorted(ttq['sparsity']) == ['conv_0/kernel', 'conv_1/kernel']
+  assert all(summary['layers'][f'params/conv_{i}/kernel']['per_channel'] for i in (0, 1))
+  assert from_file['top1_accuracy'] == ttq['top1_accuracy']
+  record = json.loads((tmp_path / 'ttq' / 'init_from.json').read_text())
+  fp = state_lib.restore(None, str(tmp_path / 'fp'), model=byo_model.NNXNet())
+  assert record['params_sha256'] == ckpt.params_sha256(fp.state.params)
+
+
+@pytest.mark.slow
 def test_own_model_without_train_argument_and_own_data_rules(tmp_path):
   """A model whose `__call__` has no `train` trains (train is passed only when accepted); uint8 images without
   mean / std are refused in one line; the workdir alone (and the model) exports, evaluating needs the data."""

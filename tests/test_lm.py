@@ -130,15 +130,16 @@ def test_smoke_trains_resumes_exactly_evaluates_and_exports(tmp_path, text_corpu
   assert ev_file['bits_per_byte'] == pytest.approx(ev['bits_per_byte'], rel=1e-6)
 
 
-@pytest.mark.parametrize('variant', ['', 'fp', 'ttq', 'twn', 'bitnet', 'paretoq', 'bitnet_a8', 'ttq_a8', 'smoke'])
+@pytest.mark.parametrize('variant', ['', 'fp', 'ttq', 'twn', 'bitnet', 'paretoq', 'bitnet_a8', 'ttq_a8', 'nnx', 'smoke'])
 def test_every_variant_of_configs_lm_validates_as_its_docstring_says(text_corpus, variant):
   from configs import lm as lm_config
   from ttq_jax import config_check
   config = lm_config.get_config(variant)
   config.data.data_dir = text_corpus
   config_check.validate(config)
-  method = {'': 'ttq', 'smoke': 'ttq'}.get(variant, variant.removesuffix('_a8'))
-  assert config.quant.method == method and config.model.name == 'lm_decoder' and config.data.name == 'python_docs'
+  method = {'': 'ttq', 'smoke': 'ttq', 'nnx': 'ttq'}.get(variant, variant.removesuffix('_a8'))
+  assert config.quant.method == method and config.data.name == 'python_docs'
+  assert config.model.name == ('lm_decoder_nnx' if variant == 'nnx' else 'lm_decoder')
   assert config.quant.activations == ('int8' if variant.endswith('_a8') else 'float')
   assert config.weight_decay == (0.1 if method == 'fp' else 0.0) and config.optimizer == 'adamw'
   assert config.quant.full_precision_layers == 'edges'
@@ -152,24 +153,28 @@ def test_every_variant_of_configs_lm_validates_as_its_docstring_says(text_corpus
 
 
 @pytest.mark.slow
-def test_paretoq_trains_evaluates_and_exports_from_the_command_line(tmp_path, text_corpus):
-  """configs/lm.py:paretoq (at the smoke size): train, `--mode eval`, `--mode export`, and the export evaluated
-  with `restore_from` give the training run's bits per byte; every projection holds `alpha` per output channel."""
+@pytest.mark.parametrize('variant', ['paretoq', 'nnx'])
+def test_variant_trains_evaluates_and_exports_from_the_command_line(tmp_path, text_corpus, variant):
+  """configs/lm.py:paretoq and :nnx (the decoder in Flax NNX, TTQ) at the smoke size: train, `--mode eval`,
+  `--mode export`, and the export evaluated with `restore_from` give the training run's bits per byte; every
+  projection holds its method's scales (`alpha` per output channel for ParetoQ)."""
   import json
   import subprocess
   import sys
   from tests.conftest import ROOT
-  workdir = str(tmp_path / 'paretoq')
+  workdir = str(tmp_path / variant)
   small = ['--config.model.depth=1', '--config.model.width=32', '--config.model.num_heads=2', '--config.model.mlp_width=64',
            '--config.data.seq_len=32', '--config.batch_size=8', '--config.eval_batch_size=64', '--config.num_train_steps=4',
            '--config.warmup_steps=1', '--config.eval_every_steps=2', '--config.checkpoint_every_steps=2',
            '--config.log_every_steps=2', '--config.mesh_shape=(1, 1)', f'--config.data.data_dir={text_corpus}']
-  base = [sys.executable, '-m', 'ttq_jax.main', '--config', 'configs/lm.py:paretoq', '--workdir', workdir]
+  base = [sys.executable, '-m', 'ttq_jax.main', '--config', f'configs/lm.py:{variant}', '--workdir', workdir]
   run = lambda *extra: subprocess.run(base + list(extra), cwd=ROOT, capture_output=True, text=True, timeout=300)
   trained = run(*small)
   assert trained.returncode == 0, trained.stderr[-3000:]
   result = json.load(open(f'{workdir}/result.json'))
-  rule = {'method': 'paretoq', 'threshold': None, 'scale_granularity': 'channel'}
+  rule = ({'method': 'paretoq', 'threshold': None, 'scale_granularity': 'channel'} if variant == 'paretoq' else
+          {'method': 'ttq', 'threshold': 'max', 't': 0.05})
+  assert json.load(open(f'{workdir}/config.json'))['model']['name'] == f'lm_decoder{"_nnx" if variant == "nnx" else ""}'
   assert len(result['layer_rules']) == 7 and all(r == rule for r in result['layer_rules'].values())
   data = f'--config.data.data_dir={text_corpus}'  # (eval may read another folder: data.data_dir is overridable)
   evaluated = run('--mode', 'eval', data)

@@ -155,7 +155,7 @@ def test_non_finite_step_is_skipped_and_reported(smoke_config):
   programs, state, batches = programs_state_batches(smoke_config, (1, 1), n=1)
   before = jax.device_get(state.params)
   bad = dict(batches[0], image=batches[0]['image'].astype(jnp.float32) * jnp.nan)
-  fn = jax.jit(lambda s, b: train.train_step(s, b, apply_fn=programs.models[True].apply, info=programs.info,
+  fn = jax.jit(lambda s, b: train.train_step(s, b, apply_fn=state_lib.apply_fn(programs.models[True]), info=programs.info,
                                               dtype=jnp.float32))
   new_state, metrics = fn(state, bad)
   assert not bool(metrics['finite'])

@@ -24,7 +24,7 @@ from ttq_jax import programs
 from ttq_jax import state as state_lib
 from ttq_jax import steps as steps_lib
 from ttq_jax.errors import ConfigError
-from ttq_jax.quant import METHODS, SCALE_INITS, QuantConfig, nnx_rules
+from ttq_jax.quant import METHODS, SCALE_INITS, QuantConfig
 
 # config key -> the dispatch table that owns its allowed values
 CHOICES = {
@@ -86,14 +86,6 @@ def check_keys(config) -> None:
     close = difflib.get_close_matches(unknown[0], sorted(known), n=3)
     raise ConfigError(f'config key {unknown[0]!r} is unknown' + (f': did you mean {", ".join(close)}?' if close else
                                                                   ' (configs/base.py lists every key)'))
-
-
-def check_model(model) -> None:
-  """Refuses, in one line, a model the training loop, evaluation and export cannot run (None: the config's)."""
-  if model is not None and nnx_rules.is_nnx(model):
-    raise ConfigError(f'model={type(model).__name__} is a Flax NNX module: quant.quantize makes its layers ternary '
-                      '(forward, gradients, reports), but training, checkpoints, evaluation and export take Flax Linen '
-                      'modules in this version')
 
 
 def validate(config, *, custom_model: bool = False) -> None:

@@ -16,11 +16,11 @@ from ttq_jax import config_check
 from ttq_jax import datasets
 from ttq_jax import export_format
 from ttq_jax import files
+from ttq_jax import functional
 from ttq_jax import input_pipeline
 from ttq_jax import lm
 from ttq_jax import models
 from ttq_jax import programs as programs_lib
-from ttq_jax import quant as quant_lib
 from ttq_jax import reports
 from ttq_jax import sharding as sharding_lib
 from ttq_jax import state as state_lib
@@ -168,7 +168,7 @@ def evaluate_workdir(config, workdir: str, *, model=None, data=None, loss_fn=Non
   The workdir's saved config decides what was trained (`config_check.workdir_config`: `config` may be None,
   and only its `EVAL_OVERRIDABLE` keys apply). From Python, `model` / `data` / `loss_fn` are your own, as
   given to `train.train_and_evaluate`."""
-  config_check.check_model(model)
+  model = functional.as_functional(model)
   config_check.check_writable(files.resolve(workdir))  # results are written there: refuse before any work
   config = config_check.workdir_config(config, files.resolve(workdir))
   config, user_sources = datasets.with_user_data(config, data, files.resolve(workdir))
@@ -180,7 +180,7 @@ def evaluate_workdir(config, workdir: str, *, model=None, data=None, loss_fn=Non
     sharding_lib.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
     step, state, report, file_bn = _from_export(config, mesh)
     source, quantized = config.restore_from, False
-    model = quant_lib.unquantized(model) if model is not None else None
+    model = functional.plain(model) if model is not None else None
   else:
     if not files.isdir(ckpt.checkpoint_dir(workdir)):
       raise ckpt.CheckpointError(f'workdir {workdir} has no checkpoints to evaluate (no {ckpt.checkpoint_dir(workdir)})')
@@ -209,7 +209,6 @@ def evaluate_workdir(config, workdir: str, *, model=None, data=None, loss_fn=Non
     name = f'step_{int(step)}.json' if source == 'checkpoint' else f'export_step_{int(step)}.json'
     path = files.join(workdir, 'eval', name)
     files.write_json(path, result)
-    model_name = type(quant_lib.unquantized(model)).__name__ if model is not None else None
-    print(reports.format_eval_table({**result, 'scales': report['scales']}, config, model_name))
+    print(reports.format_eval_table({**result, 'scales': report['scales']}, config, functional.model_name(model)))
     print(f'  wrote {path}')
   return result

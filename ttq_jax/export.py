@@ -8,12 +8,14 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from flax import nnx
 import numpy as np
 
 from ttq_jax import config_check
 from ttq_jax import datasets
 from ttq_jax import export_format
 from ttq_jax import files
+from ttq_jax import functional
 from ttq_jax import metric_writers
 from ttq_jax import programs as programs_lib
 from ttq_jax import quant as quant_lib
@@ -28,12 +30,18 @@ def load(path: str, model: nn.Module | None = None):
   quantize it again) and its variables, ready for `model.apply(variables, x, ...)`.
 
   Built-in models are rebuilt from the config stored in the file. For your own model pass `model` (the
-  plain one, or its `quant.quantize`d version: the plain model is returned)."""
+  plain one, or its `quant.quantize`d version: the plain model is returned). For an NNX model the pair is
+  (`nnx.Module` of the plain structure already holding the loaded values, its `nnx.state`): call `model(x)`."""
   variables, metadata, _ = export_format.read(path)
   modes = json.loads(metadata.get('activations', '{}'))  # layers whose input the trained model quantized
   if model is None:
     model = state_lib.create_model(config_check.complete(json.loads(metadata['config'])), quantized=False)
-  return quant_lib.with_activation_modes(model, modes), variables
+  model = functional.plain(functional.as_functional(model), modes)
+  if isinstance(model, functional.NNXModel):
+    module = model.bind(variables)
+    module.eval()
+    return module, nnx.state(module)
+  return model, variables
 
 
 def _nbytes(tree) -> int:
@@ -80,7 +88,7 @@ def export_workdir(config, workdir: str, *, model=None, data=None) -> dict[str, 
   """Exports the newest (or `eval_step`) checkpoint to WORKDIR/export/model.safetensors (`model`, `data`:
   your own, as given to `train.train_and_evaluate`). The workdir's saved config decides what was trained
   (`config_check.workdir_config`; `config` may be None)."""
-  config_check.check_model(model)
+  model = functional.as_functional(model)
   config_check.check_writable(files.resolve(workdir))  # results are written there: refuse before any work
   config = config_check.workdir_config(config, files.resolve(workdir))
   config, user_sources = datasets.with_user_data(config, data, files.resolve(workdir))

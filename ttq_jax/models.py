@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from ttq_jax.errors import ConfigError
 from ttq_jax.lm import LMDecoder
+from ttq_jax.lm_nnx import LMDecoderNNX
 from ttq_jax.quant import QuantConfig, Rule, quantize
 
 ModuleDef = Any
@@ -302,7 +305,7 @@ class ViT(nn.Module):
 
 
 # name -> constructor with its fixed arguments. Widths / depths follow the paper.
-MODELS: dict[str, Callable[..., nn.Module]] = {
+MODELS: dict[str, Callable[..., nn.Module | nnx.Module]] = {
     'resnet20': functools.partial(CifarPreActResNet, num_blocks=3),
     'resnet32': functools.partial(CifarPreActResNet, num_blocks=5),
     'resnet44': functools.partial(CifarPreActResNet, num_blocks=7),
@@ -314,6 +317,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     'vit_small': functools.partial(ViT, patch=4, width=64, depth=4, num_heads=4, mlp_ratio=2),
     'vit_tiny': functools.partial(ViT, patch=7, width=16, depth=1, num_heads=2, mlp_ratio=2),  # tests only
     'lm_decoder': LMDecoder,  # byte-level LLaMA-style decoder (ttq_jax.lm); sizes from model.depth, width, ...
+    'lm_decoder_nnx': LMDecoderNNX,  # the same decoder in Flax NNX (ttq_jax.lm_nnx)
 }
 # config.model keys that set a model's size where its constructor has that field (0 / '': the model's own)
 SIZE_KEYS = ('depth', 'width', 'num_heads', 'mlp_width', 'activation')
@@ -323,7 +327,7 @@ _CIFAR_EDGES, _ALEXNET_EDGES, _VIT_EDGES = 'conv0|linear', 'conv0|fct', 'embed|h
 EDGE_LAYERS = {'resnet20': _CIFAR_EDGES, 'resnet32': _CIFAR_EDGES, 'resnet44': _CIFAR_EDGES,
                'resnet56': _CIFAR_EDGES, 'resnet_tiny': _CIFAR_EDGES, 'resnet18': 'conv1|fc',
                'alexnet': _ALEXNET_EDGES, 'alexnet_tiny': _ALEXNET_EDGES, 'vit_small': _VIT_EDGES,
-               'vit_tiny': _VIT_EDGES, 'lm_decoder': 'embed|head'}
+               'vit_tiny': _VIT_EDGES, 'lm_decoder': 'embed|head', 'lm_decoder_nnx': 'embed|head'}
 EDGES = 'edges'
 
 # Smallest square input a model can take: AlexNet's 12x12/4 VALID stem, two stride-2 pools and a 3x3/2
@@ -338,16 +342,19 @@ def full_precision_regex(name: str, full_precision: str) -> str:
 
 def create_model(name: str, *, num_classes: int, quant: QuantConfig, full_precision: str = EDGES,
                  ghost_batch_size: int = 0, bn_unbiased_variance: bool = False, bn_bias_init: str = 'zeros',
-                 dtype: Any = jnp.float32, sizes: dict | None = None) -> nn.Module:
+                 dtype: Any = jnp.float32, sizes: dict | None = None, seed: int = 0) -> nn.Module | nnx.Module:
   """Builds model `name`; with a quantizing `quant`, every layer with a kernel is ternary except those whose
   module path matches `full_precision` (a regex over whole paths; 'edges' = `EDGE_LAYERS[name]`; '' = none).
   The `bn_*` settings and `ghost_batch_size` apply to models with batch norm (see `BatchNorm`); `sizes`
-  ({SIZE_KEYS key: value}, 0 / '' = the model's own) to models with those fields.
+  ({SIZE_KEYS key: value}, 0 / '' = the model's own) to models with those fields. An NNX model is constructed
+  (and so initialised) with `nnx.Rngs(seed)`.
   """
   if name not in MODELS:
     raise ConfigError(f'model.name={name!r} is unknown: allowed are {", ".join(sorted(MODELS))}')
   ctor = MODELS[name]
-  fields = {f.name for f in dataclasses.fields(ctor.func if isinstance(ctor, functools.partial) else ctor)}
+  cls = ctor.func if isinstance(ctor, functools.partial) else ctor
+  fields = ({f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls)
+            else set(inspect.signature(cls.__init__).parameters))  # an NNX module: its constructor's arguments
   if ghost_batch_size and 'ghost_batch_size' not in fields:
     raise ConfigError(f'model.bn_ghost_batch_size={ghost_batch_size} needs a model with batch norm; {name!r} has '
                       'none: allowed is 0')
@@ -364,6 +371,8 @@ def create_model(name: str, *, num_classes: int, quant: QuantConfig, full_precis
                         f'{"0" if isinstance(value, int) else "an empty string"}')
     if value:
       kwargs[key] = value
+  if 'rngs' in fields:  # an NNX model: initialised here
+    kwargs['rngs'] = nnx.Rngs(seed)
   model = ctor(num_classes=num_classes, dtype=dtype, **kwargs)
   if not quant.quantized:
     return model

@@ -14,7 +14,7 @@ import jax
 import flax.linen as nn
 
 from ttq_jax import datasets
-from ttq_jax import quant as quant_lib
+from ttq_jax import functional
 from ttq_jax import sharding as sharding_lib
 from ttq_jax import state as state_lib
 
@@ -65,7 +65,9 @@ class Programs:
 
   def __init__(self, config, mesh, state_shardings, steps: Mapping[str, Step], model: nn.Module | None = None,
                loss_fn: Callable | None = None):
-    """`model`: your own (its full-precision twin is `quant.unquantized(model)`); default: the config's."""
+    """`model`: your own, Linen or NNX (its full-precision twin is `functional.unquantized(model)`); default: the
+    config's."""
+    model = functional.as_functional(model)
     self.config, self.mesh, self.state_shardings, self.steps = config, mesh, state_shardings, dict(steps)
     self.loss_fn = loss_fn
     self.info = datasets.dataset_info(config.data)
@@ -73,7 +75,7 @@ class Programs:
     if model is None:
       self.models = {True: state_lib.create_model(config), False: state_lib.create_model(config, quantized=False)}
     else:
-      self.models = {True: model, False: quant_lib.unquantized(model)}
+      self.models = {True: model, False: functional.unquantized(model)}
     self._compiled: dict = {}
 
   def executable(self, name: str, state, batch, quantized: bool = True):
@@ -83,7 +85,7 @@ class Programs:
       if name not in self.steps:
         raise KeyError(f'no step {name!r} in these programs: {sorted(self.steps)}')
       step = self.steps[name]
-      fn = functools.partial(step.fn, apply_fn=state_lib.apply_fn(self.models[quantized]), info=self.info, dtype=self.dtype,
+      fn = functools.partial(step.fn, apply_fn=state_lib.apply_fn(self.models[quantized], self.config.seed), info=self.info, dtype=self.dtype,
                              loss_fn=self.loss_fn)
       rep = sharding_lib.replicated(self.mesh)
       batch_sh = {k: sharding_lib.batch_sharding(self.mesh) for k in batch}

@@ -15,6 +15,7 @@ from flax.training import train_state
 
 from ttq_jax import checkpoint as ckpt
 from ttq_jax import datasets
+from ttq_jax import functional
 from ttq_jax import models
 from ttq_jax import optim
 from ttq_jax import quant as quant_lib
@@ -38,20 +39,24 @@ def compute_dtype(config):
   return DTYPES[config.dtype]
 
 
-def create_model(config, *, quantized: bool = True) -> nn.Module:
-  """The configured model; `quantized=False` gives its full-precision twin (same param paths)."""
+def create_model(config, *, quantized: bool = True):
+  """The configured model (a Linen module, or an NNX one as `functional.NNXModel`); `quantized=False` gives its
+  full-precision twin (same param paths)."""
   info = datasets.dataset_info(config.data)
   q = quant_config(config) if quantized else quant_lib.QuantConfig(method='fp')
-  return models.create_model(config.model.name, num_classes=info.num_classes, quant=q,
+  return functional.as_functional(models.create_model(config.model.name, num_classes=info.num_classes, quant=q,
                              full_precision=config.quant.full_precision_layers,
                              ghost_batch_size=config.model.bn_ghost_batch_size,
                              bn_unbiased_variance=config.model.bn_unbiased_variance,
                              bn_bias_init=config.model.bn_bias_init, dtype=compute_dtype(config),
-                             sizes={k: config.model[k] for k in models.SIZE_KEYS})
+                             sizes={k: config.model[k] for k in models.SIZE_KEYS}, seed=config.seed))
 
 
 def accepts_train(model: nn.Module) -> bool:
-  """Whether the model's `__call__` takes `train=` (the plain model's, for a quantize()d one)."""
+  """Whether the model's `__call__` takes `train=` (the plain model's, for a quantize()d one; an NNX model's
+  apply always does: it switches the module with `train()` / `eval()`)."""
+  if isinstance(model, functional.NNXModel):
+    return True
   params = inspect.signature(type(quant_lib.unquantized(model)).__call__).parameters
   return 'train' in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
@@ -60,13 +65,18 @@ def _train_kwargs(model: nn.Module, train: bool) -> dict:
   return {'train': train} if accepts_train(model) else {}
 
 
-def apply_fn(model: nn.Module) -> Callable:
-  """`model.apply`, called by the steps as `apply(variables, images, train=..., **kw)`; for a model whose
-  `__call__` has no `train` argument (no batch norm or dropout to switch), `train` is not passed."""
-  if accepts_train(model):
-    return model.apply
-  def apply(variables, *args, train=None, **kwargs):
-    del train
+def apply_fn(model: nn.Module, seed: int = 0) -> Callable:
+  """`model.apply`, called by the steps as `apply(variables, images, train=..., step=..., **kw)`: with `step`
+  (the train step passes its state's), the model's dropout draws from `fold_in(PRNGKey(seed), step)`, so a
+  resumed run draws what an uninterrupted one does; for a model whose `__call__` has no `train` argument (no
+  batch norm or dropout to switch), `train` is not passed."""
+  train_arg = accepts_train(model)
+
+  def apply(variables, *args, train=None, step=None, **kwargs):
+    if step is not None:
+      kwargs['rngs'] = {'dropout': jax.random.fold_in(jax.random.PRNGKey(seed), step)}
+    if train_arg and train is not None:
+      kwargs['train'] = train
     return model.apply(variables, *args, **kwargs)
   return apply
 
@@ -85,11 +95,15 @@ def init_variables(model: nn.Module, rng: jax.Array, info) -> dict:
 
 def activation_modes(model: nn.Module, info) -> dict[str, str]:
   """{module path: activations} of the model's layers with quantized inputs (`quant.activation_modes`)."""
+  if isinstance(model, functional.NNXModel):
+    return model.activation_modes()
   return quant_lib.activation_modes(model, example_input(info), **_train_kwargs(model, False))
 
 
 def ternary_layers(model: nn.Module, info) -> tuple[quant_lib.TernaryLayer, ...]:
   """The model's ternary layers, from its module tree (`quant.ternary_layers`; `info` as `init_variables`)."""
+  if isinstance(model, functional.NNXModel):
+    return model.ternary_layers()
   return quant_lib.ternary_layers(model, example_input(info), **_train_kwargs(model, False))
 
 
@@ -178,7 +192,7 @@ class Restored(NamedTuple):
 def create_mesh_and_state(config, model: nn.Module | None = None, mesh_shape=None):
   """(mesh, fresh sharded state) for `config` (`mesh_shape` overrides `config.mesh_shape`)."""
   mesh = sharding_lib.create_mesh(config.mesh_shape if mesh_shape is None else mesh_shape, config.mesh_axes)
-  return mesh, create_train_state(config, model or create_model(config), mesh)
+  return mesh, create_train_state(config, functional.as_functional(model) or create_model(config), mesh)
 
 
 def restore(config, workdir: str, *, step: int | None = None, model: nn.Module | None = None,

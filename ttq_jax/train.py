@@ -30,6 +30,7 @@ from ttq_jax import config_check
 from ttq_jax import datasets
 from ttq_jax import evaluation
 from ttq_jax import files
+from ttq_jax import functional
 from ttq_jax import input_pipeline
 from ttq_jax import metric_writers
 from ttq_jax import optim
@@ -50,7 +51,7 @@ def train_step(state: state_lib.TrainState, batch, *, apply_fn, info, dtype, los
 
   def objective(params):
     logits, updates = apply_fn({'params': params, 'batch_stats': state.batch_stats}, inputs, train=True,
-                               mutable=['batch_stats'])
+                               mutable=['batch_stats'], step=state.step)
     loss = jnp.mean(task.losses(logits, targets, info, loss_fn))
     return loss, (logits, updates.get('batch_stats', {}))  # {} for models without batch norm
 
@@ -280,7 +281,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
   Returns the final eval metrics with the quantization report.
   """
   # Setup: every check that can refuse runs before anything is compiled or written.
-  config_check.check_model(model)
+  model = functional.as_functional(model)  # an NNX module as init / apply; refuses what no step can call
   config, user_sources = datasets.with_user_data(config, data)
   config_check.validate(config, custom_model=model is not None)
   config_check.check_warm_start(config)
@@ -381,5 +382,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
     result['init_from'] = json.loads(files.read_text(files.join(workdir, INIT_FROM_RECORD)))
   if primary:
     files.write_json(files.join(workdir, 'result.json'), result)
-    print(reports.format_eval_table(result, config, type(quant_lib.unquantized(model)).__name__ if model else None))
+    print(reports.format_eval_table(result, config, functional.model_name(model)))
   return result

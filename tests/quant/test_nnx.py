@@ -177,17 +177,3 @@ def test_refusals_and_the_unused_rule_warning():
     quant.quantize(_WithCustom(nnx.Rngs(0)), [Rule(module_path='special')])
   with pytest.warns(UserWarning, match=r"rules that selected no layer: 'nothing' \(the model's layer paths: embed, out\)"):
     quant.quantize(_WithEmbed(nnx.Rngs(0)), [Rule(module_path='nothing'), Rule(module_path='out')])
-
-
-def test_training_evaluation_and_export_refuse_an_nnx_model_in_one_line(smoke_config, tmp_path):
-  """Until the loop runs NNX models, they are refused before anything is written (never an AttributeError)."""
-  from ttq_jax import config_check, evaluation, export, train
-  model = quant.quantize(Net(nnx.Rngs(0)), RULES)
-  message = 'model=Net is a Flax NNX module: quant.quantize makes its layers ternary'
-  for call in (lambda: train.train_and_evaluate(smoke_config, str(tmp_path / 'w'), model=model),
-               lambda: evaluation.evaluate_workdir(smoke_config, str(tmp_path / 'w'), model=model),
-               lambda: export.export_workdir(smoke_config, str(tmp_path / 'w'), model=model)):
-    with pytest.raises(config_check.ConfigError, match=message) as e:
-      call()
-    assert '\n' not in str(e.value)
-  assert not (tmp_path / 'w').exists()

@@ -20,6 +20,8 @@ the scales through the method's custom gradient) and the latent kernel again aft
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import warnings
 from typing import Any, Sequence
 
@@ -59,9 +61,25 @@ def input_axes(module: nnx.Module, x_ndim: int) -> tuple[int, ...]:
   return (x_ndim - 1,)
 
 
+_FULL_PRECISION = contextvars.ContextVar('ttq_nnx_full_precision', default=False)
+
+
+@contextlib.contextmanager
+def full_precision():
+  """Inside: every selected layer computes as its plain layer (latent kernel, float input): the full-precision
+  twin of a quantized model with the same state (the FP warm-up)."""
+  token = _FULL_PRECISION.set(True)
+  try:
+    yield
+  finally:
+    _FULL_PRECISION.reset(token)
+
+
 def _ternary_call(self, *args, **kwargs):
   """The call of a selected layer: its input quantized when the rule says so, its kernel ternary during the call."""
   rule, shape, base = self.ttq_rule, self.ttq_scale_shape, type(self).__mro__[1]
+  if _FULL_PRECISION.get():
+    return base.__call__(self, *args, **kwargs)
   quantize_input = ACTIVATIONS[rule.activations]
   if quantize_input is not None:  # the layer's input: its first argument, or `inputs=`
     if args:
@@ -144,3 +162,23 @@ def params(model: nnx.Module) -> dict[str, Any]:
   def strings(tree):
     return {str(k): strings(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
   return strings(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def unquantize(model: nnx.Module) -> nnx.Module:
+  """A copy of the plain model a `quantize`d NNX model was made from: its layers' own classes, no scales."""
+  model = nnx.clone(model)
+  for _, module in nnx.iter_modules(model):
+    rule = getattr(module, 'ttq_rule', None)
+    if rule is None:
+      continue
+    for scale in rule.spec.scale_names if rule.quantized else ():
+      delattr(module, scale)
+    del module.ttq_rule, module.ttq_scale_shape
+    module.__class__ = type(module).__mro__[1]
+  return model
+
+
+def activation_modes(model: nnx.Module) -> dict[str, str]:
+  """{layer path: `activations`} of the layers whose input is quantized ('int8'), whatever their method."""
+  return {layer_path(path): module.ttq_rule.activations for path, module in nnx.iter_modules(model)
+          if getattr(module, 'ttq_rule', None) is not None and module.ttq_rule.activations != 'float'}

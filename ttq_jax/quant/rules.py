@@ -30,6 +30,7 @@ import warnings
 from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,6 +138,10 @@ class _Session:
     if context.method_name != '__call__' or module.scope is None:
       return next_fun(*args, **kwargs)
     path = '/'.join(module.scope.path)
+    if isinstance(module, nnx.bridge.ToLinen) and any(r.quantized for r in self.rules):
+      raise ValueError(f'quantize: the layers of {path or "the model"!r} are an NNX module inside Linen '
+                       f'(nnx.bridge.ToLinen({module.nnx_class.__name__})), which the rules cannot see (it would '
+                       'train in full precision): quantize the NNX module itself (quant.quantize accepts it)')
     if isinstance(module, (nn.Embed,) + KERNEL_LAYERS):
       self.layers.add(path)
     rule = first_rule(self.rules, path)
