@@ -161,7 +161,7 @@ def make_lm_smoke_config(corpus: str):
 # the other idles). Files not listed keep their order after these.
 LONGEST_FIRST = ('test_gcs.py', 'test_multihost.py', 'test_reliability.py', 'test_train.py', 'test_protocol.py',
                  'test_notebook.py', 'test_lm.py', 'test_lm_table.py', 'test_lm_study.py', 'test_scale_out.py',
-                 'test_export.py',
+                 'test_export.py', 'test_functional.py',
                  'test_configs.py', 'test_readme.py',
                  'test_state.py', 'test_checkpoint.py', 'test_byo.py', 'test_benchmark_input.py')
 
