@@ -30,7 +30,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -298,7 +297,7 @@ def bench_pipeline(args, mesh, results):
   runner = Runner(config, mesh)
   ds = input_pipeline.train_dataset(config.data, local_batch_size=args.batch_size // jax.process_count(), seed=0)
   it = input_pipeline.BatchIterator(ds, workers=input_pipeline.worker_count(config.data), threads=config.data.num_threads)
-  prefetcher = input_pipeline.Prefetcher(it, mesh, config.data.prefetch_batches)
+  prefetcher = sharding_lib.Prefetcher(it, mesh, config.data.prefetch_batches)
 
   def real():
     batch, _ = prefetcher.next()
@@ -363,11 +362,11 @@ def bench_memory(args, mesh, results):
 def bench_compile_cache(args, results):
   """Cold vs warm start (import + state + first train step) of a fresh process, same cache dir."""
   cache = tempfile.mkdtemp(prefix='ttq_cache_')
-  code = ('import time; t=time.perf_counter(); import sys; sys.path.insert(0, %r);'
+  code = ('import time; t=time.perf_counter();'
           'from experiments.benchmark import *; import jax;'
           'c = make_config(%r, %r, "ttq", %d); c.compilation_cache_dir = %r; programs_lib.setup_compilation_cache(c);'
           'm = sharding_lib.create_mesh((-1, 1), ("data", "fsdp")); r = Runner(c, m); r.train_step();'
-          'print(time.perf_counter() - t)') % (ROOT, args.model, args.dataset, args.batch_size, cache)
+          'print(time.perf_counter() - t)') % (args.model, args.dataset, args.batch_size, cache)
   times = []
   for _ in range(2):
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT)

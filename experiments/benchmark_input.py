@@ -22,14 +22,12 @@ import argparse
 import io
 import json
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from ttq_jax import imagenet_like  # noqa: E402
 from ttq_jax import augment  # noqa: E402

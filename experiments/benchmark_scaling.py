@@ -11,10 +11,8 @@ AlexNet (ImageNet shapes) at float32 and bfloat16 on the devices present.
 import argparse
 import json
 import os
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def _has_accelerator() -> bool:

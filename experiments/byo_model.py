@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import flax.linen as nn
 import jax.numpy as jnp
 from flax import nnx
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import fashion_mnist  # noqa: E402
 from ttq_jax import datasets, evaluation, export, quant, train  # noqa: E402
 

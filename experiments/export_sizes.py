@@ -15,26 +15,24 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import fashion_mnist  # noqa: E402
-from ttq_jax import export, export_format, state as state_lib  # noqa: E402
+from ttq_jax import export, export_format, state as state_lib, workdirs  # noqa: E402
 
 
 def _variables(workdir):
   """(config, variables, the model's ternary layers, what it is)."""
   config = fashion_mnist.get_config()
   if workdir:
-    _, step, state, _ = state_lib.restore(config, workdir, mesh_shape=(1, 1))
+    _, step, state, _ = workdirs.restore(config, workdir, mesh_shape=(1, 1))
     return (config, jax.device_get({'params': state.params, 'batch_stats': state.batch_stats}), state.ternary,
             f'{workdir} step {step}')
   model = state_lib.create_model(config)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -68,7 +67,6 @@ ROWS = {
 def budget_config(variant: str, budget: str):
   """configs/lm.py:<variant> at `budget`: tiny (the smoke model, a few steps: tests), cpu (the config's own:
   the committed table), gpu (a larger model and budget for one H200, experiments/gpu_check.sh lm)."""
-  sys.path.insert(0, ROOT)
   from configs import lm
   config = lm.get_config(variant)
   if budget == 'tiny':

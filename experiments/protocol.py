@@ -42,7 +42,6 @@ PAPER_TTQ_MINUS_FP = (-0.64, 0.36)  # CIFAR-10 ResNet-20/32/44/56, points of top
 
 
 def _protocol_config():
-  sys.path.insert(0, ROOT)
   from configs import fashion_mnist_protocol
   return fashion_mnist_protocol
 

@@ -31,8 +31,6 @@ import sys
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # experiments/protocol.py
 
 from configs import paper_rows  # noqa: E402
 from ttq_jax import recipes  # noqa: E402

@@ -29,10 +29,8 @@
 
 # %%
 import os
-import sys
 
 ROOT = os.path.abspath(os.path.join(os.getcwd(), '..')) if os.path.basename(os.getcwd()) == 'experiments' else os.getcwd()
-sys.path.insert(0, ROOT)
 
 
 import matplotlib.pyplot as plt

@@ -80,8 +80,8 @@ def metrics_rows(workdir) -> list[dict]:
 
 def restored(workdir, config, step=None):
   """(step, host copy of the train state) of the newest (or `step`) checkpoint, on one device."""
-  from ttq_jax import state as state_lib
-  r = state_lib.restore(config, str(workdir), step=step, mesh_shape=(1, 1))
+  from ttq_jax import workdirs
+  r = workdirs.restore(config, str(workdir), step=step, mesh_shape=(1, 1))
   return r.step, jax.device_get(r.state)
 
 

@@ -31,14 +31,14 @@ def test_byo_example_end_to_end(tmp_path):
   import numpy as np
   from flax import traverse_util
   from ttq_jax import checkpoint as ckpt
-  from ttq_jax import state as state_lib
+  from ttq_jax import workdirs
   ttq_rows = metrics_rows(tmp_path / 'ttq')
   record = json.loads((tmp_path / 'ttq' / 'init_from.json').read_text())
-  fp = state_lib.restore(None, str(tmp_path / 'fp'), model=byo_model.Net())
+  fp = workdirs.restore(None, str(tmp_path / 'fp'), model=byo_model.Net())
   fp_params = jax.device_get(fp.state.params)
   assert record['step'] == fp.step and record['params_sha256'] == ckpt.params_sha256(fp_params)
   # ... and loading copies them: every FP tensor lands at its path in the quantized model's state
-  ttq_state = state_lib.restore(None, str(tmp_path / 'ttq'), model=quant.quantize(byo_model.Net(), byo_model.RULES)).state
+  ttq_state = workdirs.restore(None, str(tmp_path / 'ttq'), model=quant.quantize(byo_model.Net(), byo_model.RULES)).state
   loaded, again_record = ckpt.load_init_from(ttq_state, str(tmp_path / 'fp'))
   assert again_record['params_sha256'] == record['params_sha256']
   flat_loaded = traverse_util.flatten_dict(jax.device_get(loaded.params), sep='/')
@@ -71,7 +71,7 @@ def test_byo_example_in_flax_nnx(tmp_path):
   import json
   import byo_model
   from ttq_jax import checkpoint as ckpt
-  from ttq_jax import state as state_lib
+  from ttq_jax import workdirs
 
   out = byo_model.run(str(tmp_path), smoke=True, api='nnx')
   ttq, summary, from_file = out['ttq'], out['export'], out['from_file']
@@ -79,7 +79,7 @@ def test_byo_example_in_flax_nnx(tmp_path):
   assert all(summary['layers'][f'params/conv_{i}/kernel']['per_channel'] for i in (0, 1))
   assert from_file['top1_accuracy'] == ttq['top1_accuracy']
   record = json.loads((tmp_path / 'ttq' / 'init_from.json').read_text())
-  fp = state_lib.restore(None, str(tmp_path / 'fp'), model=byo_model.NNXNet())
+  fp = workdirs.restore(None, str(tmp_path / 'fp'), model=byo_model.NNXNet())
   assert record['params_sha256'] == ckpt.params_sha256(fp.state.params)
 
 
@@ -89,7 +89,7 @@ def test_own_model_without_train_argument_and_own_data_rules(tmp_path):
   mean / std are refused in one line; the workdir alone (and the model) exports, evaluating needs the data."""
   import jax.numpy as jnp
   import numpy as np
-  from ttq_jax import config_check, evaluation, export, quant, train
+  from ttq_jax import evaluation, export, quant, train, workdirs
   from ttq_jax.errors import ConfigError
   from configs import fashion_mnist
 
@@ -114,7 +114,7 @@ def test_own_model_without_train_argument_and_own_data_rules(tmp_path):
   assert result['layer_rules'] == {'hidden/kernel': {'method': 'ttq', 'threshold': 'max', 't': 0.05}}
   from ttq_jax import datasets
   assert datasets.USER_DATA_NAME not in datasets.DATASETS  # nothing registered in module state
-  saved = config_check.workdir_config(None, str(tmp_path / 'run')).data
+  saved = workdirs.workdir_config(None, str(tmp_path / 'run')).data
   assert datasets.dataset_info(saved) == datasets.user_data(**data).info  # the facts travel in config.json
   # a workdir written before data.user_dataset existed kept the facts in WORKDIR/user_dataset.json
   import dataclasses

@@ -15,6 +15,7 @@ import pytest
 from tests.conftest import ROOT
 from ttq_jax import checkpoint as ckpt
 from ttq_jax import state as state_lib
+from ttq_jax import workdirs
 from ttq_jax import train
 from ttq_jax.errors import CheckpointError
 
@@ -99,14 +100,14 @@ def test_each_kind_on_the_newest_of_three_steps(three_steps, tmp_path, monkeypat
   error, kind = INJECTED[case]
   calls = _inject(monkeypatch, error)
   if kind == 'corrupt':  # falls back to the newest readable step; reading moves nothing
-    assert state_lib.restore(config, workdir).step == 4 and calls == [6, 4]
+    assert workdirs.restore(config, workdir).step == 4 and calls == [6, 4]
     assert _listing(workdir) == before
     moved = ckpt.quarantine_newer(ckpt.create_manager(workdir), workdir, 4)  # what training then does: 6 only
     assert [os.path.basename(m) for m in moved] == ['step_6']
     assert os.path.isdir(os.path.join(workdir, 'checkpoints', '4'))
   elif kind == 'transient':  # retried, then one line (a CheckpointError: exit 2 from the command line)
     with pytest.raises(CheckpointError, match='step 6 .* failed 3 times with a transient store error') as e:
-      state_lib.restore(config, workdir)
+      workdirs.restore(config, workdir)
     assert '\n' not in str(e.value) and 'nothing was moved' in str(e.value) and calls == [6, 6, 6]
     assert _listing(workdir) == before
   else:  # a bug keeps its type and traceback; no fallback to an older step
@@ -128,7 +129,7 @@ def test_each_kind_in_a_bucket_workdir(three_steps, gcs):
   script = textwrap.dedent('''
       import jax
       from configs import fashion_mnist
-      from ttq_jax import checkpoint as ckpt, state as state_lib
+      from ttq_jax import checkpoint as ckpt, workdirs
       from ttq_jax.errors import CheckpointError
       config = fashion_mnist.get_config('smoke')
       config.mesh_shape, config.compilation_cache_dir = (1, 1), ''
@@ -144,7 +145,7 @@ def test_each_kind_in_a_bucket_workdir(three_steps, gcs):
           return real(manager, s, *args)
         ckpt._restore_step = read
         try:
-          print(name, 'restored', state_lib.restore(config, 'gs://ttq/inject').step, calls)
+          print(name, 'restored', workdirs.restore(config, 'gs://ttq/inject').step, calls)
         except CheckpointError as e:
           print(name, 'CheckpointError', calls, str(e).count(chr(10)))
         except RuntimeError as e:

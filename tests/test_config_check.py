@@ -4,6 +4,7 @@ and the workdir guard refuses a changed model/data config."""
 import pytest
 
 from ttq_jax import config_check
+from ttq_jax import workdirs
 from ttq_jax import export_format
 from ttq_jax import optim
 from ttq_jax import programs
@@ -109,27 +110,27 @@ def test_init_from_without_warmup_and_fp_runs_with_both_are_fine(smoke_config):
 
 def test_workdir_guard(smoke_config, tmp_path):
   wd = str(tmp_path)
-  config_check.prepare_workdir(smoke_config, wd)
+  workdirs.prepare_workdir(smoke_config, wd)
   smoke_config.learning_rate = 0.5
   smoke_config.num_train_steps = 99
-  config_check.prepare_workdir(smoke_config, wd)  # schedule changes are fine
+  workdirs.prepare_workdir(smoke_config, wd)  # schedule changes are fine
   smoke_config.model.name = 'resnet20'
   smoke_config.quant.method = 'twn'
   with pytest.raises(ConfigError, match="model.name: 'resnet_tiny' -> 'resnet20', quant.method: 'ttq' -> 'twn'"):
-    config_check.prepare_workdir(smoke_config, wd)
+    workdirs.prepare_workdir(smoke_config, wd)
   smoke_config.allow_config_change = True
-  config_check.prepare_workdir(smoke_config, wd)
+  workdirs.prepare_workdir(smoke_config, wd)
 
 
 def test_workdir_guard_on_the_ternary_kernel_lr_multiplier():
   """It changes a TTQ run's optimizer state, so a TTQ workdir refuses another value (a saved config
   from before the key existed counts as 1.0); FP / TWN runs do not use it, so it is not compared."""
   old = {'quant': {'method': 'ttq'}}  # written before the key existed
-  assert config_check.changed_guarded_fields(old, {'quant': {'method': 'ttq'}, 'ternary_kernel_lr_multiplier': 1.0}) == []
-  assert config_check.changed_guarded_fields(old, {'quant': {'method': 'ttq'}, 'ternary_kernel_lr_multiplier': 10.0}) == [
+  assert workdirs.changed_guarded_fields(old, {'quant': {'method': 'ttq'}, 'ternary_kernel_lr_multiplier': 1.0}) == []
+  assert workdirs.changed_guarded_fields(old, {'quant': {'method': 'ttq'}, 'ternary_kernel_lr_multiplier': 10.0}) == [
       'ternary_kernel_lr_multiplier']
   twn = {'quant': {'method': 'twn'}}
-  assert config_check.changed_guarded_fields(twn, {'quant': {'method': 'twn'}, 'ternary_kernel_lr_multiplier': 10.0}) == []
+  assert workdirs.changed_guarded_fields(twn, {'quant': {'method': 'twn'}, 'ternary_kernel_lr_multiplier': 10.0}) == []
 
 
 @pytest.mark.parametrize('saved_threshold,current,changed', [
@@ -143,13 +144,13 @@ def test_workdir_guard_on_the_ternary_kernel_lr_multiplier():
 def test_configs_saved_before_the_threshold_choice_compare_by_the_rule_in_force(saved_threshold, current, changed):
   saved = {'quant': {'method': current['method'], 'threshold': saved_threshold, 't': 0.05}}  # no quant.k
   now = {'quant': {**current, 't': 0.05, 'k': 0.7}}
-  assert config_check.changed_guarded_fields(saved, now) == changed
+  assert workdirs.changed_guarded_fields(saved, now) == changed
 
 
 def test_a_workdir_saved_without_the_new_keys_resumes(smoke_config, tmp_path, caplog):
   """A run written before `quant.k`, `model.bn_*`, `fp_warmup_steps`, `quant.activations` (its config.json
-  lacks them and says threshold 'max') resumes under today's config: the values it ran with are today's
-  defaults (`VALUE_IF_ABSENT`)."""
+  lacks them and says threshold 'max') resumes under today's config: a key a saved config lacks means its default
+  (`config_check.schema()`, the one defaults table), and the run ran with exactly those values."""
   import json
   import os
   from ttq_jax import train
@@ -160,10 +161,11 @@ def test_a_workdir_saved_without_the_new_keys_resumes(smoke_config, tmp_path, ca
   saved = json.load(open(path))
   for section, key in (('quant', 'k'), ('model', 'bn_unbiased_variance'), ('model', 'bn_bias_init'),
                        ('quant', 'activations')):
-    assert section + '.' + key in config_check.VALUE_IF_ABSENT
+    assert saved[section][key] == config_check.schema()[f'{section}.{key}']
     del saved[section][key]
-  assert 'fp_warmup_steps' in config_check.VALUE_IF_ABSENT
+  assert saved['fp_warmup_steps'] == config_check.schema()['fp_warmup_steps']
   del saved['fp_warmup_steps']
+  assert workdirs.saved_values(saved)['quant.k'] == 0.7 and workdirs.saved_values(saved)['fp_warmup_steps'] == 0
   saved['quant']['threshold'] = 'max'
   json.dump(saved, open(path, 'w'))
   smoke_config.num_train_steps = 6

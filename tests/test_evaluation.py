@@ -12,6 +12,7 @@ from ttq_jax import evaluation
 from ttq_jax import models
 from ttq_jax import state as state_lib
 from ttq_jax import tasks
+from ttq_jax import workdirs
 
 
 class BNOnly(nn.Module):
@@ -65,7 +66,6 @@ def test_the_workdirs_config_decides_eval_and_export(smoke_config, tmp_path, cap
   import os
   from ttq_jax import config_check, export, train
   workdir = str(tmp_path / 'run')
-  from ttq_jax import state as state_lib
   c = smoke_config.copy_and_resolve_references()
   c.fp_warmup_steps = 4  # ternary from step 5 of 6
   c.quant.t = 0.1  # a nested key, trained with
@@ -80,16 +80,16 @@ def test_the_workdirs_config_decides_eval_and_export(smoke_config, tmp_path, cap
   assert 'quant.t (saved 0.1, given 0.3)' in caplog.text
   assert ev['top1_accuracy'] == pytest.approx(result['top1_accuracy']) and ev['sparsity'] == pytest.approx(result['sparsity'])
   assert evaluation.evaluate_workdir(None, workdir)['top1_accuracy'] == pytest.approx(result['top1_accuracy'])
-  restored = state_lib.restore(smoke_config, workdir)
+  restored = workdirs.restore(smoke_config, workdir)
   assert {layer.quant.t for layer in restored.state.ternary} == {0.1}  # the saved nested value, not the given one
   exported = export.export_workdir(smoke_config, workdir)
   assert exported['step'] == 6  # not refused as a warm-up checkpoint
   assert {k.removeprefix('params/'): r['sparsity'] for k, r in exported['layers'].items()} == pytest.approx(result['sparsity'])
   assert json.load(open(os.path.join(workdir, 'config.json')))['fp_warmup_steps'] == 4  # nothing rewritten
   # explicit overrides: only what may change
-  config_check.check_overrides(workdir, ['eval_batch_size', 'data.data_dir'])
+  workdirs.check_overrides(workdir, ['eval_batch_size', 'data.data_dir'])
   with pytest.raises(config_check.ConfigError, match=r'--config.quant.t cannot be changed when evaluating'):
-    config_check.check_overrides(workdir, ['eval_batch_size', 'quant.t'])
+    workdirs.check_overrides(workdir, ['eval_batch_size', 'quant.t'])
   import subprocess
   import sys
   from tests.conftest import ROOT

@@ -12,6 +12,7 @@ from ttq_jax import export_format
 from ttq_jax import models
 from ttq_jax import quant
 from ttq_jax.quant import QuantConfig
+from ttq_jax.quant import packing as packing_lib
 
 TTQ = QuantConfig()
 
@@ -25,15 +26,15 @@ TTQ = QuantConfig()
     ('base3', [2, 2, 2, 2, 2], [242]),
 ])
 def test_hand_packed_bytes(packing, codes, packed):
-  assert export_format.pack(np.array(codes), packing).tolist() == packed
-  assert export_format.unpack(np.array(packed, np.uint8), len(codes), packing).tolist() == codes
+  assert packing_lib.pack(np.array(codes), packing).tolist() == packed
+  assert packing_lib.unpack(np.array(packed, np.uint8), len(codes), packing).tolist() == codes
 
 
 @pytest.mark.parametrize('packing', ['2bit', 'base3'])
 def test_stored_codes_meaning(packing):
   """Stored code 0 -> 0, 1 -> +w_p, 2 -> -w_n (C order), decoded as `read` decodes: through TernaryWeights."""
   from ttq_jax.quant import TernaryWeights
-  data = export_format.pack(np.array([0, 1, 2, 1]), packing)
+  data = packing_lib.pack(np.array([0, 1, 2, 1]), packing)
   weights = TernaryWeights.unpack(data, (2, 2), 0.5, 0.25, packing)
   np.testing.assert_array_equal(weights.codes, [[0, 1], [-1, 1]])
   np.testing.assert_array_equal(weights.dense(), [[0.0, 0.5], [-0.25, 0.5]])
@@ -42,7 +43,7 @@ def test_stored_codes_meaning(packing):
 @pytest.mark.parametrize('packing', ['2bit', 'base3'])
 def test_random_codes_round_trip(packing):
   codes = np.random.default_rng(0).integers(0, 3, 1001).astype(np.uint8)
-  np.testing.assert_array_equal(export_format.unpack(export_format.pack(codes, packing), 1001, packing), codes)
+  np.testing.assert_array_equal(packing_lib.unpack(packing_lib.pack(codes, packing), 1001, packing), codes)
 
 
 @pytest.mark.parametrize('data,n,packing,msg', [
@@ -53,7 +54,7 @@ def test_random_codes_round_trip(packing):
 ])
 def test_invalid_packed_data(data, n, packing, msg):
   with pytest.raises(export_format.ExportError, match=msg):
-    export_format.unpack(np.array(data, np.uint8), n, packing, name='t')
+    packing_lib.unpack(np.array(data, np.uint8), n, packing, name='t')
 
 
 def ttq_variables(name='resnet_tiny', shape=(2, 28, 28, 1)):

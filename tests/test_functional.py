@@ -17,7 +17,7 @@ from flax import nnx
 
 from tests.conftest import make_lm_smoke_config, metrics_rows
 from tests.quant.test_nnx import RULES, TERNARY, Block
-from ttq_jax import evaluation, export, functional, lm, lm_nnx, quant, state as state_lib, train
+from ttq_jax import evaluation, export, functional, lm, lm_nnx, quant, state as state_lib, train, workdirs
 from ttq_jax.errors import ConfigError
 
 
@@ -166,7 +166,7 @@ def test_nnx_model_trains_and_reports_its_layers(nnx_run):
   rows = metrics_rows(workdir)
   assert [r['step'] for r in rows] == [4, 8] and rows[1]['train_loss'] < rows[0]['train_loss']
   assert 'flip_rate/conv' in rows[1] and 'near_threshold/blocks/0/up' in rows[0]
-  state = state_lib.restore(None, workdir, model=model).state
+  state = workdirs.restore(None, workdir, model=model).state
   assert float(np.abs(state.batch_stats['bn']['mean']).sum()) > 0  # BN statistics trained and checkpointed
 
 
@@ -179,7 +179,7 @@ def test_nnx_model_resumes_bit_for_bit_and_evaluates_to_trainings_number(nnx_run
   os.remove(os.path.join(resumed, 'metrics.jsonl'))
   again = train.train_and_evaluate(config, resumed, model=model, data=data)
   assert [r['step'] for r in metrics_rows(resumed)] == [8]
-  a, b = (state_lib.restore(None, w, model=model).state for w in (workdir, resumed))
+  a, b = (workdirs.restore(None, w, model=model).state for w in (workdir, resumed))
   for x, y in zip(jax.tree.leaves((a.params, a.batch_stats, a.opt_state)), jax.tree.leaves((b.params, b.batch_stats,
                                                                                           b.opt_state))):
     np.testing.assert_array_equal(x, y)

@@ -27,8 +27,9 @@ def _params_equal_script(a: str, b: str) -> str:
 import jax, numpy as np
 from configs import fashion_mnist
 from ttq_jax import state as state_lib
+from ttq_jax import workdirs
 c = fashion_mnist.get_config('smoke')
-(_, sa, ta, _), (_, sb, tb, _) = (state_lib.restore(c, w, step=None, model=None) for w in ({a!r}, {b!r}))
+(_, sa, ta, _), (_, sb, tb, _) = (workdirs.restore(c, w, step=None, model=None) for w in ({a!r}, {b!r}))
 la, lb = jax.tree.leaves(jax.device_get(ta)), jax.tree.leaves(jax.device_get(tb))
 print('STEPS', sa, sb, 'EQUAL', len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb)))
 '''

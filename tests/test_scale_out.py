@@ -13,6 +13,7 @@ from ttq_jax import evaluation
 from ttq_jax import input_pipeline
 from ttq_jax import sharding as sharding_lib
 from ttq_jax import state as state_lib
+from ttq_jax import workdirs
 from ttq_jax import train
 
 
@@ -33,7 +34,7 @@ def test_checkpoint_from_4_devices_continues_on_1_and_8(smoke_config, tmp_path):
   shutil.rmtree(os.path.join(base, 'checkpoints', '6'))
   _, saved = restored(base, smoke_config)
   for shape in [(1, 1), (8, 1), (2, 4)]:
-    r = state_lib.restore(smoke_config, base, mesh_shape=shape)
+    r = workdirs.restore(smoke_config, base, mesh_shape=shape)
     assert r.step == 3 and len(r.mesh.devices.flat) == shape[0] * shape[1]
     for x, y in zip(jax.tree.leaves(jax.device_get(r.state)), jax.tree.leaves(saved)):
       np.testing.assert_array_equal(x, y)

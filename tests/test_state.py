@@ -11,6 +11,7 @@ from tests.conftest import metrics_rows, restored
 from tests.test_train import programs_state_batches
 from ttq_jax import checkpoint as ckpt
 from ttq_jax import state as state_lib
+from ttq_jax import workdirs
 from ttq_jax import train
 from ttq_jax.errors import CheckpointError
 from ttq_jax.quant import QuantConfig, TernaryLayer
@@ -57,7 +58,7 @@ def test_start_ternary_sets_paretoq_alpha_from_the_kernel(smoke_config, granular
 
 def test_restore_of_an_empty_workdir_is_a_checkpoint_error(smoke_config, tmp_path):
   with pytest.raises(CheckpointError, match='has no checkpoints'):
-    state_lib.restore(smoke_config, str(tmp_path))
+    workdirs.restore(smoke_config, str(tmp_path))
 
 
 @pytest.mark.slow
@@ -196,5 +197,5 @@ def test_a_checkpoint_of_another_state_structure_is_named_as_such(smoke_config, 
   manager.close()
   smoke_config.ternary_kernel_lr_multiplier = 10.0
   with pytest.raises(CheckpointError, match='hold another state structure than this run builds') as e:
-    state_lib.restore(smoke_config, str(tmp_path))
+    workdirs.restore(smoke_config, str(tmp_path))
   assert '\n' not in str(e.value)

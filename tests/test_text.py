@@ -1,7 +1,6 @@
 """The byte-level text corpus of ttq_jax/text.py on a tiny folder written here (never the apt package)."""
 
 import hashlib
-import math
 
 import numpy as np
 import pytest
@@ -57,11 +56,6 @@ def test_evaluation_scores_every_byte_after_the_first_once(n, seq_len):
   for w, m in zip(windows, mask):  # the context of each target is the bytes just before it
     for j in np.flatnonzero(m):
       assert w[j] + 1 == w[j + 1]
-
-
-def test_bits_per_byte_by_hand():
-  assert text.bits_per_byte(100 * math.log(256), 100) == pytest.approx(8.0)  # uniform over 256 bytes
-  assert text.bits_per_byte(0.5 * math.log(2) * 10, 10) == pytest.approx(0.5)
 
 
 def test_corpus_digest_and_a_missing_corpus(corpus, tmp_path_factory):

@@ -14,6 +14,7 @@ import pytest
 from tests.conftest import metrics_rows, restored, scaled_allclose
 from ttq_jax import evaluation
 from ttq_jax import input_pipeline
+from ttq_jax import loop
 from ttq_jax import sharding as sharding_lib
 from ttq_jax import state as state_lib
 from ttq_jax import train
@@ -162,24 +163,24 @@ def test_non_finite_step_is_skipped_and_reported(smoke_config):
   for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(new_state.params))):
     np.testing.assert_array_equal(x, y)
   with pytest.raises(NonFiniteError, match='not finite at step 7'):
-    train.summarize_pending([(7, metrics)], lambda s: 0.1)
+    loop.summarize_pending([(7, metrics)], lambda s: 0.1)
 
 
 def test_summarize_pending_averages_and_reads_the_rate_of_the_last_step():
   pending = [(s, {'train_loss': jnp.float32(l), 'grad_norm': jnp.float32(1.0), 'finite': jnp.bool_(True)})
              for s, l in ((4, 1.0), (5, 2.0), (6, 4.5))]
-  row = train.summarize_pending(pending, lambda step: 0.01 * step)
+  row = loop.summarize_pending(pending, lambda step: 0.01 * step)
   assert row == {'train_loss': 2.5, 'grad_norm': 1.0, 'learning_rate': pytest.approx(0.05)}  # lr of step index 5
 
 
 @pytest.mark.parametrize('step,every,due', [(10, 5, True), (11, 5, False), (10, 0, False), (0, 3, True)])
 def test_is_due(step, every, due):
-  assert train.is_due(step, every) is due
+  assert loop.is_due(step, every) is due
 
 
 def test_stop_signal_records_and_restores_handlers():
   previous = signal.getsignal(signal.SIGTERM)
-  with train.StopSignal() as stop:
+  with loop.StopSignal() as stop:
     assert stop.signum is None
     os.kill(os.getpid(), signal.SIGTERM)  # recorded, not fatal
     deadline = time.time() + 5

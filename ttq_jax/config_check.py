@@ -1,4 +1,4 @@
-"""Config validation and the workdir guard: every bad value is a one-line ConfigError.
+"""Config validation: every bad value is a one-line ConfigError (a workdir's saved config: `workdirs`).
 
 The allowed values of each choice are the keys of the dispatch table that the code runs through,
 so nothing is allowed here that has no code behind it.
@@ -8,23 +8,21 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 import re
 
-import ml_collections
+from flax import traverse_util
 
 from ttq_jax import augment
 from ttq_jax import datasets
 from ttq_jax import export_format
-from ttq_jax import files
 from ttq_jax import models
 from ttq_jax import optim
 from ttq_jax import programs
 from ttq_jax import state as state_lib
 from ttq_jax import steps as steps_lib
 from ttq_jax.errors import ConfigError
-from ttq_jax.quant import METHODS, SCALE_INITS, QuantConfig
+from ttq_jax.quant import SCALE_INITS, QuantConfig
 
 # config key -> the dispatch table that owns its allowed values
 CHOICES = {
@@ -42,18 +40,6 @@ CHOICES = {
     'xla_cpu_ynn_fusion': programs.YNN_FUSION_MODES,
 }
 POSITIVE_INTS = ('batch_size', 'eval_batch_size', 'log_every_steps', 'checkpoint_every_steps')
-# Fields that change what the model or data are: a workdir trained with other values is refused.
-GUARDED_PREFIXES = ('model.', 'quant.', 'data.name', 'data.seq_len', 'data.limit_examples', 'data.validation_examples', 'dtype', 'seed', 'fp_warmup_epochs',
-                    'fp_warmup_steps', 'init_from', 'ternary_kernel_lr_multiplier')
-# What `--mode eval` / `--mode export` may change of a workdir's saved config: how to read and evaluate it, never
-# what was trained (WORKDIR/config.json decides that).
-EVAL_OVERRIDABLE = ('eval_batch_size', 'eval_step', 'restore_from', 'data.data_dir', 'data.worker_processes',
-                    'data.num_threads', 'data.prefetch_batches', 'bn_recalibration_batches', 'export.packing',
-                    'export.bn_statistics',
-                    'log_every_steps', 'mesh_shape', 'mesh_axes', 'compilation_cache_dir', 'xla_cpu_ynn_fusion',
-                    'allow_config_change')
-
-
 def _get(config, dotted: str):
   value = config
   for part in dotted.split('.'):
@@ -75,6 +61,11 @@ def schema() -> dict:
 def schema_keys() -> set[str]:
   """Every config key (flattened)."""
   return set(schema())
+
+
+def flatten(tree: dict) -> dict:
+  """{dotted key: value} of a nested config dict (the one flattener of configs)."""
+  return traverse_util.flatten_dict(tree, sep='.')
 
 
 def check_keys(config) -> None:
@@ -165,10 +156,6 @@ def validate(config, *, custom_model: bool = False) -> None:
                       'rescaled to scale_learning_rate, so learning_rate must be > 0')
 
 
-# What a row needs before its ternary training starts (the `warm_start` of `reproduce.py --describe`).
-WARM_STARTS = ('required', 'in_run', 'none')
-
-
 def warm_start(config) -> str:
   """'required': the run refuses to start without a full-precision checkpoint (`init_from`); 'in_run': its
   own full-precision warm-up (`fp_warmup_epochs`); 'none': ternary from the first step (or a FP run)."""
@@ -185,181 +172,3 @@ def check_warm_start(config) -> None:
     raise ConfigError(f'this config fine-tunes a full-precision model and init_from is empty: first run '
                       f'`python -m ttq_jax.main --config {config.warm_start_config} --workdir FP_WORKDIR`, then pass '
                       f'--config.init_from=FP_WORKDIR (or --config.fp_warmup_epochs=N for an in-run warm-up)')
-
-
-def flatten(d, prefix: str = '') -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(flatten(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
-
-
-# Guarded keys added after workdirs already existed: a saved config without one ran with this value.
-VALUE_IF_ABSENT = {'ternary_kernel_lr_multiplier': 1.0, 'quant.k': 0.7, 'model.bn_unbiased_variance': False,
-                   'model.bn_bias_init': 'zeros', 'fp_warmup_steps': 0, 'quant.activations': 'float',
-                   'model.depth': 0, 'model.width': 0, 'model.num_heads': 0, 'model.mlp_width': 0,
-                   'model.activation': '', 'data.seq_len': 256, 'quant.scale_granularity': 'tensor'}
-
-
-def complete(saved: dict) -> ml_collections.ConfigDict:
-  """A saved config (config.json, an export's metadata) as a locked config with every key of this version: the
-  saved values as the run ran them (`saved_values`), keys added since at their defaults."""
-  effective = ml_collections.ConfigDict()
-  for key, value in {**schema(), **saved_values(saved)}.items():
-    node = effective
-    for part in key.split('.')[:-1]:
-      if part not in node:
-        node[part] = ml_collections.ConfigDict()
-      node = node[part]
-    node[key.split('.')[-1]] = _tuples(value)
-  effective.lock()
-  return effective
-
-
-def saved_values(saved: dict) -> dict:
-  """A saved config.json, flattened, as the run it describes ran: keys added since take `VALUE_IF_ABSENT`, and
-  a config saved before `quant.k` existed ran TWN with TWN's own rule whatever its `quant.threshold` said."""
-  flat = flatten(saved)
-  out = {**VALUE_IF_ABSENT, **flat}
-  if 'quant.k' not in flat and out.get('quant.method') == 'twn':
-    out['quant.threshold'] = None
-  return out
-
-
-def canonical_quant(flat: dict) -> dict:
-  """`flat` (a flattened config) with `quant.threshold` and `quant.scale_init` as the rules in force: None is the
-  method's own, and a method without trained scales has no scale init."""
-  flat = dict(flat)
-  method = METHODS.get(flat.get('quant.method'))
-  if flat.get('quant.threshold') is None:
-    flat['quant.threshold'] = method.own_threshold if method else None
-  if method and not method.trained_scales:
-    flat['quant.scale_init'] = None
-  elif flat.get('quant.scale_init') is None:
-    flat['quant.scale_init'] = method.own_scale_init if method else None
-  return flat
-
-
-def changed_guarded_fields(saved: dict, current: dict) -> list[str]:
-  a = canonical_quant(saved_values(saved))
-  b = canonical_quant({**VALUE_IF_ABSENT, **flatten(current)})
-  keys = sorted(set(a) | set(b))
-  method = METHODS.get(b.get('quant.method'))
-  if not (method and method.trained_scales):  # only TTQ runs use it (and only then is it in the optimizer state)
-    keys = [k for k in keys if k != 'ternary_kernel_lr_multiplier']
-  return [k for k in keys if k.startswith(GUARDED_PREFIXES) and
-          json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True)]
-
-
-def check_writable(workdir: str) -> None:
-  """Creates `workdir` and writes and deletes a probe file in it, or fails in one line naming it."""
-  probe = files.join(workdir, f'.write_test-{os.getpid()}')
-  try:
-    files.makedirs(workdir)
-    files.write_text(probe, '')
-    files.remove(probe)
-  except Exception as e:  # noqa: BLE001 - any store error (missing bucket, no permission, unreachable) is the answer
-    reason = getattr(e, 'strerror', None) or (str(e).splitlines() or [type(e).__name__])[0]
-    raise ConfigError(f'workdir={workdir!r} is not writable: {reason}') from None
-
-
-def prepare_workdir(config, workdir: str, write: bool = True) -> None:
-  """Creates `workdir` (or fails in one line), refuses a changed model/data config, saves config.json."""
-  check_writable(workdir)
-  path = files.join(workdir, 'config.json')
-  current = json.loads(config.to_json_best_effort())
-  if files.exists(path):
-    try:
-      saved = json.loads(files.read_text(path))
-    except (OSError, ValueError):
-      saved = None
-    if saved is not None:
-      changed = changed_guarded_fields(saved, current)
-      if changed and not config.allow_config_change:
-        details = ', '.join(f'{k}: {flatten(saved).get(k)!r} -> {flatten(current).get(k)!r}' for k in changed[:6])
-        raise ConfigError(f'workdir {workdir} holds a run with a different model/data config ({details}); '
-                          'use a new --workdir or pass --config.allow_config_change=true')
-  if write:
-    write_config(config, workdir)
-
-
-def write_config(config, workdir: str) -> None:
-  """Saves the run's config as WORKDIR/config.json (atomically, process 0 only)."""
-  import jax
-  if jax.process_index() == 0:
-    files.write_json(files.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
-
-
-# --------------------------------------------------------------------------- a workdir's own config
-
-
-def _tuples(value):
-  """JSON lists back to the tuples every sequence-valued config key holds."""
-  if isinstance(value, dict):
-    return {k: _tuples(v) for k, v in value.items()}
-  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
-
-
-def _set(config, dotted: str, value) -> None:
-  *parents, leaf = dotted.split('.')
-  for part in parents:
-    config = config[part]
-  config[leaf] = value
-
-
-def check_overrides(workdir: str, keys, config=None) -> None:
-  """`--mode eval` / `export`: an explicit `--config.KEY=VALUE` may only change `EVAL_OVERRIDABLE` keys of
-  a workdir that has a saved config (it decides everything else); repeating a saved value changes nothing and
-  passes (`config`: the config with the overrides applied)."""
-  path = files.join(workdir, 'config.json')
-  bad = sorted(k for k in keys if k not in EVAL_OVERRIDABLE)
-  if not bad or not files.exists(path):
-    return
-  saved = canonical_quant(saved_values(json.loads(files.read_text(path))))
-  given = canonical_quant({**VALUE_IF_ABSENT, **flatten(json.loads(config.to_json_best_effort()))}) if config else {}
-  changed = [k for k in bad if not config or json.dumps(given.get(k), sort_keys=True) != json.dumps(saved.get(k), sort_keys=True)]
-  if changed:
-    raise ConfigError(f'--config.{changed[0]} cannot be changed when evaluating or exporting {workdir}: its config.json '
-                      f'says what was trained ({changed[0]}={saved.get(changed[0])!r}); allowed to change are '
-                      f'{", ".join(EVAL_OVERRIDABLE)}')
-
-
-def workdir_config(config, workdir: str):
-  """The config of what `workdir` holds: its saved config.json, with the `EVAL_OVERRIDABLE` keys taken from
-  `config` (None: the saved config alone). Any other key where `config` differs from the saved one (e.g. a
-  config file without the overrides the run was trained with) is named in one warning and the saved value
-  is used. A workdir without config.json: `config` as it is (required then)."""
-  path = files.join(workdir, 'config.json')
-  if not files.exists(path):
-    if config is None:
-      raise ConfigError(f'workdir {workdir} has no config.json: pass --config (the config it was trained with)')
-    return config
-  try:
-    saved = json.loads(files.read_text(path))
-  except ValueError as e:
-    raise ConfigError(f'{path} is not readable JSON ({e}): pass --config and restore it') from None
-  saved_flat = saved_values(saved)
-  if config is None:
-    return complete(saved)
-  effective = ml_collections.ConfigDict(config.to_dict())  # `config`'s keys and types, unlocked
-  given = canonical_quant({**VALUE_IF_ABSENT, **flatten(json.loads(config.to_json_best_effort()))})
-  same_rule = canonical_quant(saved_flat)
-  differ = []
-  for key, value in saved_flat.items():
-    if key in EVAL_OVERRIDABLE:
-      continue
-    if json.dumps(given.get(key), sort_keys=True) != json.dumps(same_rule.get(key), sort_keys=True):
-      differ.append(f'{key} (saved {value!r}, given {given.get(key)!r})')
-    try:
-      _set(effective, key, _tuples(value))
-    except (KeyError, AttributeError):  # a key this version no longer has
-      continue
-  if differ:
-    logging.warning('the config given differs from %s in %s: the saved values are used (what may change for eval / '
-                    'export: %s)', path, ', '.join(differ[:6]) + (f' and {len(differ) - 6} more' if len(differ) > 6 else ''),
-                    ', '.join(EVAL_OVERRIDABLE))
-  effective.lock()
-  return effective

@@ -18,6 +18,7 @@ import zlib
 import numpy as np
 
 from ttq_jax import files
+from ttq_jax import text
 from ttq_jax.errors import ConfigError, DataError
 
 FASHION_MNIST_FILES = {
@@ -127,7 +128,6 @@ def dataset_info(data_config) -> DatasetInfo:
     raise ConfigError(f'data.name={name!r} is unknown: allowed are {", ".join(sorted(DATASETS))}'
                       + (' (your own data: pass data=...)' if name == USER_DATA_NAME else ''))
   if DATASETS[name].reader == 'text' and not isinstance(data_config, dict):
-    from ttq_jax import text  # noqa: PLC0415 - the corpus is read only for text datasets
     return text.dataset_facts(DATASETS[name], data_config)
   return DATASETS[name]
 
@@ -273,7 +273,6 @@ def get_source(data_config, split: str, user_sources: dict | None = None):
   if split not in SPLITS:
     raise ConfigError(f'split={split!r} is unknown: allowed are {", ".join(SPLITS)}')
   if dataset_info(data_config).reader == 'text':
-    from ttq_jax import text  # noqa: PLC0415
     return text.source(data_config, split)  # the split's bytes
   held_out = int(data_config.validation_examples or 0)
   if split == 'validation' and not held_out:

@@ -21,6 +21,7 @@ from ttq_jax import input_pipeline
 from ttq_jax import lm
 from ttq_jax import models
 from ttq_jax import programs as programs_lib
+from ttq_jax import run as run_lib
 from ttq_jax import reports
 from ttq_jax import sharding as sharding_lib
 from ttq_jax import state as state_lib
@@ -65,7 +66,7 @@ def evaluate(programs: programs_lib.Programs, state, batches, quantized: bool = 
   return tasks.TASKS[programs.info.task].metrics(jax.device_get(totals))
 
 
-def recalibrate_batch_stats(programs: programs_lib.Programs, state, batches, quantized: bool = True):
+def reestimate_batch_stats(programs: programs_lib.Programs, state, batches, quantized: bool = True):
   """Replaces BN running statistics by the average batch statistics of the current (ternary)
   weights over clean training batches (the running averages lag the final ternary weights)."""
   total, n = None, 0
@@ -78,15 +79,15 @@ def recalibrate_batch_stats(programs: programs_lib.Programs, state, batches, qua
   return state.replace(batch_stats=jax.tree.map(lambda x: x / n, total))
 
 
-def evaluate_columns(config, programs: programs_lib.Programs, state, batches_fn: Callable, recalibration_fn: Callable,
+def evaluate_columns(config, programs: programs_lib.Programs, state, batches_fn: Callable, reestimation_fn: Callable,
                      quantized: bool = True) -> dict[str, tuple[dict, Any]]:
   """{'running': (metrics, state)} with the training run's BN statistics and, when
   `bn_recalibration_batches` > 0, {'reestimated': (metrics, state with re-estimated statistics)}.
   `state` itself is never changed: re-estimated statistics stay out of training and its checkpoints."""
   out = {'running': (evaluate(programs, state, batches_fn(), quantized), state)}
   if config.bn_recalibration_batches > 0:
-    recalibrated = recalibrate_batch_stats(programs, state, recalibration_fn(), quantized)
-    out['reestimated'] = (evaluate(programs, recalibrated, batches_fn(), quantized), recalibrated)
+    reestimated = reestimate_batch_stats(programs, state, reestimation_fn(), quantized)
+    out['reestimated'] = (evaluate(programs, reestimated, batches_fn(), quantized), reestimated)
   return out
 
 
@@ -105,7 +106,7 @@ def eval_batches(config, source=None, split: str = 'test'):
                                      threads=config.data.num_threads)
 
 
-def recalibration_batches(config, clean=None, user_sources: dict | None = None):
+def reestimation_batches(config, clean=None, user_sources: dict | None = None):
   """The clean training batches a training run re-estimates BN statistics on (same seed, same order);
   `clean`: the run's `input_pipeline.clean_train_dataset`, if already open; `user_sources`: your own data's."""
   if clean is None:
@@ -165,37 +166,28 @@ def evaluate_workdir(config, workdir: str, *, model=None, data=None, loss_fn=Non
   """`--mode eval`: evaluates the newest (or `eval_step`) checkpoint of `workdir`, or the export named by
   `restore_from`, on the test split; writes WORKDIR/eval/step_<N>.json (export_step_<N>.json).
 
-  The workdir's saved config decides what was trained (`config_check.workdir_config`: `config` may be None,
+  The workdir's saved config decides what was trained (`workdirs.workdir_config`: `config` may be None,
   and only its `EVAL_OVERRIDABLE` keys apply). From Python, `model` / `data` / `loss_fn` are your own, as
   given to `train.train_and_evaluate`."""
-  model = functional.as_functional(model)
-  config_check.check_writable(files.resolve(workdir))  # results are written there: refuse before any work
-  config = config_check.workdir_config(config, files.resolve(workdir))
-  config, user_sources = datasets.with_user_data(config, data, files.resolve(workdir))
-  config_check.validate(config, custom_model=model is not None)
-  workdir = files.resolve(workdir)
-  programs_lib.setup_compilation_cache(config)
+  run = run_lib.for_workdir(config, workdir, model=model, data=data, loss_fn=loss_fn)
+  config, workdir, model, user_sources = run.config, run.workdir, run.model, run.user_sources
   if config.restore_from:
-    mesh = sharding_lib.create_mesh(config.mesh_shape, config.mesh_axes)
-    sharding_lib.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
-    step, state, report, file_bn = _from_export(config, mesh)
+    step, state, report, file_bn = _from_export(config, run.mesh)
     source, quantized = config.restore_from, False
     model = functional.plain(model) if model is not None else None
   else:
     if not files.isdir(ckpt.checkpoint_dir(workdir)):
       raise ckpt.CheckpointError(f'workdir {workdir} has no checkpoints to evaluate (no {ckpt.checkpoint_dir(workdir)})')
-    mesh, step, state, _ = state_lib.restore(config, workdir, step=None if config.eval_step < 0 else config.eval_step,
-                                             model=model)
-    sharding_lib.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
+    step, state, _ = run.restore(None if config.eval_step < 0 else config.eval_step)
     source, quantized = 'checkpoint', steps.is_ternary_at(config, step)
     report = reports.quant_report(state, config, quantized=quantized)
-  programs = programs_lib.Programs(config, mesh, state_lib.shardings_of(state), STEPS, model, loss_fn)
+  programs = run.programs(state, STEPS, model)
   test = lambda: eval_batches(config, datasets.get_source(config.data, 'test', user_sources))
   if config.restore_from:  # an export carries one set of BN statistics (metadata `bn_statistics`)
     columns = {file_bn: (evaluate(programs, state, test(), quantized), state)}
   else:
     columns = evaluate_columns(config, programs, state, test,
-                               lambda: recalibration_batches(config, user_sources=user_sources), quantized)
+                               lambda: reestimation_batches(config, user_sources=user_sources), quantized)
   column, metrics = headline(columns)
   result = {'step': int(step), 'source': source, **metrics, 'bn_statistics': column,
             'test': {c: m for c, (m, _) in columns.items()},

@@ -11,13 +11,14 @@ import jax
 from flax import nnx
 import numpy as np
 
-from ttq_jax import config_check
+from ttq_jax import workdirs
 from ttq_jax import datasets
+from ttq_jax import evaluation
 from ttq_jax import export_format
 from ttq_jax import files
 from ttq_jax import functional
 from ttq_jax import metric_writers
-from ttq_jax import programs as programs_lib
+from ttq_jax import run as run_lib
 from ttq_jax import quant as quant_lib
 from ttq_jax import state as state_lib
 from ttq_jax import steps
@@ -35,7 +36,7 @@ def load(path: str, model: nn.Module | None = None):
   variables, metadata, _ = export_format.read(path)
   modes = json.loads(metadata.get('activations', '{}'))  # layers whose input the trained model quantized
   if model is None:
-    model = state_lib.create_model(config_check.complete(json.loads(metadata['config'])), quantized=False)
+    model = state_lib.create_model(workdirs.complete(json.loads(metadata['config'])), quantized=False)
   model = functional.plain(functional.as_functional(model), modes)
   if isinstance(model, functional.NNXModel):
     module = model.bind(variables)
@@ -64,46 +65,40 @@ def _check_step(config, step: int) -> None:
         f'after step {start} (--config.eval_step) or evaluate this one with --mode eval')
 
 
-def _headline_bn_statistics(config, mesh, state, model, user_sources: dict | None):
+def _headline_bn_statistics(run, state):
   """(state with the BN statistics the export carries, their name): those of the headline evaluation. With
   `export.bn_statistics='reestimated'` and `bn_recalibration_batches` > 0, re-estimated on the clean training
   batches exactly as `--mode eval` does (same seed, same batches), so the file scores what the checkpoint's
   headline scores; otherwise training's running averages."""
+  config, user_sources = run.config, run.user_sources
   if config.export.bn_statistics != 'reestimated' or config.bn_recalibration_batches <= 0 or not jax.tree.leaves(
       state.batch_stats):
     return state, 'running'
-  from ttq_jax import evaluation  # noqa: PLC0415 - evaluation's steps and the recalibration stream
   try:
-    batches = list(evaluation.recalibration_batches(config, user_sources=user_sources))
+    batches = list(evaluation.reestimation_batches(config, user_sources=user_sources))
   except (ConfigError, DataError, OSError) as e:
     raise ExportError(f"export.bn_statistics='reestimated' re-estimates BN statistics on the training data, which is "
                       f'not available here ({str(e).splitlines()[0][:160]}): pass the data'
                       f'{" (data=...)" if config.data.name == datasets.USER_DATA_NAME else ""} or '
                       "export training's running statistics with --config.export.bn_statistics=running") from None
-  programs = programs_lib.Programs(config, mesh, state_lib.shardings_of(state), evaluation.STEPS, model)
-  return evaluation.recalibrate_batch_stats(programs, state, batches, quantized=True), 'reestimated'
+  return evaluation.reestimate_batch_stats(run.programs(state, evaluation.STEPS), state, batches, quantized=True), 'reestimated'
 
 
 def export_workdir(config, workdir: str, *, model=None, data=None) -> dict[str, Any]:
   """Exports the newest (or `eval_step`) checkpoint to WORKDIR/export/model.safetensors (`model`, `data`:
   your own, as given to `train.train_and_evaluate`). The workdir's saved config decides what was trained
-  (`config_check.workdir_config`; `config` may be None)."""
-  model = functional.as_functional(model)
-  config_check.check_writable(files.resolve(workdir))  # results are written there: refuse before any work
-  config = config_check.workdir_config(config, files.resolve(workdir))
-  config, user_sources = datasets.with_user_data(config, data, files.resolve(workdir))
-  config_check.validate(config, custom_model=model is not None)
+  (`workdirs.workdir_config`; `config` may be None)."""
+  run = run_lib.for_workdir(config, workdir, model=model, data=data)
+  config, workdir, model = run.config, run.workdir, run.model
   packing = config.export.packing
   _check_method(config)
-  workdir = files.resolve(workdir)
-  mesh, step, state, _ = state_lib.restore(config, workdir, step=None if config.eval_step < 0 else config.eval_step,
-                                           model=model)
+  step, state, _ = run.restore(None if config.eval_step < 0 else config.eval_step)
   _check_step(config, step)
-  state, bn_statistics = _headline_bn_statistics(config, mesh, state, model, user_sources)
+  state, bn_statistics = _headline_bn_statistics(run, state)
   params, batch_stats = jax.device_get((state.params, state.batch_stats))
   tensors = export_format.build_export(params, batch_stats, state.ternary, packing)
   path = files.join(workdir, 'export', 'model.safetensors')
-  modes = state_lib.activation_modes(model or state_lib.create_model(config), datasets.dataset_info(config.data))
+  modes = state_lib.activation_modes(run.create_model(), datasets.dataset_info(config.data))
   if jax.process_index() == 0:
     export_format.save(path, tensors, packing=packing, config=config, step=step, bn_statistics=bn_statistics,
                        activations=modes)

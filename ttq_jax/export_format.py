@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import jax
+import flax
 import numpy as np
+from flax import traverse_util
 
 from ttq_jax import files
 from ttq_jax import quant as quant_lib
 from ttq_jax.errors import ExportError
-from ttq_jax.quant.packing import PACKINGS, Packing, check_packing, codes_from_ternary, pack, unpack  # noqa: F401
+from ttq_jax.quant.packing import PACKINGS, check_packing
 
 FORMAT = 'ttq-safetensors-v2'
 FORMATS = ('ttq-safetensors-v1', FORMAT)  # v1: per-tensor scales only (read as such)
@@ -31,10 +32,9 @@ SUFFIXES = REQUIRED_SUFFIXES + ('/scale_shape',)  # scale_shape (v2): only for p
 
 
 def _flatten(tree, prefix: str) -> dict[str, np.ndarray]:
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    out[prefix + '/'.join(str(k.key) for k in path)] = np.asarray(leaf)
-  return out
+  """{prefix + '/'-joined path: array}, in the order of the sorted paths."""
+  return {prefix + '/'.join(path): np.asarray(leaf)
+          for path, leaf in sorted(traverse_util.flatten_dict(flax.core.unfreeze(tree)).items())}
 
 
 def export_tensors(params, batch_stats, layers) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

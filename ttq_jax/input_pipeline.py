@@ -1,5 +1,5 @@
-"""Input pipelines over the sources of `ttq_jax.datasets`: grain datasets of batches, worker processes and
-device prefetch.
+"""Input pipelines over the sources of `ttq_jax.datasets`: grain datasets of batches and worker processes (the
+device prefetch that follows them: `sharding.Prefetcher`; this module does not import JAX, for the workers).
 
 All datasets go through `grain.MapDataset` (random access, so the iterator state is one index and a
 resumed run sees exactly the batches it would have seen). Each process reads only its shard
@@ -231,25 +231,3 @@ class BatchIterator:
 
   def __exit__(self, *exc):
     self.close()
-
-
-class Prefetcher:
-  """Pulls host batches from a `BatchIterator` and puts `depth` of them on the devices ahead of use;
-  remembers the iterator state that follows each batch (saved with checkpoints)."""
-
-  def __init__(self, iterator, mesh, depth: int):
-    self.iterator, self.mesh, self.depth = iterator, mesh, max(1, depth)
-    self.queue: list = []
-
-  def _fill(self):
-    from ttq_jax import sharding as sharding_lib  # not at import: worker processes unpickle this module
-    while len(self.queue) < self.depth:
-      local = next(self.iterator)
-      self.queue.append((sharding_lib.global_batch(local, self.mesh), self.iterator.get_state()))
-
-  def next(self):
-    """(the next global batch on the devices, the iterator state after it)."""
-    self._fill()
-    batch, state = self.queue.pop(0)
-    self._fill()
-    return batch, state

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 VOCAB = 256  # bytes
 # `quant.Rule` paths: every attention and MLP projection of every block (embedding and head excluded)
 PROJECTIONS = r'block_\d+/(attention/(query|key|value|out)|mlp/(gate|up|down))'
-ACTIVATIONS = {'silu': nn.silu, 'relu2': lambda x: jnp.square(nn.relu(x))}  # LLaMA's SwiGLU, BitNet 2B4T's ReLU^2
+MLP_ACTIVATIONS = {'silu': nn.silu, 'relu2': lambda x: jnp.square(nn.relu(x))}  # LLaMA's SwiGLU, BitNet 2B4T's ReLU^2
 
 
 def rotary(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Array:
@@ -77,7 +77,7 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, name=name)
-    h = ACTIVATIONS[self.activation](dense(self.hidden, 'gate')(x)) * dense(self.hidden, 'up')(x)
+    h = MLP_ACTIVATIONS[self.activation](dense(self.hidden, 'gate')(x)) * dense(self.hidden, 'up')(x)
     return dense(x.shape[-1], 'down')(RMSNorm(dtype=self.dtype, name='sub_norm')(h))  # BitNet's sub-norm
 
 
@@ -109,8 +109,8 @@ class LMDecoder(nn.Module):
   def __call__(self, tokens):
     if self.width % self.num_heads or (self.width // self.num_heads) % 2:
       raise ValueError(f'width={self.width} must split into num_heads={self.num_heads} heads of even size (rotary)')
-    if self.activation not in ACTIVATIONS:
-      raise ValueError(f'activation={self.activation!r} is unknown: allowed are {", ".join(ACTIVATIONS)}')
+    if self.activation not in MLP_ACTIVATIONS:
+      raise ValueError(f'activation={self.activation!r} is unknown: allowed are {", ".join(MLP_ACTIVATIONS)}')
     x = nn.Embed(self.num_classes, self.width, embedding_init=nn.initializers.normal(0.02), name='embed')(tokens)
     x = x.astype(self.dtype)
     positions = jnp.arange(tokens.shape[-1])

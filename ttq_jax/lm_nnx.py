@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ttq_jax.lm import ACTIVATIONS, VOCAB, rotary
+from ttq_jax.lm import MLP_ACTIVATIONS, VOCAB, rotary
 
 
 class RMSNorm(nnx.Module):
@@ -64,7 +64,7 @@ class MLP(nnx.Module):
     self.activation = activation
 
   def __call__(self, x):
-    h = ACTIVATIONS[self.activation](self.gate(x)) * self.up(x)
+    h = MLP_ACTIVATIONS[self.activation](self.gate(x)) * self.up(x)
     return self.down(self.sub_norm(h))
 
 
@@ -87,8 +87,8 @@ class LMDecoderNNX(nnx.Module):
                mlp_width: int = 688, activation: str = 'silu', dtype: Any = jnp.float32, *, rngs: nnx.Rngs):
     if width % num_heads or (width // num_heads) % 2:
       raise ValueError(f'width={width} must split into num_heads={num_heads} heads of even size (rotary)')
-    if activation not in ACTIVATIONS:
-      raise ValueError(f'activation={activation!r} is unknown: allowed are {", ".join(ACTIVATIONS)}')
+    if activation not in MLP_ACTIVATIONS:
+      raise ValueError(f'activation={activation!r} is unknown: allowed are {", ".join(MLP_ACTIVATIONS)}')
     self.embed = nnx.Embed(num_classes, width, embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
     self.depth, self.dtype = depth, dtype
     for i in range(depth):

@@ -71,8 +71,8 @@ def main(argv):
     _fail('--workdir is required')
   try:
     if reads_workdir:
-      from ttq_jax import config_check  # noqa: PLC0415 - imports JAX; only the modes that read a workdir need it
-      config_check.check_overrides(FLAGS.workdir, explicit_overrides(sys.argv), config)
+      from ttq_jax import workdirs  # noqa: PLC0415 - imports JAX; only the modes that read a workdir need it
+      workdirs.check_overrides(FLAGS.workdir, explicit_overrides(sys.argv), config)
     runner.run(config, FLAGS.workdir, FLAGS.mode, coordinator_address=FLAGS.coordinator_address,
                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   except errors.USER_ERRORS as e:  # anything else is a bug and keeps its traceback

@@ -1,4 +1,5 @@
-"""Device mesh and shardings (pjit style: `jax.jit` with `NamedSharding`, no pmap).
+"""Device mesh and shardings (pjit style: `jax.jit` with `NamedSharding`, no pmap), and the device prefetch of
+global batches (`Prefetcher`).
 
 The batch is split over every mesh axis (('data', 'fsdp') by default: pure data parallelism while
 fsdp = 1). Parameters are replicated, except that with an 'fsdp' axis larger than 1 each large
@@ -77,3 +78,24 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
   """Assembles each process's rows into one global array sharded over the batch axes."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+class Prefetcher:
+  """Pulls host batches from a `BatchIterator` and puts `depth` of them on the devices ahead of use;
+  remembers the iterator state that follows each batch (saved with checkpoints)."""
+
+  def __init__(self, iterator, mesh, depth: int):
+    self.iterator, self.mesh, self.depth = iterator, mesh, max(1, depth)
+    self.queue: list = []
+
+  def _fill(self):
+    while len(self.queue) < self.depth:
+      local = next(self.iterator)
+      self.queue.append((global_batch(local, self.mesh), self.iterator.get_state()))
+
+  def next(self):
+    """(the next global batch on the devices, the iterator state after it)."""
+    self._fill()
+    batch, state = self.queue.pop(0)
+    self._fill()
+    return batch, state

@@ -193,19 +193,3 @@ def create_mesh_and_state(config, model: nn.Module | None = None, mesh_shape=Non
   """(mesh, fresh sharded state) for `config` (`mesh_shape` overrides `config.mesh_shape`)."""
   mesh = sharding_lib.create_mesh(config.mesh_shape if mesh_shape is None else mesh_shape, config.mesh_axes)
   return mesh, create_train_state(config, functional.as_functional(model) or create_model(config), mesh)
-
-
-def restore(config, workdir: str, *, step: int | None = None, model: nn.Module | None = None,
-            mesh_shape=None) -> Restored:
-  """The newest readable checkpoint of `workdir` (or exactly `step`) restored into a fresh state of the
-  workdir's config (read only: nothing in the workdir changes): its saved config.json decides what was trained,
-  `config` (may be None) only what `config_check.EVAL_OVERRIDABLE` lists. Raises CheckpointError when there
-  is no checkpoint."""
-  from ttq_jax import config_check  # (config_check imports this module)
-  config = config_check.workdir_config(config, workdir)
-  mesh, state = create_mesh_and_state(config, model, mesh_shape)
-  manager = ckpt.create_manager(workdir, read_only=True)
-  restored = restore_latest(manager, state, step)
-  if restored is None:
-    raise ckpt.CheckpointError(f'workdir {workdir} has no checkpoints (looked in {ckpt.checkpoint_dir(workdir)})')
-  return Restored(mesh, *restored)

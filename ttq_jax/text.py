@@ -115,11 +115,6 @@ def eval_windows(data: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray
   return windows, (targets < len(data)).astype(np.float32)
 
 
-def bits_per_byte(nll_nats: float, num_bytes: int) -> float:
-  """Summed next-byte cross-entropy (nats) over `num_bytes` predicted bytes, in bits per byte."""
-  return float(nll_nats) / max(1, int(num_bytes)) / math.log(2)
-
-
 # --------------------------------------------------------------------------- the dataset `python_docs`
 
 

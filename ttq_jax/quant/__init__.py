@@ -9,9 +9,9 @@ from ttq_jax.quant._ternary import bitnet_ternarize
 from ttq_jax.quant._ternary import delta_from_max
 from ttq_jax.quant._ternary import delta_from_mean
 from ttq_jax.quant._ternary import delta_from_sparsity
-from ttq_jax.quant._ternary import paretoq_bwd
-from ttq_jax.quant._ternary import paretoq_fwd
-from ttq_jax.quant._ternary import paretoq_ternarize
+from ttq_jax.quant._paretoq import paretoq_bwd
+from ttq_jax.quant._paretoq import paretoq_fwd
+from ttq_jax.quant._paretoq import paretoq_ternarize
 from ttq_jax.quant._ternary import sum_to_shape
 from ttq_jax.quant._ternary import ternarize
 from ttq_jax.quant._ternary import ternarize_bwd

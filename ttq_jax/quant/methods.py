@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from ttq_jax.quant import _paretoq
 from ttq_jax.quant import _ternary
 
 
@@ -220,18 +221,18 @@ class _ParetoQ(Method):
   """One trained scale `alpha`; the zero band is |w| <= a / 3 (a = max(alpha, 1e-5)), so no threshold rule."""
 
   def initial_scales(self, w, quant, scale_shape=(), scale_init=None):
-    return {'alpha': _in_shape(_ternary.max_abs(w, reduce_axes(scale_shape)), scale_shape)}  # 'max_abs', its only
+    return {'alpha': _in_shape(_paretoq.max_abs(w, reduce_axes(scale_shape)), scale_shape)}  # 'max_abs', its only
 
   def kernel(self, w, scales, quant, scale_shape=()):
-    return _ternary.paretoq_ternarize(w, scales['alpha'])
+    return _paretoq.paretoq_ternarize(w, scales['alpha'])
 
   def weights(self, w, scales, quant, scale_shape=()):
     alpha = jnp.asarray(scales['alpha'], jnp.float32)
-    level = jnp.maximum(alpha, _ternary.PARETOQ_EPS) / _ternary.PARETOQ_LEVELS  # 2a / 3
-    return _ternary.paretoq_codes(w, alpha).astype(jnp.int8), level, level
+    level = jnp.maximum(alpha, _paretoq.PARETOQ_EPS) / _paretoq.PARETOQ_LEVELS  # 2a / 3
+    return _paretoq.paretoq_codes(w, alpha).astype(jnp.int8), level, level
 
   def delta(self, w, scales, quant, scale_shape=()):
-    return jnp.maximum(jnp.asarray(scales['alpha'], jnp.float32), _ternary.PARETOQ_EPS) / 3.0
+    return jnp.maximum(jnp.asarray(scales['alpha'], jnp.float32), _paretoq.PARETOQ_EPS) / 3.0
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
