@@ -226,3 +226,12 @@ def test_a_missing_corpus_is_one_line_saying_how_to_install_it(text_corpus, tmp_
   config.data.data_dir = str(tmp_path / 'empty')
   with pytest.raises(DataError, match=r'the python_docs corpus is not in .*apt-get install python3-doc'):
     config_check.validate(config)
+
+
+def test_target_accuracy_is_refused_for_a_task_without_accuracy(text_corpus):
+  from tests.conftest import make_lm_smoke_config
+  config = make_lm_smoke_config(text_corpus)
+  config.target_accuracy = 0.5
+  with pytest.raises(ConfigError, match="target_accuracy=0.5 applies to classification; data.name='python_docs' is a "
+                                        'next_byte task without accuracy: allowed is 0'):
+    config_check.validate(config)

@@ -74,3 +74,27 @@ def test_table_aligns_columns():
   assert lines[0].split() == ['layer', 'sparsity'] and set(lines[1]) <= {'-', ' '}
   assert len(lines[0]) == len(lines[2]) == len(lines[3])  # right-aligned values end under their header
   assert lines[2].endswith(' 0.10') and lines[3].startswith('res1_0/conv1 ')
+
+
+def test_progress_rate_is_the_last_windows_training_steps_and_the_line_prints_the_recorded_number():
+  """Fake clock: 10 steps in 9 s of which 4 s were evaluation and compilation -> 2 steps/s, not 10 / 9; the next
+  window starts where this one ended; the line prints the row's number (the one metrics.jsonl records)."""
+  import io
+  from ttq_jax import tasks
+  now = [100.0]
+  task = tasks.TASKS['next_byte']
+  stream = io.StringIO()
+  p = metric_writers.Progress(30, 0, fields=task.progress, throughput=task.throughput[:2], stream=stream,
+                              clock=lambda: now[0])
+  now[0] = 109.0
+  p.exclude(3.0)
+  p.exclude(1.0)
+  assert p.window_rate(10) == pytest.approx(2.0)
+  now[0] = 114.0  # 10 more steps in 5 s, nothing excluded
+  rate = p.window_rate(20)
+  assert rate == pytest.approx(2.0)
+  row = {'train_loss': 1.0, 'train_bits_per_byte': 1.4427, 'steps_per_second': rate, 'bytes_per_second': rate * 256}
+  now[0] = 500.0  # the clock is not read again for the line
+  p.print(20, row)
+  line = stream.getvalue()
+  assert '2.00 steps/s 512 bytes/s' in line and 'ETA 5s' in line and 'img/s' not in line and 'top1' not in line

@@ -75,7 +75,7 @@ def test_console_shows_our_lines_only(uninterrupted_run):
   ours = {f[:-3] for f in os.listdir(os.path.join(ROOT, 'ttq_jax')) if f.endswith('.py')}
   info = [re.match(r'I\d{4} [\d:.]+\s+\d+ (\w+)\.py:\d+\]', l) for l in out.splitlines()]
   info = [m.group(1) for m in info if m]
-  assert {'runner', 'train'} <= set(info) <= ours, sorted(set(info) - ours)
+  assert {'runner', 'loop'} <= set(info) <= ours, sorted(set(info) - ours)
   assert 'CheckpointManagerOptions' not in out and 'Unable to initialize backend' not in out
   assert 'step 12/12 (100.0%)' in out and re.search(r'layer +rule +sparsity +w_p +w_n', out)  # progress, final table
 

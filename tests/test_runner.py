@@ -73,12 +73,12 @@ def test_interrupted_exits_130_and_other_user_errors_2(monkeypatch, capsys):
 def test_sigint_during_the_final_evaluation_is_one_line(smoke_config, tmp_path, monkeypatch):
   """SIGINT (KeyboardInterrupt) while the test split is evaluated at the end: the run's last checkpoint is
   saved; the error says so, as an `Interrupted` (exit 130 from the command line)."""
-  from ttq_jax import checkpoint as ckpt, train
+  from ttq_jax import checkpoint as ckpt, loop, train
   smoke_config.data.validation_examples = 128  # so the final test evaluation is its own phase
 
   def interrupted(*args, **kwargs):
     raise KeyboardInterrupt
-  monkeypatch.setattr(train, '_final_test', interrupted)
+  monkeypatch.setattr(loop, 'final_test', interrupted)
   with pytest.raises(errors.Interrupted, match=r'interrupted during the final test evaluation; the checkpoint of '
                                                r'step 6 is saved in .*`--mode eval` evaluates it'):
     train.train_and_evaluate(smoke_config, str(tmp_path / 'run'))

@@ -21,6 +21,7 @@ from ttq_jax import optim
 from ttq_jax import programs
 from ttq_jax import state as state_lib
 from ttq_jax import steps as steps_lib
+from ttq_jax import tasks
 from ttq_jax.errors import ConfigError
 from ttq_jax.quant import SCALE_INITS, QuantConfig
 
@@ -145,6 +146,9 @@ def validate(config, *, custom_model: bool = False) -> None:
     raise ConfigError(f'ternary_kernel_lr_multiplier={config.ternary_kernel_lr_multiplier!r} must be > 0')
   if not 0.0 <= config.target_accuracy <= 1.0:
     raise ConfigError(f'target_accuracy={config.target_accuracy!r} is out of range: allowed is 0 (off) to 1')
+  if config.target_accuracy and tasks.TASKS[info.task].target_metric is None:
+    raise ConfigError(f'target_accuracy={config.target_accuracy!r} applies to classification; data.name='
+                      f'{config.data.name!r} is a {info.task} task without accuracy: allowed is 0 (off)')
   if config.fp_warmup_steps < 0:
     raise ConfigError(f'fp_warmup_steps={config.fp_warmup_steps!r} must be >= 0 (0: fp_warmup_epochs decides)')
   if config.init_from and steps_lib.has_fp_warmup(config) and steps_lib.is_quantized(config):

@@ -18,7 +18,6 @@ from ttq_jax import export_format
 from ttq_jax import files
 from ttq_jax import functional
 from ttq_jax import input_pipeline
-from ttq_jax import lm
 from ttq_jax import models
 from ttq_jax import programs as programs_lib
 from ttq_jax import run as run_lib
@@ -27,7 +26,6 @@ from ttq_jax import sharding as sharding_lib
 from ttq_jax import state as state_lib
 from ttq_jax import steps
 from ttq_jax import tasks
-from ttq_jax import text
 
 # --------------------------------------------------------------------------- per-batch steps (the maths: `tasks`)
 
@@ -122,17 +120,11 @@ def reestimation_batches(config, clean=None, user_sources: dict | None = None):
 
 
 def run_record(config, programs: programs_lib.Programs, state, quantized: bool) -> dict[str, Any]:
-  """What a result records beyond metrics for some datasets: which text a text dataset's run saw
-  (`dataset`: corpus digest, package version) and, for a model that continues text, samples of it (fixed
-  prompts and seed, greedy and temperature 0.8; every process computes them, as the arrays are global)."""
-  info, out = programs.info, {}
-  if info.reader == 'text':
-    out['dataset'] = {'name': config.data.name, **text.record(config.data)}
-  if tasks.TASKS[info.task].generates:
-    out['samples'] = lm.samples(state_lib.apply_fn(programs.models[quantized]),
-                                {'params': state.params, 'batch_stats': state.batch_stats},
-                                seq_len=info.input_shape[0])
-  return out
+  """What a result records beyond metrics, as the task says (`tasks.Task.record`; for text: the corpus digest
+  and samples of the model continuing fixed prompts)."""
+  return tasks.TASKS[programs.info.task].record(config, state_lib.apply_fn(programs.models[quantized]),
+                                                {'params': state.params, 'batch_stats': state.batch_stats},
+                                                programs.info)
 
 
 def _params_bytes(tree) -> int:
@@ -197,6 +189,8 @@ def evaluate_workdir(config, workdir: str, *, model=None, data=None, loss_fn=Non
             'param_counts': report['param_counts'], 'layer_rules': report.get('layer_rules', {}),
             'params_bytes_fp32': _params_bytes(state.params) + _params_bytes(state.batch_stats),
             **run_record(config, programs, state, quantized)}
+  if not jax.tree.leaves(state.batch_stats):  # no batch norm: no BN statistics to name
+    result.pop('bn_statistics')
   if jax.process_index() == 0:
     name = f'step_{int(step)}.json' if source == 'checkpoint' else f'export_step_{int(step)}.json'
     path = files.join(workdir, 'eval', name)

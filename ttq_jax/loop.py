@@ -190,33 +190,38 @@ def run_eval(config, programs, state, inputs: Input, quantized: bool):
   return columns, row
 
 
-def final_test(config, programs, state, inputs: Input, quantized: bool, best: BestOnValidation) -> dict:
+def final_test(config, programs, state, inputs: Input, quantized: bool, best: BestOnValidation,
+               final_step: int) -> dict:
   """Test metrics of the final model (both BN columns) and, with a validation split, of the models
-  chosen on validation (the test set is looked at only here)."""
+  chosen on validation (the test set is looked at only here; a model chosen at the final step is the final
+  model, evaluated once)."""
   columns = inputs.evaluate(programs, state, quantized, 'test')
   column, metrics = evaluation.headline(columns)
   out = {**metrics, 'bn_statistics': column, 'test': {c: m for c, (m, _) in columns.items()}}
   if best.best:
     out['best_on_validation'] = {}
     for c, (value, step, params, batch_stats) in best.best.items():
-      chosen = state.replace(params=jax.device_put(params, state_lib.shardings_of(state.params)),
-                             batch_stats=jax.device_put(batch_stats, state_lib.shardings_of(state.batch_stats)))
-      test_batches = evaluation.eval_batches(config, inputs.sources['test'], 'test')
-      test = evaluation.evaluate(programs, chosen, test_batches, quantized)
+      if step == final_step:  # the final model itself (its re-estimated statistics are recomputed from the same batches)
+        test = out['test'][c]
+      else:
+        chosen = state.replace(params=jax.device_put(params, state_lib.shardings_of(state.params)),
+                               batch_stats=jax.device_put(batch_stats, state_lib.shardings_of(state.batch_stats)))
+        test = evaluation.evaluate(programs, chosen, evaluation.eval_batches(config, inputs.sources['test'], 'test'),
+                                   quantized)
       out['best_on_validation'][c] = {'step': step, f'validation_{best.task.metric}': value, **test}
   return out
 
 
-def target_reached(config, metrics: dict, step: int, started: float) -> dict:
-  """{'step', 'seconds'} when this eval reaches `config.target_accuracy` (0 = off), else {}."""
-  if 0 < config.target_accuracy <= metrics['top1_accuracy']:
+def target_reached(config, task: tasks.Task, metrics: dict, step: int, started: float) -> dict:
+  """{'step', 'seconds'} when this eval reaches `config.target_accuracy` (0 = off) in the task's target metric."""
+  if 0 < config.target_accuracy <= metrics[task.target_metric]:
     return {'step': step, 'seconds': time.perf_counter() - started}
   return {}
 
 
-def progress_scalars(config, progress, state, step: int, dynamics: reports.CodeDynamics) -> dict[str, Any]:
-  rate = progress.rate(step)
-  return {'steps_per_second': rate, 'images_per_second': rate * config.batch_size,
+def progress_scalars(config, rate: float, info, state, dynamics: reports.CodeDynamics) -> dict[str, Any]:
+  """The logged step's rate (steps/s of the last window and the task's throughput), memory, scales, dynamics."""
+  return {**tasks.TASKS[info.task].throughput_scalars(rate, config.batch_size, info),
           'host_peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
           **reports.flat_quant_scalars(reports.quant_report(state, config)),
           **dynamics.scalars(state.params, state.ternary)}
@@ -234,6 +239,12 @@ class Seen:
   target: dict = dataclasses.field(default_factory=dict)
   best: BestOnValidation = None
   dynamics: reports.CodeDynamics = dataclasses.field(default_factory=reports.CodeDynamics)
+  seconds: dict = dataclasses.field(default_factory=lambda: {'compile': 0.0, 'eval': 0.0, 'save': 0.0})
+
+  def exclude(self, progress, kind: str, seconds: float) -> None:
+    """`seconds` of non-training work (`kind`: compile, eval, save): out of the progress window, into the totals."""
+    self.seconds[kind] += seconds
+    progress.exclude(seconds)
 
   def __post_init__(self):
     self.best = self.best or BestOnValidation(self.task)
@@ -248,13 +259,17 @@ def report_step(config, step: int, total: int, state, programs, inputs: Input, s
   if not (do_log or do_save):
     return None
   row, seen.pending = summarize_pending(seen.pending, seen.lr_fn), []
+  compiled = sum(programs.compile_seconds.get(('train', q), 0.0) for q in (True, False))
+  seen.exclude(progress, 'compile', compiled - seen.seconds['compile'])  # the train step's compilations so far
   if do_log:
-    row.update(progress_scalars(config, progress, state, step, seen.dynamics))
+    row.update(progress_scalars(config, progress.window_rate(step), programs.info, state, seen.dynamics))
   if do_eval:
     columns, eval_row = run_eval(config, programs, state, inputs, quantized)
+    seen.exclude(progress, 'eval', eval_row['eval_seconds'])
     seen.last = (step, columns)
     if quantized:  # "best" and the time to target count only evaluations of the trained (ternary) model
-      seen.target = seen.target or target_reached(config, evaluation.headline(columns)[1], step, seen.started)
+      seen.target = seen.target or target_reached(config, seen.task, evaluation.headline(columns)[1], step,
+                                                  seen.started)
       if inputs.selection_split == 'validation':
         seen.best.update(columns, step)
     row.update(eval_row, **({'time_to_target_s': seen.target['seconds']} if seen.target.get('step') == step else {}))
@@ -272,7 +287,7 @@ def finish(config, workdir: str, programs, state, inputs: Input, seen: Seen, ste
     final = {**metrics, 'bn_statistics': column, 'test': {c: m for c, (m, _) in seen.last[1].items()}}
   else:
     try:
-      final = final_test(config, programs, state, inputs, step > ternary_start, seen.best)
+      final = final_test(config, programs, state, inputs, step > ternary_start, seen.best, step)
     except KeyboardInterrupt:
       raise Interrupted(f'interrupted during the final test evaluation; the checkpoint of step {step} is saved in '
                         f'{workdir}: `--mode eval` evaluates it') from None
@@ -280,7 +295,11 @@ def finish(config, workdir: str, programs, state, inputs: Input, seen: Seen, ste
   result = {'step': step, 'ternary_steps': trained_ternary, **final, 'selection_split': inputs.selection_split,
             **reports.quant_report(state, config, quantized=trained_ternary > 0),
             **evaluation.run_record(config, programs, state, step > ternary_start),
-            'elapsed_s': time.perf_counter() - seen.started}
+            'elapsed_s': time.perf_counter() - seen.started,
+            'seconds': {'compile_train_step': seen.seconds['compile'], 'evaluation': seen.seconds['eval'],
+                        'checkpoint_saves': seen.seconds['save']}}
+  if not jax.tree.leaves(state.batch_stats):  # no batch norm: no BN statistics to name
+    result.pop('bn_statistics', None)
   if jax.process_index() == 0:
     result['protocol'] = reports.eval_protocol(reports.read_metrics(files.join(workdir, 'metrics.jsonl')),
                                                metric=seen.task.metric, higher_is_better=seen.task.higher_is_better)

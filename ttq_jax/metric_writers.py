@@ -102,27 +102,40 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-  """Console progress line with steps/s, images/s and ETA."""
+  """The console progress line. Its steps/s is the rate of the last logging window of training steps only:
+  `exclude(seconds)` takes out what was not training (compiling the train step, evaluations, checkpoint saves),
+  and `window_rate(step)`, called once per logged step, is the one number the line and metrics.jsonl show.
+  `fields`: ((metrics-row key, format), ...) and `throughput`: (row key, unit), the task's words
+  (`tasks.Task.progress`, `tasks.Task.throughput`). `clock`: seconds (a fake one in tests)."""
 
-  def __init__(self, total_steps: int, batch_size: int, start_step: int = 0, stream=None, enabled: bool = True):
-    self.total, self.batch_size, self.enabled = total_steps, batch_size, enabled
-    self.stream = stream or sys.stdout
-    self._t0, self._s0 = time.perf_counter(), start_step
+  def __init__(self, total_steps: int, start_step: int = 0, *, fields=(), throughput=('images_per_second', 'img/s'),
+               stream=None, enabled: bool = True, clock=time.perf_counter):
+    self.total, self.fields, self.throughput, self.enabled = total_steps, tuple(fields), throughput, enabled
+    self.stream, self.clock = stream or sys.stdout, clock
+    self._step, self._t, self._excluded = start_step, clock(), 0.0
 
-  def rate(self, step: int) -> float:
-    dt = time.perf_counter() - self._t0
-    return (step - self._s0) / dt if dt > 0 and step > self._s0 else float('nan')
+  def exclude(self, seconds: float) -> None:
+    """`seconds` of the current window that were not training steps."""
+    self._excluded += seconds
+
+  def window_rate(self, step: int) -> float:
+    """Training steps per second since the previous call (or the start), less the excluded time; starts a new
+    window."""
+    now = self.clock()
+    seconds = now - self._t - self._excluded
+    rate = (step - self._step) / seconds if seconds > 0 and step > self._step else float('nan')
+    self._step, self._t, self._excluded = step, now, 0.0
+    return rate
 
   def line(self, step: int, metrics: Mapping[str, Any]) -> str:
-    rate = self.rate(step)
-    eta = (self.total - step) / rate if rate and math.isfinite(rate) and rate > 0 else float('nan')
+    rate = float(metrics.get('steps_per_second', float('nan')))
+    eta = (self.total - step) / rate if math.isfinite(rate) and rate > 0 else float('nan')
     parts = [f'step {step:>{len(str(self.total))}}/{self.total} ({100 * step / max(self.total, 1):5.1f}%)']
-    for key, fmt in (('train_loss', 'loss {:.4f}'), ('train_top1_accuracy', 'top1 {:.2%}'),
-                     ('learning_rate', 'lr {:.3g}'), ('eval_top1_accuracy', 'eval top1 {:.2%}'),
-                     ('eval_bits_per_byte', 'eval bits/byte {:.4f}')):
+    for key, fmt in self.fields:
       if key in metrics and metrics[key] is not None:
         parts.append(fmt.format(float(metrics[key])))
-    parts.append(f'{rate:.2f} steps/s {rate * self.batch_size:.0f} img/s' if math.isfinite(rate) else 'warming up')
+    key, unit = self.throughput
+    parts.append(f'{rate:.2f} steps/s {float(metrics[key]):.0f} {unit}' if math.isfinite(rate) else 'warming up')
     parts.append(f'ETA {format_duration(eta)}')
     return ' | '.join(parts)
 

@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import logging
 import os
+import time
 from typing import Any, Callable, Mapping
 
 import jax
@@ -77,6 +78,7 @@ class Programs:
     else:
       self.models = {True: model, False: functional.unquantized(model)}
     self._compiled: dict = {}
+    self.compile_seconds: dict[tuple[str, bool], float] = {}  # (step name, quantized) -> seconds compiling it
 
   def executable(self, name: str, state, batch, quantized: bool = True):
     """The compiled program for step `name` (compiling it for these shapes the first time)."""
@@ -89,10 +91,12 @@ class Programs:
                              loss_fn=self.loss_fn)
       rep = sharding_lib.replicated(self.mesh)
       batch_sh = {k: sharding_lib.batch_sharding(self.mesh) for k in batch}
+      started = time.perf_counter()
       self._compiled[key] = compile_program(
           fn, (state, batch), in_shardings=(self.state_shardings, batch_sh),
           out_shardings=(self.state_shardings, rep) if step.updates_state else rep,
           donate=step.updates_state, options=compiler_options(self.config, name))
+      self.compile_seconds[key] = time.perf_counter() - started
     return self._compiled[key]
 
   def run(self, name: str, state, batch, quantized: bool = True) -> Any:

@@ -117,10 +117,11 @@ def eval_protocol(rows: list[dict], *, metric: str = 'top1_accuracy', higher_is_
   return out
 
 
-def format_protocol(protocol: dict, split: str, task: tasks.Task = tasks.TASKS['classify']) -> list[str]:
+def format_protocol(protocol: dict, split: str, task: tasks.Task = tasks.TASKS['classify'],
+                    batch_norm: bool = True) -> list[str]:
   lines = []
   for column, p in protocol.items():
-    lines.append(f'  {split} {task.label}, {column} BN statistics: final {task.fmt(p["final"])} | best '
+    lines.append(f'  {split} {task.label}{f", {column} BN statistics" if batch_norm else ""}: final {task.fmt(p["final"])} | best '
                  f'{task.fmt(p["best"])} (step {p["best_step"]}) | mean of last {min(LAST_N, p["num_evals"])} '
                  f'{task.fmt(p["mean_last5"])} ({p["num_evals"]} evaluations)')
   return lines
@@ -134,34 +135,36 @@ def format_eval_table(result: dict, config, model_name: str | None = None) -> st
   elif result.get('ternary_steps'):
     method = f'{method}, {result["ternary_steps"]} ternary steps'
   task = tasks.of(config)
-  scores = ([f'bits/byte {result["bits_per_byte"]:.4f}', f'next-byte top-1 {result["top1_accuracy"]:.2%}'] if task.bits
-            else [f'top-1 {result["top1_accuracy"]:.2%}'] + ([f'top-5 {result["top5_accuracy"]:.2%}']
-                                                               if 'top5_accuracy' in result else []))
   lines = [f'\n{model_name or config.model.name} on {config.data.name}, method {method}, '
            f'step {result["step"]}:',
-           f'  test loss {result["loss"]:.4f} | ' + ' | '.join(scores) +
+           f'  test loss {result["loss"]:.4f} | ' + task.score_line(result) +
            f' | {result.get(task.count, "?")} {task.count.split("_")[1]}' +
-           (f' ({result["bn_statistics"]} BN statistics)' if 'bn_statistics' in result and not task.bits else '')]
+           (f' ({result["bn_statistics"]} BN statistics)' if result.get('bn_statistics') else '')]
   columns = result.get('test') or {}
   if len(columns) > 1:  # every figure with the BN statistics it was computed with
     lines.append(f'  test {task.label} by BN statistics: ' + ' | '.join(f'{c} {task.fmt(m[task.metric])}'
                                                                           for c, m in columns.items()))
   if 'protocol' in result:
-    lines += format_protocol(result['protocol'], result.get('selection_split', 'test'), task)
+    lines += format_protocol(result['protocol'], result.get('selection_split', 'test'), task, 'bn_statistics' in result)
   for column, r in (result.get('best_on_validation') or {}).items():
-    lines.append(f'  test {task.label} of the model chosen on validation ({column} BN statistics, step {r["step"]}): '
+    bn = f'{column} BN statistics, ' if 'bn_statistics' in result else ''
+    lines.append(f'  test {task.label} of the model chosen on validation ({bn}step {r["step"]}): '
                  f'{task.fmt(r[task.metric])}')
   for name, text in (result.get('samples') or {}).items():
     lines.append(f'  sample ({name}): {text!r}')
   target = result.get('target')
   if target:
     if 'step' in target:
-      lines.append(f'  ternary model reached {result.get("selection_split", "test")} top-1 >= {target["accuracy"]:.2%} at step {target["step"]}, '
-                   f'{target["seconds"] / 60:.1f} min after start (this process)')
+      lines.append(f'  ternary model reached {result.get("selection_split", "test")} {task.label} >= '
+                   f'{task.fmt(target["accuracy"])} at step {target["step"]}, {target["seconds"] / 60:.1f} min after '
+                   'start (this process)')
     else:
-      lines.append(f'  did not reach top-1 >= {target["accuracy"]:.2%} in this process')
+      lines.append(f'  did not reach {task.label} >= {task.fmt(target["accuracy"])} in this process')
   if 'elapsed_s' in result:
-    lines.append(f'  wall time {result["elapsed_s"] / 60:.1f} min (this process: compile, train, eval)')
+    s = result.get('seconds')
+    lines.append(f'  wall time {result["elapsed_s"] / 60:.1f} min (this process' + (
+        f': compiling the train step {s["compile_train_step"]:.0f} s, evaluating {s["evaluation"]:.0f} s, saving '
+        f'checkpoints {s["checkpoint_saves"]:.0f} s, the rest setup and training)' if s else ')'))
   counts = result.get('param_counts')
   if counts:
     lines.append(f'  parameters: {counts["ternary"]:,} ternary, {counts["full_precision"]:,} full precision')

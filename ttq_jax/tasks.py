@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import optax
 
 from ttq_jax import datasets
+from ttq_jax import lm
+from ttq_jax import text
 
 TOP_K = 5  # top-5 accuracy is reported for datasets with more than 5 classes
 
@@ -46,7 +48,11 @@ class Task:
   """`inputs(batch, info, dtype)` -> the model's input; `targets(batch)`; `metric`: the eval metric (a key of
   `metrics`' result) that selects and headlines a run, `higher_is_better` its direction; `metric_format`
   formats it ('{:.2%}', '{:.4f}'); `label`: its short name in tables; `count`: the name of what evaluation
-  counts ('num_examples', 'num_bytes'); `top_k`: top-5 accuracy too (above 5 classes); `bits`: bits per byte."""
+  counts ('num_examples', 'num_bytes'); `scores`: ((result key, console format), ...) of the final table;
+  `progress`: ((metrics-row key, format), ...) of the progress line; `throughput`: (metrics-row key, console
+  unit, units per example of `info`); `target_metric`: what `target_accuracy` compares (None: the task has no
+  accuracy, and `target_accuracy` is refused). `accuracy`, `top_k` (top-5 above 5 classes) and `bits` say which
+  metrics it computes; only this module reads them."""
   inputs: Callable
   targets: Callable
   metric: str
@@ -54,9 +60,21 @@ class Task:
   metric_format: str
   label: str
   count: str
+  scores: tuple[tuple[str, str], ...]
+  progress: tuple[tuple[str, str], ...]
+  throughput: tuple[str, str, Callable]
+  target_metric: str | None = None
+  record: Callable = lambda config, apply_fn, variables, info: {}  # what a result records beyond metrics
+  accuracy: bool = True
   top_k: bool = False
   bits: bool = False
-  generates: bool = False  # the model continues text: runs report samples (`ttq_jax.lm.samples`)
+
+  def throughput_scalars(self, steps_per_second: float, batch_size: int, info) -> dict[str, float]:
+    key, _, per_example = self.throughput
+    return {'steps_per_second': steps_per_second, key: steps_per_second * batch_size * per_example(info)}
+
+  def score_line(self, result: dict) -> str:
+    return ' | '.join(fmt.format(result[key]) for key, fmt in self.scores if key in result)
 
   def losses(self, logits, targets, info, loss_fn=None):
     """The loss of each example (classify) or of each predicted byte (next_byte): `loss_fn(logits, targets)`
@@ -65,8 +83,9 @@ class Task:
 
   def eval_sums(self, logits, targets, mask, info, loss_fn=None) -> dict:
     """Sums over the counted (mask = 1) examples or bytes of one global batch."""
-    out = {'loss': jnp.sum(self.losses(logits, targets, info, loss_fn) * mask),
-           'top1_correct': jnp.sum(topk_correct(logits, targets, 1) * mask), 'count': jnp.sum(mask)}
+    out = {'loss': jnp.sum(self.losses(logits, targets, info, loss_fn) * mask), 'count': jnp.sum(mask)}
+    if self.accuracy:
+      out['top1_correct'] = jnp.sum(topk_correct(logits, targets, 1) * mask)
     if self.top_k and reports_top_k(info.num_classes):
       out[f'top{TOP_K}_correct'] = jnp.sum(topk_correct(logits, targets, TOP_K) * mask)
     return out
@@ -74,7 +93,9 @@ class Task:
   def metrics(self, totals: dict) -> dict[str, float]:
     """Means of `eval_sums` over a split."""
     count = float(totals['count'])
-    out = {'loss': float(totals['loss']) / count, 'top1_accuracy': float(totals['top1_correct']) / count}
+    out = {'loss': float(totals['loss']) / count}
+    if 'top1_correct' in totals:
+      out['top1_accuracy'] = float(totals['top1_correct']) / count
     if f'top{TOP_K}_correct' in totals:
       out[f'top{TOP_K}_accuracy'] = float(totals[f'top{TOP_K}_correct']) / count
     if self.bits:
@@ -83,7 +104,9 @@ class Task:
     return out
 
   def train_metrics(self, loss, logits, targets, info) -> dict:
-    out = {'train_loss': loss, 'train_top1_accuracy': jnp.mean(topk_correct(logits, targets, 1))}
+    out = {'train_loss': loss}
+    if self.accuracy:
+      out['train_top1_accuracy'] = jnp.mean(topk_correct(logits, targets, 1))
     if self.top_k and reports_top_k(info.num_classes):
       out[f'train_top{TOP_K}_accuracy'] = jnp.mean(topk_correct(logits, targets, TOP_K))
     if self.bits:
@@ -98,13 +121,30 @@ class Task:
     return self.metric_format.format(value)
 
 
+def _text_record(config, apply_fn, variables, info) -> dict:
+  """Which text the run saw (corpus digest, package version) and samples of the model continuing fixed prompts
+  (greedy and temperature 0.8; every process computes them, as the arrays are global)."""
+  return {'dataset': {'name': config.data.name, **text.record(config.data)},
+          'samples': lm.samples(apply_fn, variables, seq_len=info.input_shape[0])}
+
+
 TASKS = {
     'classify': Task(inputs=lambda batch, info, dtype: datasets.normalize(batch['image'], info, dtype),
                      targets=lambda batch: batch['label'], metric='top1_accuracy', higher_is_better=True,
-                     metric_format='{:.2%}', label='top-1', count='num_examples', top_k=True),
+                     metric_format='{:.2%}', label='top-1', count='num_examples',
+                     scores=(('top1_accuracy', 'top-1 {:.2%}'), (f'top{TOP_K}_accuracy', f'top-{TOP_K} {{:.2%}}')),
+                     progress=(('train_loss', 'loss {:.4f}'), ('train_top1_accuracy', 'top1 {:.2%}'),
+                               ('learning_rate', 'lr {:.3g}'), ('eval_top1_accuracy', 'eval top1 {:.2%}')),
+                     throughput=('images_per_second', 'img/s', lambda info: 1), target_metric='top1_accuracy',
+                     top_k=True),
     'next_byte': Task(inputs=lambda batch, info, dtype: batch['tokens'][:, :-1],
                       targets=lambda batch: batch['tokens'][:, 1:], metric='bits_per_byte', higher_is_better=False,
-                      metric_format='{:.4f}', label='bits/byte', count='num_bytes', bits=True, generates=True),
+                      metric_format='{:.4f}', label='bits/byte', count='num_bytes',
+                      scores=(('bits_per_byte', 'bits/byte {:.4f}'),),
+                      progress=(('train_loss', 'loss {:.4f}'), ('train_bits_per_byte', 'bits/byte {:.4f}'),
+                                ('learning_rate', 'lr {:.3g}'), ('eval_bits_per_byte', 'eval bits/byte {:.4f}')),
+                      throughput=('bytes_per_second', 'bytes/s', lambda info: info.input_shape[0]),
+                      record=_text_record, accuracy=False, bits=True),
 }
 
 

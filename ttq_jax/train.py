@@ -97,8 +97,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
   if primary and start_step == 0:
     loop.log_start(config, state, run.mesh)
   writer = metric_writers.MetricWriter(workdir, enabled=primary, resume_step=start_step)
-  progress = metric_writers.Progress(total, config.batch_size, start_step, enabled=primary)
   seen = loop.Seen(tasks.of(config), optim.create_learning_rate_fn(config), started)
+  progress = metric_writers.Progress(total, start_step, fields=seen.task.progress, throughput=seen.task.throughput[:2],
+                                     enabled=primary)
 
   # Loop: one train step, then what is due after it (log, evaluate, save, stop).
   with loop.StopSignal() as stop, contextlib.ExitStack() as cleanup:
@@ -118,8 +119,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
         writer.write(step, row)
         progress.print(step, row)
       if do_save:
+        saving = time.perf_counter()
         ckpt.save(manager, step, state, data_state, force=True)
         writer.flush()  # a bucket's metrics.jsonl is uploaded with every checkpoint
+        seen.exclude(progress, 'save', time.perf_counter() - saving)
       if stopping:
         logging.warning('signal %d: saved checkpoint at step %d, exiting', stop.signum, step)
         manager.wait_until_finished()
