@@ -1,5 +1,6 @@
 """`--mode export` and `export.load`: the job around the file format (tests/test_export_format.py)."""
 
+import json
 import os
 
 import jax
@@ -56,6 +57,13 @@ def test_mode_export_then_eval_of_the_file_equals_the_checkpoint(smoke_config, t
   assert from_file['loss'] == pytest.approx(from_ckpt['loss'], rel=1e-5)
   assert from_file['sparsity'] == pytest.approx(from_ckpt['sparsity'])
   assert os.path.exists(os.path.join(workdir, 'eval', 'export_step_6.json'))
+  if packing == '2bit' and dtype == 'float32':  # the documented way to use the file: raw uint8 test images in
+    from ttq_jax import datasets
+    spec = json.loads(export_format.read(summary['path'])[1]['input'])
+    assert spec['mean'] == [72.94] and spec['input_shape'] == [28, 28, 1] and spec['task'] == 'classify'
+    images, labels = datasets.load_fashion_mnist('test')
+    logits = export.predictor(summary['path'])(images[:n])
+    assert round(float(np.mean(np.argmax(np.asarray(logits), -1) == labels[:n])) * n) == round(from_file['top1_accuracy'] * n)
   if packing == '2bit' and dtype == 'float32':  # training's running statistics, on request
     smoke_config.restore_from, smoke_config.export.bn_statistics = '', 'running'
     export.export_workdir(smoke_config, workdir)

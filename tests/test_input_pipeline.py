@@ -520,3 +520,17 @@ def test_workers_ignore_sigterm_sigint_and_exit_with_their_parent(tmp_path):
                      env=dict(os.environ, PYTHONPATH=ROOT))
   assert 'ALIVE AFTER SIGTERM AND SIGINT' in r.stdout, r.stdout + r.stderr[-2000:]
   assert 'WORKER EXITED WITH ITS PARENT' in r.stdout, r.stdout + r.stderr[-2000:]
+
+
+def test_a_data_folder_named_by_the_environment_is_the_only_place_looked(monkeypatch, tmp_path):
+  """$TTQ_DATA_DIR / $TTQ_TEXT_DIR naming a folder without the data is an error naming the variable, never a quiet
+  fall-back to Debian's copy."""
+  from ttq_jax import datasets, text
+  from ttq_jax.errors import DataError
+  (tmp_path / 'empty').mkdir()
+  monkeypatch.setenv('TTQ_DATA_DIR', str(tmp_path / 'empty'))
+  with pytest.raises(DataError, match=r"Fashion-MNIST not found in \$TTQ_DATA_DIR='.*empty': missing train-images"):
+    datasets.load_fashion_mnist('train')
+  monkeypatch.setenv('TTQ_TEXT_DIR', str(tmp_path / 'empty'))
+  with pytest.raises(DataError, match=r"the python_docs corpus is not in \$TTQ_TEXT_DIR='.*empty' \(no \*.rst.txt"):
+    text.corpus_dir()

@@ -15,6 +15,7 @@ SKETCH = '<!-- sketch -->'
 # What the runnable blocks print, checked by value: the notebook block's ternary steps (12 steps, 6 of them the
 # FP warm-up), its checkpoint's step, and the quantizer on w = [-1, -0.2, 0.01, 0.3, 0.9] with delta = 0.05 * 1.
 PRINTED = ('6 12 [-0.5 -0.5  0.   1.5  1.5]',
+           'export scores eval: True',  # the export's predictor on raw test images: `--mode eval`'s accuracy
            "['blocks/0'] (32,) True")  # the NNX block: its ternary layer, per-channel w_p gradients, the export's
                                       # accuracy from the raw test images equal to training's
 

@@ -85,8 +85,30 @@ def test_sigint_during_the_final_evaluation_is_one_line(smoke_config, tmp_path, 
   assert 6 in ckpt.create_manager(str(tmp_path / 'run'), read_only=True).all_steps()
 
 
-def test_unwritable_workdir_in_eval_and_export_is_one_line_before_any_work(smoke_config):
+def test_unwritable_or_missing_workdir_in_eval_and_export_is_one_line_before_any_work(smoke_config, tmp_path):
   from ttq_jax import evaluation, export
   for fn in (evaluation.evaluate_workdir, export.export_workdir):
-    with pytest.raises(errors.ConfigError, match=r"workdir='/proc/ttq_jax_test' is not writable"):
-      fn(smoke_config, '/proc/ttq_jax_test')
+    with pytest.raises(errors.ConfigError, match=r"workdir='/proc/self' is not writable"):
+      fn(smoke_config, '/proc/self')
+    with pytest.raises(errors.ConfigError, match=r'workdir .*/missing/run does not exist: eval and export read'):
+      fn(smoke_config, str(tmp_path / 'missing' / 'run'))
+    assert not (tmp_path / 'missing').exists()  # never created
+
+
+def test_a_refused_start_leaves_nothing_and_the_corrected_command_runs(smoke_config, tmp_path, caplog):
+  """A bad init_from is refused before anything is written (no workdir left behind, not even empty); a workdir
+  holding only a config.json (a start that saved no step) is no run: another config replaces it, with a warning."""
+  from ttq_jax import train
+  workdir = tmp_path / 'new' / 'run'
+  smoke_config.num_train_steps, smoke_config.fp_warmup_epochs = 2, 0.0
+  smoke_config.init_from = str(tmp_path / 'does_not_exist')
+  with pytest.raises(errors.CheckpointError) as e:
+    train.train_and_evaluate(smoke_config, str(workdir))
+  assert 'does_not_exist' in str(e.value) and '\n' not in str(e.value)
+  assert not (tmp_path / 'new').exists()
+  workdir.mkdir(parents=True)
+  (workdir / 'config.json').write_text('{"model": {"name": "resnet20"}, "quant": {"method": "twn"}}')
+  smoke_config.init_from = ''
+  with caplog.at_level('WARNING'):
+    result = train.train_and_evaluate(smoke_config, str(workdir))
+  assert result['step'] == 2 and 'holds a config.json but no checkpoint' in caplog.text

@@ -132,6 +132,20 @@ def dataset_info(data_config) -> DatasetInfo:
   return DATASETS[name]
 
 
+# reader -> where a run of that reader reads its data, for the console (`data_location`)
+_LOCATIONS = {
+    'idx': lambda dc: fashion_mnist_dir(dc.data_dir or None),
+    'tfds': lambda dc: dc.data_dir or '~/tensorflow_datasets',
+    'text': lambda dc: f'{text.corpus_dir(dc.data_dir or None)} (corpus sha256 {text.record(dc)["corpus_sha256"][:16]})',
+    'user': lambda dc: 'the arrays or sources given as data=',
+}
+
+
+def data_location(data_config) -> str:
+  """Which folder (and, for text, which corpus) a run of `data_config` reads."""
+  return _LOCATIONS[dataset_info(data_config).reader](data_config)
+
+
 def normalize(images, info: DatasetInfo, dtype=np.float32):
   """uint8 NHWC -> (x - mean) / std in `dtype` (works on numpy and jax arrays)."""
   mean = np.asarray(info.mean, np.float32)
@@ -151,17 +165,18 @@ def as_example(ex) -> dict[str, np.ndarray]:
 
 
 def fashion_mnist_dir(data_dir: str | None) -> str:
-  """config.data.data_dir (a folder or a bucket URL) when it is set: the only place looked (a run that names
-  its data must not quietly read other files); else the first of $TTQ_DATA_DIR and Debian's folder that
-  holds all four files."""
+  """config.data.data_dir (a folder or a bucket URL) when it is set, else $TTQ_DATA_DIR when that is set: the
+  only place looked (a run that names its data must not quietly read other files); else Debian's folder."""
   names = [n for pair in FASHION_MNIST_FILES.values() for n in pair]
-  if data_dir:
-    missing = [n for n in names if not files.isfile(files.join(data_dir, n))]
+  for named, where in ((data_dir, 'data.data_dir'), (os.environ.get('TTQ_DATA_DIR'), '$TTQ_DATA_DIR')):
+    if not named:
+      continue
+    missing = [n for n in names if not files.isfile(files.join(named, n))]
     if missing:
-      raise DataError(f'Fashion-MNIST not found in data.data_dir={data_dir!r}: missing {", ".join(missing)} '
-                      f'(looked for {", ".join(names)}); put the four gzip IDX files there or unset data.data_dir')
-    return data_dir
-  candidates = [d for d in (os.environ.get('TTQ_DATA_DIR'), DEBIAN_FASHION_MNIST) if d]
+      raise DataError(f'Fashion-MNIST not found in {where}={named!r}: missing {", ".join(missing)} '
+                      f'(looked for {", ".join(names)}); put the four gzip IDX files there or unset {where}')
+    return named
+  candidates = [DEBIAN_FASHION_MNIST]
   for d in candidates:
     if all(files.isfile(files.join(d, n)) for n in names):
       return d

@@ -3,25 +3,27 @@ such a file back as an inference model. The file format itself is `ttq_jax.expor
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 from flax import nnx
 import numpy as np
 
-from ttq_jax import workdirs
 from ttq_jax import datasets
 from ttq_jax import evaluation
 from ttq_jax import export_format
 from ttq_jax import files
 from ttq_jax import functional
 from ttq_jax import metric_writers
-from ttq_jax import run as run_lib
 from ttq_jax import quant as quant_lib
+from ttq_jax import run as run_lib
 from ttq_jax import state as state_lib
 from ttq_jax import steps
+from ttq_jax import tasks
+from ttq_jax import workdirs
 from ttq_jax.errors import ConfigError, DataError, ExportError
 
 
@@ -43,6 +45,30 @@ def load(path: str, model: nn.Module | None = None):
     module.eval()
     return module, nnx.state(module)
   return model, variables
+
+
+def input_spec(data_config) -> dict:
+  """What an exported model takes (metadata `input`): the dataset's facts (`datasets.DatasetInfo`: input shape,
+  dtype, mean / std of the normalisation, task; text: bytes, vocabulary 256)."""
+  return {'dataset': data_config.name, **dataclasses.asdict(datasets.dataset_info(data_config))}
+
+
+def predictor(path: str, model=None) -> Callable:
+  """`predict(raw) -> logits` of an export: raw inputs as the dataset stores them (images uint8 [batch, H, W, C],
+  normalised here with the file's mean / std; text: bytes or int tokens [batch, seq]), the model as `load` gives it
+  (`model`: your own, Linen or NNX, as for `load`)."""
+  loaded, variables = load(path, model)
+  _, metadata, _ = export_format.read(path)
+  if 'input' in metadata:  # files written before the field: the facts of the config they carry
+    info = datasets.DatasetInfo(**{k: tuple(v) if isinstance(v, list) else v
+                                   for k, v in json.loads(metadata['input']).items() if k != 'dataset'})
+  else:
+    info = datasets.dataset_info(workdirs.complete(json.loads(metadata['config'])).data)
+  task = tasks.TASKS[info.task]
+  if isinstance(loaded, nnx.Module):
+    return lambda raw: loaded(task.model_input(raw, info))
+  apply = state_lib.apply_fn(loaded)
+  return lambda raw: apply(variables, task.model_input(raw, info), train=False)
 
 
 def _nbytes(tree) -> int:
@@ -101,7 +127,7 @@ def export_workdir(config, workdir: str, *, model=None, data=None) -> dict[str, 
   modes = state_lib.activation_modes(run.create_model(), datasets.dataset_info(config.data))
   if jax.process_index() == 0:
     export_format.save(path, tensors, packing=packing, config=config, step=step, bn_statistics=bn_statistics,
-                       activations=modes)
+                       activations=modes, input_spec=input_spec(config.data))
   _, _, report = export_format.read(path)
   fp32_total = _nbytes(params) + _nbytes(batch_stats)
   export_bytes = files.size(path)

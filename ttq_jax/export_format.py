@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import flax
 import numpy as np
-from flax import traverse_util
 
 from ttq_jax import files
+from ttq_jax import paths
 from ttq_jax import quant as quant_lib
 from ttq_jax.errors import ExportError
 from ttq_jax.quant.packing import PACKINGS, check_packing
@@ -33,8 +32,7 @@ SUFFIXES = REQUIRED_SUFFIXES + ('/scale_shape',)  # scale_shape (v2): only for p
 
 def _flatten(tree, prefix: str) -> dict[str, np.ndarray]:
   """{prefix + '/'-joined path: array}, in the order of the sorted paths."""
-  return {prefix + '/'.join(path): np.asarray(leaf)
-          for path, leaf in sorted(traverse_util.flatten_dict(flax.core.unfreeze(tree)).items())}
+  return {prefix + path: np.asarray(leaf) for path, leaf in paths.flat(tree).items()}
 
 
 def export_tensors(params, batch_stats, layers) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -61,17 +59,21 @@ def build_export(params, batch_stats, layers, packing: str) -> dict[str, np.ndar
 
 
 def save(path: str, tensors: dict[str, np.ndarray], *, packing: str, config, step: int,
-         bn_statistics: str = 'running', activations: dict[str, str] | None = None) -> None:
+         bn_statistics: str = 'running', activations: dict[str, str] | None = None,
+         input_spec: dict | None = None) -> None:
   """Writes atomically (`files.write_bytes`, local or a bucket): a failed export leaves nothing behind.
   `bn_statistics`: which BN statistics `tensors` carry (a key of `BN_STATISTICS`); `activations`: {module path:
   mode} of the layers whose input the model quantizes (`quant.activation_modes`; metadata `activations`, JSON,
-  written only when not empty)."""
+  written only when not empty); `input_spec`: what the model takes (metadata `input`, JSON: the dataset's facts,
+  `datasets.DatasetInfo`: input shape, dtype, normalisation mean / std, task; files without it still load)."""
   from safetensors.numpy import save
   check_packing(packing)
   if bn_statistics not in BN_STATISTICS:
     raise ExportError(f'bn_statistics={bn_statistics!r} is unknown: allowed are {", ".join(BN_STATISTICS)}')
   metadata = {'format': FORMAT, 'packing': packing, 'step': str(int(step)), 'bn_statistics': bn_statistics,
               'config': config.to_json_best_effort() if hasattr(config, 'to_json_best_effort') else json.dumps(config)}
+  if input_spec is not None:
+    metadata['input'] = json.dumps(input_spec, sort_keys=True)
   if activations:
     unknown = sorted(set(activations.values()) - set(quant_lib.ACTIVATIONS))
     if unknown:

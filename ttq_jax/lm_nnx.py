@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ttq_jax import paths
 from ttq_jax.lm import MLP_ACTIVATIONS, VOCAB, rotary
 
 
@@ -108,11 +109,9 @@ def from_linen_params(model: nnx.Module, params: dict) -> nnx.Module:
   """`model` (a `LMDecoderNNX`, plain or quantized) holding the Linen `LMDecoder`'s `params` ({'embed':
   {'embedding'}, 'block_0': {'attention': {'query': {'kernel'}}, ...}}) at the same paths; scales a quantized model
   has beside its kernels keep their values."""
-  flat = []
+  given, flat = paths.flat(params), []
   for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    value = params
-    for key in path:
-      value = value.get(str(key)) if isinstance(value, dict) else None
+    value = given.get('/'.join(map(str, path)))
     flat.append((path, variable if value is None else variable.replace(jnp.asarray(value, variable.get_value().dtype))))
   nnx.update(model, nnx.from_flat_state(flat))
   return model

@@ -28,6 +28,7 @@ from ttq_jax import sharding as sharding_lib
 from ttq_jax import state as state_lib
 from ttq_jax import steps as steps_lib
 from ttq_jax import tasks
+from ttq_jax import workdirs
 from ttq_jax.errors import Interrupted, NonFiniteError
 
 
@@ -145,15 +146,24 @@ class BestOnValidation:
 INIT_FROM_RECORD = 'init_from.json'  # WORKDIR/init_from.json: what the warm start loaded (checkpoint.load_init_from)
 
 
-def restore_or_warm_start(config, workdir: str, manager, state, inputs: Input):
+def warm_start(config, workdir: str, state):
+  """(state, record): `init_from`'s weights in `state` when the run starts from it (`init_from` set and no
+  checkpoint in `workdir` yet), read before anything is written (a bad `init_from` leaves no file behind);
+  else (state, None)."""
+  if not config.init_from or workdirs.has_checkpoints(workdir):
+    return state, None
+  return ckpt.load_init_from(state, config.init_from)
+
+
+def restore_or_warm_start(config, workdir: str, manager, state, inputs: Input, warm: dict | None = None):
   """(first step to run, state): the newest readable checkpoint of `workdir` with its iterator state,
-  else `init_from`'s weights (fine-tuning; what was loaded is recorded in WORKDIR/init_from.json), else
-  the fresh state."""
+  else `init_from`'s weights (fine-tuning; `warm`: the record of `warm_start`, which loaded them already; what was
+  loaded is recorded in WORKDIR/init_from.json), else the fresh state."""
   restored = state_lib.restore_latest(manager, state)
   if restored is None:
     if not config.init_from:
       return 0, state
-    state, record = ckpt.load_init_from(state, config.init_from)
+    state, record = (state, warm) if warm else ckpt.load_init_from(state, config.init_from)
     if jax.process_index() == 0:
       files.write_json(files.join(workdir, INIT_FROM_RECORD), record)
     return 0, state
@@ -178,6 +188,11 @@ def log_start(config, state, mesh) -> None:
   logging.info('model %s on %s: %d ternary + %d full-precision parameters; %d steps (%d per epoch), mesh %s',
                config.model.name, config.data.name, counts['ternary'], counts['full_precision'],
                steps_lib.total_steps(config), steps_lib.steps_per_epoch(config), dict(mesh.shape))
+
+
+def log_data(config) -> None:
+  """Which folder (and corpus) the run reads: a folder named by the environment is never silently replaced."""
+  logging.info('data %s from %s', config.data.name, datasets.data_location(config.data))
 
 
 def run_eval(config, programs, state, inputs: Input, quantized: bool):

@@ -7,13 +7,12 @@ values from it, so a value is allowed exactly when code stands behind it.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable
 
-import jax
 import jax.numpy as jnp
 import optax
 
+from ttq_jax import paths
 from ttq_jax import steps
 
 # --------------------------------------------------------------------------- learning-rate schedules
@@ -111,29 +110,23 @@ SCALE_OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
 # --------------------------------------------------------------------------- parameter masks
 
 
-def path_str(path) -> str:
-  """A tree path as the slash-joined Flax name, e.g. `res1_0/conv1/kernel`."""
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
-
-
 def param_labels(params, layers=()) -> Any:
   """'scale' for the trained scales of the `layers` (`quant.TernaryLayer`s: the parameters their method's entry of
   `quant.METHODS` names, e.g. TTQ's w_p / w_n, ParetoQ's alpha, at the layer's path), 'weight' for everything else."""
   scales = {p for layer in layers for p in layer.scale_paths}
-  return jax.tree_util.tree_map_with_path(lambda p, _: 'scale' if path_str(p) in scales else 'weight', params)
+  return paths.select(params, lambda path: 'scale' if path in scales else 'weight')
 
 
 def weight_decay_mask(params, regex: str) -> Any:
   """True for params whose slash-joined path matches `regex` (searched), scales included: the official
   CIFAR regularizer `.*/W` also caught every `Wp` / `Wn`, AlexNet's `fc.*/W` those of fc0 and fc1."""
-  pattern = re.compile(regex)
-  return jax.tree_util.tree_map_with_path(lambda p, _: bool(pattern.search(path_str(p))), params)
+  return paths.select(params, lambda path: paths.searches(regex, path))
 
 
 def ternary_kernel_mask(params, layers) -> Any:
   """True for the latent kernels of the `layers` (`quant.TernaryLayer`s) whose method trains its scales."""
   kernels = {layer.kernel_path for layer in layers if layer.quant.spec.trained_scales}
-  return jax.tree_util.tree_map_with_path(lambda p, _: path_str(p) in kernels, params)
+  return paths.select(params, lambda path: path in kernels)
 
 
 def create_optimizer(config, params, layers=()) -> optax.GradientTransformation:

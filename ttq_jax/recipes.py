@@ -19,6 +19,7 @@ import numpy as np
 from ttq_jax import config_check
 from ttq_jax import datasets
 from ttq_jax import optim
+from ttq_jax import paths
 from ttq_jax import state as state_lib
 from ttq_jax import steps as steps_lib
 
@@ -51,8 +52,8 @@ def describe(config) -> dict[str, Any]:
   info = datasets.dataset_info(config.data)
   params = jax.eval_shape(lambda: state_lib.init_variables(model, jax.random.PRNGKey(0), info))['params']
   ternary = [layer.kernel_path for layer in state_lib.ternary_layers(model, info)]
-  paths = [optim.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-  decay = jax.tree_util.tree_flatten_with_path(optim.weight_decay_mask(params, config.weight_decay_regex))[0]
+  all_paths = list(paths.flat(params))
+  decay = paths.flat(optim.weight_decay_mask(params, config.weight_decay_regex))
   boundaries, values = _lr_steps(config)
   quantized = steps_lib.is_quantized(config)
   rule = state_lib.quant_config(config).threshold_rule  # the threshold rule in force (None: full precision)
@@ -71,9 +72,9 @@ def describe(config) -> dict[str, Any]:
       'weight_optimizer': _optimizer(config, config.optimizer, config.learning_rate),
       'scale_optimizer': scale_opt,
       'weight_decay': float(config.weight_decay),
-      'weight_decay_params': [optim.path_str(p) for p, on in decay if on] if config.weight_decay else [],
+      'weight_decay_params': [p for p, on in decay.items() if on] if config.weight_decay else [],
       'ternary_layers': sorted(ternary),
-      'full_precision_layers': sorted(p for p in paths if p.endswith('/kernel') and p not in ternary),
+      'full_precision_layers': sorted(p for p in all_paths if p.endswith('/kernel') and p not in ternary),
       'warm_start': config_check.warm_start(config),
       'normalize_init': bool(config.normalize_init) and quantized,
       'threshold': rule,

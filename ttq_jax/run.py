@@ -24,6 +24,7 @@ from ttq_jax import programs as programs_lib
 from ttq_jax import sharding as sharding_lib
 from ttq_jax import state as state_lib
 from ttq_jax import workdirs
+from ttq_jax.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -85,6 +86,8 @@ def for_workdir(config, workdir: str, *, model=None, data=None, loss_fn=None) ->
   `workdirs.EVAL_OVERRIDABLE` lists."""
   model = functional.as_functional(model)
   workdir = files.resolve(workdir)
+  if not files.is_url(workdir) and not files.isdir(workdir):  # never created by eval or export
+    raise ConfigError(f'workdir {workdir} does not exist: eval and export read a workdir that training wrote')
   workdirs.check_writable(workdir)  # results are written there: refuse before any work
   config = workdirs.workdir_config(config, workdir)
   config, user_sources = datasets.with_user_data(config, data, workdir)

@@ -18,6 +18,7 @@ from ttq_jax import datasets
 from ttq_jax import functional
 from ttq_jax import models
 from ttq_jax import optim
+from ttq_jax import paths
 from ttq_jax import quant as quant_lib
 from ttq_jax import sharding as sharding_lib
 
@@ -146,9 +147,7 @@ def start_ternary(params, config, layers) -> dict:
     spec = layer.quant.spec
     if not spec.trained_scales:  # TWN, BitNet: no scale to set
       continue
-    value = params
-    for k in filter(None, layer.path.split('/')):
-      value = value[k]
+    value = paths.at(params, layer.path)
     if config.normalize_init:
       value['kernel'] = value['kernel'] / jnp.max(jnp.abs(value['kernel']))
     scales = spec.initial_scales(jnp.asarray(value['kernel'], jnp.float32), layer.quant, layer.scale_shape,

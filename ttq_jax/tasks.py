@@ -17,6 +17,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ttq_jax import datasets
@@ -64,10 +65,16 @@ class Task:
   progress: tuple[tuple[str, str], ...]
   throughput: tuple[str, str, Callable]
   target_metric: str | None = None
+  raw_input: Callable = None  # (raw examples, info, dtype) -> the model's input (`model_input`)
   record: Callable = lambda config, apply_fn, variables, info: {}  # what a result records beyond metrics
   accuracy: bool = True
   top_k: bool = False
   bits: bool = False
+
+  def model_input(self, raw, info, dtype=jnp.float32):
+    """The model's input from raw examples as the dataset stores them (images: uint8 or float HWC; text: bytes or
+    int tokens [batch, seq]), as the steps make it (`inputs`)."""
+    return self.raw_input(raw, info, dtype)
 
   def throughput_scalars(self, steps_per_second: float, batch_size: int, info) -> dict[str, float]:
     key, _, per_example = self.throughput
@@ -136,6 +143,7 @@ TASKS = {
                      progress=(('train_loss', 'loss {:.4f}'), ('train_top1_accuracy', 'top1 {:.2%}'),
                                ('learning_rate', 'lr {:.3g}'), ('eval_top1_accuracy', 'eval top1 {:.2%}')),
                      throughput=('images_per_second', 'img/s', lambda info: 1), target_metric='top1_accuracy',
+                     raw_input=lambda raw, info, dtype: datasets.normalize(jnp.asarray(raw), info, dtype),
                      top_k=True),
     'next_byte': Task(inputs=lambda batch, info, dtype: batch['tokens'][:, :-1],
                       targets=lambda batch: batch['tokens'][:, 1:], metric='bits_per_byte', higher_is_better=False,
@@ -144,6 +152,8 @@ TASKS = {
                       progress=(('train_loss', 'loss {:.4f}'), ('train_bits_per_byte', 'bits/byte {:.4f}'),
                                 ('learning_rate', 'lr {:.3g}'), ('eval_bits_per_byte', 'eval bits/byte {:.4f}')),
                       throughput=('bytes_per_second', 'bytes/s', lambda info: info.input_shape[0]),
+                      raw_input=lambda raw, info, dtype: jnp.asarray(
+                          np.frombuffer(raw, np.uint8)[None] if isinstance(raw, bytes) else raw, jnp.int32),
                       record=_text_record, accuracy=False, bits=True),
 }
 

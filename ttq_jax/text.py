@@ -37,9 +37,15 @@ SPLITS = ('train', 'validation', 'test')
 
 
 def corpus_dir(data_dir: str | None = None) -> str:
-  """`data_dir` when set (the only place looked); else the first of $TTQ_TEXT_DIR and Debian's folders that
-  holds `*.rst.txt` files."""
-  candidates = [data_dir] if data_dir else [d for d in (os.environ.get('TTQ_TEXT_DIR'), *DEBIAN_PYTHON_DOCS) if d]
+  """`data_dir` when set, else $TTQ_TEXT_DIR when set: the only place looked (a run that names its data must not
+  quietly read other files); else the first of Debian's folders that holds `*.rst.txt` files."""
+  for named, where in ((data_dir, 'data.data_dir'), (os.environ.get('TTQ_TEXT_DIR'), '$TTQ_TEXT_DIR')):
+    if named:
+      if not (os.path.isdir(named) and any(f.endswith(SUFFIX) for _, _, fs in os.walk(named) for f in fs)):
+        raise DataError(f'the python_docs corpus is not in {where}={named!r} (no *{SUFFIX} files): name a folder of '
+                        f'*{SUFFIX} files or unset {where}')
+      return named
+  candidates = list(DEBIAN_PYTHON_DOCS)
   for d in candidates:
     if os.path.isdir(d) and any(f.endswith(SUFFIX) for _, _, fs in os.walk(d) for f in fs):
       return d

@@ -82,7 +82,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
   run = run_lib.for_training(config, workdir, model=model, data=data, loss_fn=loss_fn)
   config, workdir, primary = run.config, run.workdir, jax.process_index() == 0
   inputs = loop.Input.create(config, run.mesh, run.user_sources)  # a missing dataset fails here
-  state = run.fresh_state()
+  state, warm = loop.warm_start(config, workdir, run.fresh_state())  # a bad init_from fails here
   if run.custom_model and primary and (mismatch := reports.rules_differ_from_config(state.ternary, config)):
     logging.warning('%s', mismatch)
   workdirs.write_config(config, workdir)
@@ -90,10 +90,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
   manager = ckpt.create_manager(workdir, max_to_keep=config.keep_checkpoints)
   total, ternary_start = steps_lib.total_steps(config), steps_lib.ternary_start_step(config)
   if primary:
+    loop.log_data(config)
     loop.warn_without_ternary_steps(config)
 
   # Restore.
-  start_step, state = loop.restore_or_warm_start(config, workdir, manager, state, inputs)
+  start_step, state = loop.restore_or_warm_start(config, workdir, manager, state, inputs, warm)
   if primary and start_step == 0:
     loop.log_start(config, state, run.mesh)
   writer = metric_writers.MetricWriter(workdir, enabled=primary, resume_step=start_step)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 
 import jax
 import ml_collections
@@ -110,8 +111,15 @@ def changed_guarded_fields(saved: dict, current: dict) -> list[str]:
 
 
 def check_writable(workdir: str) -> None:
-  """Creates `workdir` and writes and deletes a probe file in it, or fails in one line naming it."""
+  """Writes and deletes a probe file in `workdir`, or fails in one line naming it. Folders it had to create for
+  the probe are removed again: a start that is refused later leaves nothing behind."""
   probe = files.join(workdir, f'.write_test-{os.getpid()}')
+  created = None  # the top-most folder this probe creates (local paths; a bucket has no folders)
+  if not files.is_url(workdir):
+    created = os.path.abspath(workdir)
+    while not os.path.exists(os.path.dirname(created)) and os.path.dirname(created) != created:
+      created = os.path.dirname(created)
+    created = None if os.path.exists(created) else created
   try:
     files.makedirs(workdir)
     files.write_text(probe, '')
@@ -119,10 +127,19 @@ def check_writable(workdir: str) -> None:
   except Exception as e:  # noqa: BLE001 - any store error (missing bucket, no permission, unreachable) is the answer
     reason = getattr(e, 'strerror', None) or (str(e).splitlines() or [type(e).__name__])[0]
     raise ConfigError(f'workdir={workdir!r} is not writable: {reason}') from None
+  finally:
+    if created and os.path.isdir(created):
+      shutil.rmtree(created, ignore_errors=True)
+
+
+def has_checkpoints(workdir: str) -> bool:
+  directory = ckpt.checkpoint_dir(workdir)
+  return files.isdir(directory) and any(name.isdigit() for name in files.listdir(directory))
 
 
 def prepare_workdir(config, workdir: str, write: bool = True) -> None:
-  """Creates `workdir` (or fails in one line), refuses a changed model/data config, saves config.json."""
+  """Checks that `workdir` is writable (or fails in one line), refuses a changed model/data config of a run in it
+  (a config.json without any checkpoint is no run: it is replaced, with a warning), saves config.json."""
   check_writable(workdir)
   path = files.join(workdir, 'config.json')
   current = json.loads(config.to_json_best_effort())
@@ -133,8 +150,11 @@ def prepare_workdir(config, workdir: str, write: bool = True) -> None:
       saved = None
     if saved is not None:
       changed = changed_guarded_fields(saved, current)
-      if changed and not config.allow_config_change:
-        details = ', '.join(f'{k}: {flatten(saved).get(k)!r} -> {flatten(current).get(k)!r}' for k in changed[:6])
+      details = ', '.join(f'{k}: {flatten(saved).get(k)!r} -> {flatten(current).get(k)!r}' for k in changed[:6])
+      if changed and not config.allow_config_change and not has_checkpoints(workdir):
+        logging.warning('workdir %s holds a config.json but no checkpoint (a start that never saved a step): it is not '
+                        'a run to continue; its config is replaced (%s)', workdir, details)
+      elif changed and not config.allow_config_change:
         raise ConfigError(f'workdir {workdir} holds a run with a different model/data config ({details}); '
                           'use a new --workdir or pass --config.allow_config_change=true')
   if write:

@@ -12,22 +12,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ttq_jax import paths
 from ttq_jax.quant.methods import THRESHOLDS, scale_params
 from ttq_jax.quant.rules import TernaryLayer
 from ttq_jax.quant.weights import TernaryWeights
-
-
-def _get(tree: Mapping[str, Any], path: str) -> Mapping[str, Any]:
-  for k in filter(None, path.split('/')):
-    tree = tree[k]
-  return tree
 
 
 def ternary_weights(params: Mapping[str, Any], layers: Sequence[TernaryLayer]) -> dict[str, TernaryWeights]:
   """{kernel path: TernaryWeights} of every ternary layer (scales in their broadcast shape)."""
   out = {}
   for layer in layers:
-    module = _get(params, layer.path)
+    module = paths.at(params, layer.path)
     scales = scale_params(module.__getitem__, layer.quant.spec, layer.scale_shape)
     out[layer.kernel_path] = TernaryWeights.from_latent(module['kernel'], scales, layer.quant, layer.scale_shape)
   return out
@@ -90,7 +85,7 @@ def near_threshold(params: Mapping[str, Any], layers: Sequence[TernaryLayer]) ->
   ParetoQ's a / 3): the weights a small step moves across a threshold ("deadzone trapping", Tequila 2026)."""
   out = {}
   for layer in layers:
-    module = _get(params, layer.path)
+    module = paths.at(params, layer.path)
     kernel = jnp.asarray(module['kernel'], jnp.float32)
     delta = layer.quant.spec.delta(kernel, scale_params(module.__getitem__, layer.quant.spec, layer.scale_shape),
                                    layer.quant, layer.scale_shape)
@@ -130,5 +125,5 @@ def layer_rules(layers: Sequence[TernaryLayer]) -> dict[str, dict[str, Any]]:
 def count_params(params: Mapping[str, Any], layers: Sequence[TernaryLayer]) -> dict[str, int]:
   """{'ternary': #weights stored as ternary codes, 'full_precision': #other parameters (scales included)}."""
   total = sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(params))
-  ternary = sum(int(np.prod(np.shape(_get(params, layer.path)['kernel']))) for layer in layers)
+  ternary = sum(int(np.prod(np.shape(paths.at(params, layer.path)['kernel']))) for layer in layers)
   return {'ternary': ternary, 'full_precision': total - ternary}

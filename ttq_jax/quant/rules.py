@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ttq_jax import paths
 from ttq_jax.quant.config import QuantConfig
 from ttq_jax.quant.methods import ACTIVATIONS
 # Layers whose `kernel` parameter is their weight matrix (output features on the kernel's last axes,
@@ -58,7 +59,7 @@ class Rule(QuantConfig):
       raise ValueError(f'Rule.module_path={self.module_path!r} is not a regex: {e}') from None
 
   def matches(self, path: str) -> bool:
-    return re.fullmatch(self.module_path, path) is not None
+    return paths.matches(self.module_path, path)
 
 
 def first_rule(rules: Sequence[Rule], path: str) -> Rule | None:
