@@ -124,6 +124,12 @@ def get_config() -> ml_collections.ConfigDict:
   # time on the same clean training batches; needs the training data) | running (training's running averages)
   config.export.bn_statistics = 'reestimated'
 
+  config.sample = ml_collections.ConfigDict()  # --mode sample (language models; may change for eval / sample)
+  config.sample.prompt = 'The '            # the text the model continues
+  config.sample.num_bytes = 200            # bytes to generate
+  config.sample.temperature = 0.0          # 0 = greedy; > 0: sampled from softmax(logits / temperature)
+  config.sample.seed = 0                   # the sampling key (temperature > 0)
+
   config.xla_cpu_ynn_fusion = 'auto'       # auto (per program, programs.CPU_PROGRAM_OPTIONS) | on | off
   config.compilation_cache_dir = 'default'  # '' = off; default = ~/.cache/ttq_jax/xla
   # Locked: every config derives from this one, so a key that is not here (a typo) is an error in Python as on

@@ -111,6 +111,7 @@ def test_init_from_without_warmup_and_fp_runs_with_both_are_fine(smoke_config):
 def test_workdir_guard(smoke_config, tmp_path):
   wd = str(tmp_path)
   workdirs.prepare_workdir(smoke_config, wd)
+  (tmp_path / 'checkpoints' / '3').mkdir(parents=True)  # a run that saved a step
   smoke_config.learning_rate = 0.5
   smoke_config.num_train_steps = 99
   workdirs.prepare_workdir(smoke_config, wd)  # schedule changes are fine

@@ -67,12 +67,15 @@ def test_data_dir_is_searched_first(tmp_path, monkeypatch):
 
 def test_missing_files_error_says_where_it_looked(tmp_path, monkeypatch):
   monkeypatch.setattr(datasets, 'DEBIAN_FASHION_MNIST', str(tmp_path / 'debian'))
-  monkeypatch.setenv('TTQ_DATA_DIR', str(tmp_path / 'env'))
+  monkeypatch.delenv('TTQ_DATA_DIR', raising=False)
   with pytest.raises(datasets.DataError) as e:
     datasets.load_fashion_mnist('train')
   msg = str(e.value)
-  assert '\n' not in msg and 'env' in msg and 'debian' in msg and 'apt-get install' in msg
+  assert '\n' not in msg and 'debian' in msg and 'apt-get install' in msg and 'TTQ_DATA_DIR' in msg
   assert 'train-images-idx3-ubyte.gz' in msg and 't10k-labels-idx1-ubyte.gz' in msg
+  monkeypatch.setenv('TTQ_DATA_DIR', str(tmp_path / 'env'))  # named by the environment: only there
+  with pytest.raises(datasets.DataError, match=r"not found in \$TTQ_DATA_DIR='.*env': missing train-images"):
+    datasets.load_fashion_mnist('train')
 
 
 def test_an_explicit_data_dir_is_the_only_place_looked(tmp_path, monkeypatch):

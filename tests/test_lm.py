@@ -187,3 +187,16 @@ def test_variant_trains_evaluates_and_exports_from_the_command_line(tmp_path, te
   ev = [json.load(open(os.path.join(workdir, 'eval', f))) for f in os.listdir(os.path.join(workdir, 'eval'))
         if f != 'step_4.json']
   assert ev and ev[0]['bits_per_byte'] == pytest.approx(result['bits_per_byte'], rel=1e-6)
+  if variant == 'nnx':  # --mode sample (no --config needed): the code of the run's own samples, checkpoint or export
+    from ttq_jax import sampling, workdirs
+    before = sorted(os.listdir(workdir))
+    given = workdirs.workdir_config(None, workdir).copy_and_resolve_references()
+    given.data.data_dir, given.sample.num_bytes = text_corpus, 96
+    sampled = sampling.sample_workdir(given, workdir)
+    assert sampled['step'] == 4 and 'The ' + sampled['text'] == result['samples']['greedy | The ']
+    printed = subprocess.run([sys.executable, '-m', 'ttq_jax.main', '--mode', 'sample', '--workdir', workdir, data,
+                              f'--config.restore_from={workdir}/export/model.safetensors', '--config.sample.prompt=def ',
+                              '--config.sample.temperature=0.8', '--config.sample.num_bytes=20'],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert printed.returncode == 0 and printed.stdout.startswith('def '), printed.stderr[-2000:]
+    assert sorted(os.listdir(workdir)) == before  # sampling writes nothing

@@ -180,7 +180,7 @@ def _bad_cases(tmp_path):
                           'cifar10 (train[:512]) is not prepared as ArrayRecord'),
       'malformed dataset': (['--config.data.data_dir={bad}'], 'malformed IDX file'),
       'unwritable workdir': ([], 'is not writable'),
-      'eval without checkpoints': (['--mode=eval'], 'has no checkpoints to evaluate'),
+      'eval without checkpoints': (['--mode=eval'], 'does not exist: eval, export and sample read a workdir'),
       'missing config': (None, '--config is required'),
       'init_from with warm-up': (['--config.init_from=/runs/fp', '--config.fp_warmup_epochs=1.0'],
                                  "init_from='/runs/fp' and a full-precision warm-up (fp_warmup_epochs=1.0"),

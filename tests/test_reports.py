@@ -101,3 +101,14 @@ def test_rules_differ_from_config_names_the_first_layer_and_the_setting():
                             "scale_granularity None -> 'channel')")
   config.quant.method = 'bitnet'
   assert "layer 'a': method 'bitnet' -> 'ttq', threshold 'absmean' -> 'max'" in reports.rules_differ_from_config(same, config)
+
+
+@pytest.mark.parametrize('rules,ternary,expected', [
+    ({'a/kernel': {'method': 'bitnet'}, 'b/kernel': {'method': 'bitnet'}}, 10, 'bitnet'),   # config says ttq
+    ({'a/kernel': {'method': 'bitnet'}, 'b/kernel': {'method': 'ttq'}, 'c/kernel': {'method': 'ttq'}}, 10,
+     'mixed: bitnet (1 layers), ttq (2 layers)'),
+    ({}, 0, 'none (no layer is ternary)'),                                                 # nothing selected
+])
+def test_the_summary_names_the_methods_the_layers_used(smoke_config, rules, ternary, expected):
+  result = {'layer_rules': rules, 'param_counts': {'ternary': ternary, 'full_precision': 5}}
+  assert reports.method_line(result, smoke_config) == expected

@@ -90,7 +90,7 @@ def test_unwritable_or_missing_workdir_in_eval_and_export_is_one_line_before_any
   for fn in (evaluation.evaluate_workdir, export.export_workdir):
     with pytest.raises(errors.ConfigError, match=r"workdir='/proc/self' is not writable"):
       fn(smoke_config, '/proc/self')
-    with pytest.raises(errors.ConfigError, match=r'workdir .*/missing/run does not exist: eval and export read'):
+    with pytest.raises(errors.ConfigError, match=r'workdir .*/missing/run does not exist: eval, export and sample read'):
       fn(smoke_config, str(tmp_path / 'missing' / 'run'))
     assert not (tmp_path / 'missing').exists()  # never created
 

@@ -213,3 +213,14 @@ def test_validation_split_chooses_and_test_is_read_once_at_the_end(smoke_config,
   assert result['test']['reestimated']['top1_accuracy'] == result['top1_accuracy']
   saved = json.load(open(os.path.join(workdir, 'result.json')))
   assert saved['best_on_validation'] == result['best_on_validation']
+
+
+@pytest.mark.slow
+def test_sample_mode_is_refused_for_a_classifier_in_one_line(smoke_run):
+  from ttq_jax import sampling
+  from ttq_jax.errors import ConfigError
+  workdir, _, _ = smoke_run
+  with pytest.raises(ConfigError, match=r'--mode sample continues text with a language model; this model is scored by '
+                                        r'top-1') as e:
+    sampling.sample_workdir(None, workdir)
+  assert '\n' not in str(e.value)

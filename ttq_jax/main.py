@@ -37,8 +37,9 @@ class QuietLibraries(logging.Filter):
 
   PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
   # Library warnings about what we asked for on purpose: orbax warns whenever a manager is opened read-only
-  # (evaluation, export and `init_from` read checkpoints that way).
-  EXPECTED_WARNINGS = ('Given directory is read only',)
+  # (evaluation, export and `init_from` read checkpoints that way) and when a step lacks its optional
+  # `_CHECKPOINT_METADATA` file (we write checkpoints without it).
+  EXPECTED_WARNINGS = ('Given directory is read only', 'Metadata file does not exist')
 
   def filter(self, record):
     if os.path.abspath(record.pathname).startswith(self.PACKAGE_DIR):
@@ -58,7 +59,7 @@ def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments {argv[1:]}')
   config = FLAGS.config
-  reads_workdir = FLAGS.mode in ('eval', 'export')  # the workdir's config.json is the config
+  reads_workdir = FLAGS.mode in ('eval', 'export', 'sample')  # the workdir's config.json is the config
   if config is None and not reads_workdir:
     _fail('--config is required, e.g. --config configs/fashion_mnist.py')
   if config is not None and not isinstance(config, ml_collections.ConfigDict):  # ml_collections defers load errors
@@ -72,6 +73,8 @@ def main(argv):
   try:
     if reads_workdir:
       from ttq_jax import workdirs  # noqa: PLC0415 - imports JAX; only the modes that read a workdir need it
+      if _OVERRIDES_ON_BASE:  # overrides without --config: the workdir's saved config with these keys changed
+        config = _with_overrides(workdirs.workdir_config(None, FLAGS.workdir), config, explicit_overrides(sys.argv))
       workdirs.check_overrides(FLAGS.workdir, explicit_overrides(sys.argv), config)
     runner.run(config, FLAGS.workdir, FLAGS.mode, coordinator_address=FLAGS.coordinator_address,
                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
@@ -84,8 +87,34 @@ def explicit_overrides(argv) -> list[str]:
   return [a[len('--config.'):].split('=', 1)[0] for a in argv if a.startswith('--config.')]
 
 
+# Set when --mode eval / export / sample got --config.KEY overrides without --config: they were parsed on
+# configs/base.py (every key, its defaults) and are applied to the workdir's saved config (`_with_overrides`).
+_OVERRIDES_ON_BASE = False
+
+
+def _with_overrides(saved, parsed, keys):
+  """`saved` (a workdir's config) with the values `parsed` holds for the overridden `keys`."""
+  config = saved.copy_and_resolve_references()
+  for key in keys:
+    *parents, leaf = key.split('.')
+    src, dst = parsed, config
+    for part in parents:
+      src, dst = src[part], dst[part]
+    dst[leaf] = src[leaf]
+  return config
+
+
 def parse_flags(argv):
-  """absl flag parsing with every bad flag or --config override as a one-line error."""
+  """absl flag parsing with every bad flag or --config override as a one-line error. For the modes that read a
+  workdir, overrides need no --config: they are parsed on configs/base.py and applied to the workdir's config."""
+  global _OVERRIDES_ON_BASE
+  mode = next((a.split('=', 1)[1] for a in argv if a.startswith('--mode=')),
+              next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == '--mode'), 'train'))
+  has_config = any(a == '--config' or a.startswith('--config=') for a in argv)
+  if mode in ('eval', 'export', 'sample') and explicit_overrides(argv) and not has_config:
+    import configs  # noqa: PLC0415 - shipped with the package: its base config lists every key
+    argv = [argv[0], f'--config={os.path.join(os.path.dirname(configs.__file__), "base.py")}', *argv[1:]]
+    _OVERRIDES_ON_BASE = True
   try:
     return FLAGS(argv)
   except flags.Error as e:

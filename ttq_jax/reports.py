@@ -3,6 +3,7 @@ table printed at the end of training and by `--mode eval`."""
 
 from __future__ import annotations
 
+import collections
 import json
 from typing import Any
 
@@ -127,9 +128,23 @@ def format_protocol(protocol: dict, split: str, task: tasks.Task = tasks.TASKS['
   return lines
 
 
+def method_line(result: dict, config) -> str:
+  """The method of the layers actually quantized: one method, a mix with its layer counts, or none."""
+  rules = result.get('layer_rules') or {}
+  counts = collections.Counter(r['method'] for r in rules.values())
+  if len(counts) == 1:
+    return next(iter(counts))
+  if counts:
+    return 'mixed: ' + ', '.join(f'{m} ({n} layers)' for m, n in sorted(counts.items()))
+  if (result.get('param_counts') or {}).get('ternary') == 0 and quant_lib.METHODS[config.quant.method].quantized:
+    return 'none (no layer is ternary)'
+  return config.quant.method
+
+
 def format_eval_table(result: dict, config, model_name: str | None = None) -> str:
-  """The final summary: accuracy first, then each ternary layer's sparsity and scales."""
-  method = config.quant.method
+  """The final summary: accuracy first, then each ternary layer's sparsity and scales. The method line says what
+  the layers did (`layer_rules`), not what the config asked."""
+  method = method_line(result, config)
   if quant_lib.METHODS[config.quant.method].quantized and result.get('ternary_steps') == 0:
     method = f'{method} (no ternary step trained: the run ended inside its full-precision warm-up)'
   elif result.get('ternary_steps'):

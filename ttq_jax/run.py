@@ -81,14 +81,16 @@ def for_training(config, workdir: str, *, model=None, data=None, loss_fn=None) -
   return Run(config, workdir, model, user_sources, _mesh(config, 'batch_size', 'eval_batch_size'), loss_fn)
 
 
-def for_workdir(config, workdir: str, *, model=None, data=None, loss_fn=None) -> Run:
-  """A run of what `workdir` holds (eval, export): its saved config decides, `config` (may be None) only what
-  `workdirs.EVAL_OVERRIDABLE` lists."""
+def for_workdir(config, workdir: str, *, model=None, data=None, loss_fn=None, writes: bool = True) -> Run:
+  """A run of what `workdir` holds (eval, export, sample): its saved config decides, `config` (may be None) only
+  what `workdirs.EVAL_OVERRIDABLE` lists. `writes`: the mode writes its results into the workdir (checked
+  writable first; sampling writes nothing)."""
   model = functional.as_functional(model)
   workdir = files.resolve(workdir)
   if not files.is_url(workdir) and not files.isdir(workdir):  # never created by eval or export
-    raise ConfigError(f'workdir {workdir} does not exist: eval and export read a workdir that training wrote')
-  workdirs.check_writable(workdir)  # results are written there: refuse before any work
+    raise ConfigError(f'workdir {workdir} does not exist: eval, export and sample read a workdir that training wrote')
+  if writes:
+    workdirs.check_writable(workdir)  # results are written there: refuse before any work
   config = workdirs.workdir_config(config, workdir)
   config, user_sources = datasets.with_user_data(config, data, workdir)
   config_check.validate(config, custom_model=model is not None)

@@ -17,6 +17,7 @@ MODES = {
     'train': 'ttq_jax.train:train_and_evaluate',
     'eval': 'ttq_jax.evaluation:evaluate_workdir',
     'export': 'ttq_jax.export:export_workdir',
+    'sample': 'ttq_jax.sampling:sample_workdir',
 }
 
 

@@ -23,6 +23,7 @@ import optax
 from ttq_jax import datasets
 from ttq_jax import lm
 from ttq_jax import text
+from ttq_jax.errors import ConfigError
 
 TOP_K = 5  # top-5 accuracy is reported for datasets with more than 5 classes
 
@@ -66,6 +67,7 @@ class Task:
   throughput: tuple[str, str, Callable]
   target_metric: str | None = None
   raw_input: Callable = None  # (raw examples, info, dtype) -> the model's input (`model_input`)
+  generate: Callable | None = None  # continues text (`continue_text`): `lm.generate` for language models
   record: Callable = lambda config, apply_fn, variables, info: {}  # what a result records beyond metrics
   accuracy: bool = True
   top_k: bool = False
@@ -75,6 +77,13 @@ class Task:
     """The model's input from raw examples as the dataset stores them (images: uint8 or float HWC; text: bytes or
     int tokens [batch, seq]), as the steps make it (`inputs`)."""
     return self.raw_input(raw, info, dtype)
+
+  def continue_text(self, apply_fn, variables, prompt: bytes, **kwargs) -> bytes:
+    """`lm.generate` for a model that continues text; a one-line ConfigError for any other."""
+    if self.generate is None:
+      raise ConfigError(f'--mode sample continues text with a language model; this model is scored by {self.label}: '
+                        'allowed are runs of a next-byte dataset (e.g. configs/lm.py)')
+    return self.generate(apply_fn, variables, prompt, **kwargs)
 
   def throughput_scalars(self, steps_per_second: float, batch_size: int, info) -> dict[str, float]:
     key, _, per_example = self.throughput
@@ -154,7 +163,7 @@ TASKS = {
                       throughput=('bytes_per_second', 'bytes/s', lambda info: info.input_shape[0]),
                       raw_input=lambda raw, info, dtype: jnp.asarray(
                           np.frombuffer(raw, np.uint8)[None] if isinstance(raw, bytes) else raw, jnp.int32),
-                      record=_text_record, accuracy=False, bits=True),
+                      record=_text_record, generate=lm.generate, accuracy=False, bits=True),
 }
 
 

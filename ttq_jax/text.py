@@ -43,7 +43,7 @@ def corpus_dir(data_dir: str | None = None) -> str:
     if named:
       if not (os.path.isdir(named) and any(f.endswith(SUFFIX) for _, _, fs in os.walk(named) for f in fs)):
         raise DataError(f'the python_docs corpus is not in {where}={named!r} (no *{SUFFIX} files): name a folder of '
-                        f'*{SUFFIX} files or unset {where}')
+                        f'*{SUFFIX} files or unset {where} (Debian\'s copy: `apt-get install python3-doc`)')
       return named
   candidates = list(DEBIAN_PYTHON_DOCS)
   for d in candidates:

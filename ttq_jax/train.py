@@ -23,6 +23,7 @@ from ttq_jax import checkpoint as ckpt
 from ttq_jax import evaluation
 from ttq_jax import files
 from ttq_jax import functional
+from ttq_jax import lease as lease_lib
 from ttq_jax import loop
 from ttq_jax import metric_writers
 from ttq_jax import optim
@@ -33,6 +34,7 @@ from ttq_jax import state as state_lib
 from ttq_jax import steps as steps_lib
 from ttq_jax import tasks
 from ttq_jax import workdirs
+from ttq_jax.errors import ConfigError
 
 
 def train_step(state: state_lib.TrainState, batch, *, apply_fn, info, dtype, loss_fn=None):
@@ -85,6 +87,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
   state, warm = loop.warm_start(config, workdir, run.fresh_state())  # a bad init_from fails here
   if run.custom_model and primary and (mismatch := reports.rules_differ_from_config(state.ternary, config)):
     logging.warning('%s', mismatch)
+  try:  # one writer per workdir, from here to the end (process 0 holds it for all processes)
+    held = lease_lib.Lease(workdir).acquire() if primary else None
+  except ConfigError:
+    inputs.close()
+    raise
+  try:
+    return _train(run, inputs, state, warm, started)
+  finally:
+    if held is not None:
+      held.release()
+
+
+def _train(run: run_lib.Run, inputs: loop.Input, state, warm: dict | None, started: float) -> dict[str, Any]:
+  """The run of `train_and_evaluate` once every start check has passed and the workdir is leased."""
+  config, workdir, primary = run.config, run.workdir, jax.process_index() == 0
   workdirs.write_config(config, workdir)
   programs = run.programs(state, STEPS)
   manager = ckpt.create_manager(workdir, max_to_keep=config.keep_checkpoints)
