@@ -49,11 +49,13 @@ def test_a_0_2_checkpoint_evaluates_to_the_same_numbers(workdir):
   assert now['sparsity'] == pytest.approx(then['sparsity'])
 
 
-def test_a_0_2_export_loads_to_the_same_logits():
-  model, variables = export.load(os.path.join(FIXTURE, 'export', 'model.safetensors'))
+@pytest.mark.parametrize('fixture', ['workdir_0_2', 'workdir_0_3_bitnet'])
+def test_an_earlier_image_export_loads_to_the_same_logits(fixture):
+  fixture = os.path.join(ROOT, 'tests', 'data', fixture)
+  model, variables = export.load(os.path.join(fixture, 'export', 'model.safetensors'))
   images, _ = datasets.load_fashion_mnist('test')
   x = datasets.normalize(images[:16], datasets.dataset_info('fashion_mnist'))
-  then = np.load(os.path.join(FIXTURE, 'export', 'logits_test16.npy'))
+  then = np.load(os.path.join(fixture, 'export', 'logits_test16.npy'))
   np.testing.assert_allclose(np.asarray(model.apply(variables, x, train=False)), then, rtol=1e-5, atol=1e-5)
 
 
@@ -76,12 +78,7 @@ def test_a_0_3_checkpoint_evaluates_to_the_same_numbers(name, tmp_path, text_cor
   assert now['sparsity'] == pytest.approx(then['sparsity'])
 
 
-def test_0_3_exports_load_to_the_same_logits():
-  model, variables = export.load(os.path.join(BITNET, 'export', 'model.safetensors'))
-  images, _ = datasets.load_fashion_mnist('test')
-  x = datasets.normalize(images[:16], datasets.dataset_info('fashion_mnist'))
-  then = np.load(os.path.join(BITNET, 'export', 'logits_test16.npy'))
-  np.testing.assert_allclose(np.asarray(model.apply(variables, x, train=False)), then, rtol=1e-5, atol=1e-5)
+def test_a_0_3_lm_export_loads_to_the_same_logits():
   model, variables = export.load(os.path.join(LM, 'export', 'model.safetensors'))
   tokens = np.frombuffer(b'The function returns the default value of the object..', np.uint8)[:32].astype(np.int32)[None]
   then = np.load(os.path.join(LM, 'export', 'logits_tokens.npy'))

@@ -88,7 +88,7 @@ def explicit_overrides(argv) -> list[str]:
 
 
 # Set when --mode eval / export / sample got --config.KEY overrides without --config: they were parsed on
-# configs/base.py (every key, its defaults) and are applied to the workdir's saved config (`_with_overrides`).
+# `schema_config.py` (every key at its default) and are applied to the workdir's saved config (`_with_overrides`).
 _OVERRIDES_ON_BASE = False
 
 
@@ -106,14 +106,14 @@ def _with_overrides(saved, parsed, keys):
 
 def parse_flags(argv):
   """absl flag parsing with every bad flag or --config override as a one-line error. For the modes that read a
-  workdir, overrides need no --config: they are parsed on configs/base.py and applied to the workdir's config."""
+  workdir, overrides need no --config: they are parsed on schema_config.py (every key) and applied to the
+  workdir's config."""
   global _OVERRIDES_ON_BASE
   mode = next((a.split('=', 1)[1] for a in argv if a.startswith('--mode=')),
               next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == '--mode'), 'train'))
   has_config = any(a == '--config' or a.startswith('--config=') for a in argv)
   if mode in ('eval', 'export', 'sample') and explicit_overrides(argv) and not has_config:
-    import configs  # noqa: PLC0415 - shipped with the package: its base config lists every key
-    argv = [argv[0], f'--config={os.path.join(os.path.dirname(configs.__file__), "base.py")}', *argv[1:]]
+    argv = [argv[0], f'--config={os.path.join(os.path.dirname(__file__), "schema_config.py")}', *argv[1:]]
     _OVERRIDES_ON_BASE = True
   try:
     return FLAGS(argv)
