@@ -113,6 +113,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
   config.eval_step = -1                    # --mode eval/export: -1 = newest checkpoint
   config.restore_from = ''                 # --mode eval: a .safetensors export instead
+  config.eval_dir = ''                     # --mode eval writes its results here ('' = WORKDIR/eval; not writable: stdout)
   config.allow_config_change = False       # resume in a workdir whose model/data config differs
 
   config.mesh_shape = (-1, 1)

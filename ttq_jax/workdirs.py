@@ -34,7 +34,7 @@ EVAL_OVERRIDABLE = ('eval_batch_size', 'eval_step', 'restore_from', 'data.data_d
                     'data.num_threads', 'data.prefetch_batches', 'bn_recalibration_batches', 'export.packing',
                     'export.bn_statistics',
                     'log_every_steps', 'mesh_shape', 'mesh_axes', 'compilation_cache_dir', 'xla_cpu_ynn_fusion',
-                    'allow_config_change', 'sample.prompt', 'sample.num_bytes', 'sample.temperature', 'sample.seed')
+                    'allow_config_change', 'eval_dir', 'sample.prompt', 'sample.num_bytes', 'sample.temperature', 'sample.seed')
 
 
 
