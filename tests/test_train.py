@@ -242,3 +242,25 @@ def test_eval_writes_to_eval_dir_or_stdout_when_it_cannot(smoke_run, tmp_path, c
     again = evaluation.evaluate_workdir(given, workdir)
   out = capsys.readouterr().out
   assert 'is not writable' in caplog.text and json.loads(out.strip().splitlines()[-1])['top1_accuracy'] == again['top1_accuracy']
+
+
+@pytest.mark.slow
+def test_tensorboard_holds_the_final_test_metrics_hyperparameters_and_config(smoke_run):
+  """Read back with TensorBoard's own reader: `test/*` scalars at the final step, the config as text and the
+  hyperparameters with the final metrics (HParams plugin), beside the training scalars."""
+  from tensorboard.backend.event_processing import event_accumulator
+  workdir, result, _ = smoke_run
+  events = event_accumulator.EventAccumulator(workdir, size_guidance={'scalars': 0, 'tensors': 0})
+  events.Reload()
+  final = events.Scalars('test/top1_accuracy')
+  assert [e.step for e in final] == [6] and final[0].value == pytest.approx(result['top1_accuracy'])
+  assert 'train_loss' in events.Tags()['scalars']
+  config_text = events.Tensors('config/text_summary')[0].tensor_proto.string_val[0].decode()
+  assert 'model.name = resnet_tiny' in config_text and 'quant.method = ttq' in config_text
+  from tensorboard.plugins.hparams import plugin_data_pb2
+  hparams = event_accumulator.EventAccumulator(f'{workdir}/hparams')
+  hparams.Reload()
+  start = plugin_data_pb2.HParamsPluginData.FromString(
+      hparams.PluginTagToContent('hparams')['_hparams_/session_start_info']).session_start_info
+  assert start.hparams['quant.method'].string_value == 'ttq' and start.hparams['model.name'].string_value == 'resnet_tiny'
+  assert start.hparams['batch_size'].number_value == 64

@@ -9,6 +9,7 @@ import time
 from typing import Any, Mapping
 
 import numpy as np
+from flax import traverse_util
 
 from ttq_jax import files
 
@@ -79,6 +80,25 @@ class MetricWriter:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def write_final(workdir: str, config, result: Mapping[str, Any], step: int) -> None:
+  """TensorBoard records of a finished run (process 0): its hyperparameters (the flattened config) with the final
+  test metrics (the HParams tab), the test metrics as `test/*` scalars at `step`, the config as text, and a
+  language model's samples as text (`samples/*`)."""
+  from tensorboardX import SummaryWriter
+  flat = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+          for k, v in traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep='.').items()}
+  metrics = {f'test/{k}': float(v) for k, v in result.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ('step', 'elapsed_s')}
+  with SummaryWriter(logdir=workdir) as writer:
+    for k, v in metrics.items():
+      writer.add_scalar(k, v, int(step))
+    writer.add_text('config', '\n'.join(f'{k} = {v}' for k, v in sorted(flat.items())), int(step))
+    for name, text in (result.get('samples') or {}).items():
+      writer.add_text(f'samples/{name}', text, int(step))
+    writer.add_hparams({k: v for k, v in flat.items() if v is not None}, metrics, name='hparams',
+                       global_step=int(step))
 
 
 def _rows_up_to(path: str, step: int) -> list[str]:

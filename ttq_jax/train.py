@@ -150,5 +150,6 @@ def _train(run: run_lib.Run, inputs: loop.Input, state, warm: dict | None, start
   result = loop.finish(config, workdir, programs, state, inputs, seen, max(start_step, total))
   if primary:
     files.write_json(files.join(workdir, 'result.json'), result)
+    metric_writers.write_final(workdir, config, result, result['step'])
     print(reports.format_eval_table(result, config, functional.model_name(run.model)))
   return result
