@@ -171,6 +171,9 @@ def test_variant_trains_evaluates_and_exports_from_the_command_line(tmp_path, te
   run = lambda *extra: subprocess.run(base + list(extra), cwd=ROOT, capture_output=True, text=True, timeout=300)
   trained = run(*small)
   assert trained.returncode == 0, trained.stderr[-3000:]
+  assert ' bytes/s | ' in trained.stdout and 'img/s' not in trained.stdout and 'top1' not in trained.stdout  # its words
+  rows = [json.loads(l) for l in open(f'{workdir}/metrics.jsonl')]
+  assert all('bytes_per_second' in r and 'images_per_second' not in r and 'train_top1_accuracy' not in r for r in rows)
   result = json.load(open(f'{workdir}/result.json'))
   rule = ({'method': 'paretoq', 'threshold': None, 'scale_granularity': 'channel'} if variant == 'paretoq' else
           {'method': 'ttq', 'threshold': 'max', 't': 0.05})

@@ -165,7 +165,7 @@ def _bad_cases(tmp_path):
   empty = tmp_path / 'empty'
   empty.mkdir()
   return {
-      'unknown key': (['--config.no_such_key=1'], 'unknown config key in an override: no_such_key'),
+      'unknown key': (['--config.quant.tt=1'], "config key 'quant.tt' is unknown: did you mean quant.t"),
       'wrong type': (['--config.batch_size=big'], "--config.batch_size=big: invalid literal for int()"),
       't out of range': (['--config.quant.t=1.5'], 'quant.t=1.5 is out of range'),
       'sparsity out of range': (['--config.quant.sparsity=-0.2'], 'quant.sparsity=-0.2 is out of range'),

@@ -104,6 +104,18 @@ def _with_overrides(saved, parsed, keys):
   return config
 
 
+def _unknown_override(keys) -> str:
+  """One line naming the first overridden key that is not a config key, with close matches (config_schema.json)."""
+  import difflib  # noqa: PLC0415 - only on this error
+  import json  # noqa: PLC0415
+  with open(os.path.join(os.path.dirname(__file__), 'config_schema.json')) as f:
+    known = sorted(json.load(f))
+  unknown = [k for k in keys if k not in known and not any(n.startswith(k + '.') for n in known)] or ['?']
+  close = difflib.get_close_matches(unknown[0], known, n=3)
+  return (f'config key {unknown[0]!r} is unknown' + (f': did you mean {", ".join(close)}?' if close else
+                                                      ' (configs/base.py lists every key)'))
+
+
 def parse_flags(argv):
   """absl flag parsing with every bad flag or --config override as a one-line error. For the modes that read a
   workdir, overrides need no --config: they are parsed on schema_config.py (every key) and applied to the
@@ -124,9 +136,8 @@ def parse_flags(argv):
             'need a --config file (for --mode eval / export, e.g. the one the run was trained with; the '
             "workdir's config.json still decides what was trained)")
     _fail(lines[0] if len(lines) == 1 else f'{lines[0].split(":")[0]}: {lines[-1].strip()}')
-  except (KeyError, AttributeError) as e:  # an override of a key the config does not have
-    _fail(f'unknown config key in an override: {str(e).strip(chr(34)).strip(chr(39))} '
-          '(the config file lists every key; see configs/base.py)')
+  except (KeyError, AttributeError):  # an override of a key the config does not have
+    _fail(_unknown_override(explicit_overrides(argv)))
   except (TypeError, ValueError, OSError) as e:  # config_flags wraps get_config errors with a traceback
     lines = [l for l in str(e).splitlines() if l.strip()]
     _fail(f'bad --config or override: {lines[-1] if lines else type(e).__name__}')
