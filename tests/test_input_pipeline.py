@@ -12,6 +12,7 @@ import tensorflow_datasets as tfds
 
 from ttq_jax import augment
 from ttq_jax import datasets
+from ttq_jax import idx
 from ttq_jax import input_pipeline as ip
 
 
@@ -39,7 +40,7 @@ def _write_idx(path, array):
 def fake_fashion_mnist(d, n=20, corrupt=None, seed=0):
   os.makedirs(d, exist_ok=True)
   rng = np.random.default_rng(seed)
-  for split, (img, lab) in datasets.FASHION_MNIST_FILES.items():
+  for split, (img, lab) in idx.FASHION_MNIST_FILES.items():
     _write_idx(os.path.join(d, img), rng.integers(0, 255, (n, 28, 28)))
     _write_idx(os.path.join(d, lab), rng.integers(0, 10, (n,)))
   if corrupt:
@@ -54,7 +55,7 @@ def test_data_dir_is_searched_first(tmp_path, monkeypatch):
   fake_fashion_mnist(tmp_path / 'env', n=7, seed=2)
   fake_fashion_mnist(tmp_path / 'debian', n=9, seed=3)
   monkeypatch.setenv('TTQ_DATA_DIR', str(tmp_path / 'env'))
-  monkeypatch.setattr(datasets, 'DEBIAN_FASHION_MNIST', str(tmp_path / 'debian'))
+  monkeypatch.setattr(idx, 'DEBIAN_FASHION_MNIST', str(tmp_path / 'debian'))
   expected = lambda seed, n: np.random.default_rng(seed).integers(0, 255, (n, 28, 28)).astype(np.uint8)[..., None]
   images, _ = datasets.load_fashion_mnist('train', str(tmp_path / 'cfg'))
   np.testing.assert_array_equal(images, expected(1, 20))
@@ -66,7 +67,7 @@ def test_data_dir_is_searched_first(tmp_path, monkeypatch):
 
 
 def test_missing_files_error_says_where_it_looked(tmp_path, monkeypatch):
-  monkeypatch.setattr(datasets, 'DEBIAN_FASHION_MNIST', str(tmp_path / 'debian'))
+  monkeypatch.setattr(idx, 'DEBIAN_FASHION_MNIST', str(tmp_path / 'debian'))
   monkeypatch.delenv('TTQ_DATA_DIR', raising=False)
   with pytest.raises(datasets.DataError) as e:
     datasets.load_fashion_mnist('train')
