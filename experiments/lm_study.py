@@ -37,10 +37,12 @@ import numpy as np
 import lm_table  # experiments/lm_table.py (reproduce.py puts experiments/ on the path)
 from ttq_jax import provenance
 from ttq_jax import statistics
+from ttq_jax import tables
 
 ROOT = lm_table.ROOT
 RESULTS = os.path.join(ROOT, 'experiments', 'results', 'lm_study.json')
-README_START, README_END = '<!-- lm_study:start -->', '<!-- lm_study:end -->'
+README_NAME = 'lm_study'  # README.md shows markdown(RESULTS) between its markers (ttq_jax.tables)
+README_START, README_END = tables.markers(README_NAME)
 LADDER = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # the grid's steps of ~3
 
 
@@ -324,8 +326,8 @@ def plot(out: dict, path: str) -> None:
 
 
 def readme_block(readme: str) -> str:
-  start, end = readme.index(README_START) + len(README_START), readme.index(README_END)
-  return readme[start:end].strip('\n')
+  """The generated table as it stands in README.md (between the markers)."""
+  return tables.readme_block(readme, README_NAME)
 
 
 def main(args) -> None:

@@ -30,6 +30,7 @@ import numpy as np
 
 from ttq_jax import provenance
 from ttq_jax import statistics
+from ttq_jax import tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, 'experiments', 'results', 'lm.json')
@@ -39,7 +40,8 @@ LEARNING_RATES = {'tiny': (3e-3, 1e-2), 'cpu': (1e-3, 3e-3, 1e-2), 'gpu': None}
 FAMILIES = ('fp', 'ttq', 'bitnet', 'paretoq')  # the rows whose learning rate is chosen; the others take their family's
 # paired a - b beyond each row's minus FP; every comparison of the table is Holm-adjusted together
 PAIRS = (('ttq', 'bitnet'), ('ttq_ft', 'bitnet_ft'), ('ttq', 'twn'), ('ttq', 'paretoq'), ('paretoq', 'bitnet'))
-README_START, README_END = '<!-- lm:start -->', '<!-- lm:end -->'  # README.md shows markdown(RESULTS) between them
+README_NAME = 'lm'  # README.md shows markdown(RESULTS) between its markers (ttq_jax.tables)
+README_START, README_END = tables.markers(README_NAME)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,8 +325,7 @@ def markdown(out: dict) -> str:
 
 def readme_block(readme: str) -> str:
   """The generated table as it stands in README.md (between the markers)."""
-  start, end = readme.index(README_START) + len(README_START), readme.index(README_END)
-  return readme[start:end].strip('\n')
+  return tables.readme_block(readme, README_NAME)
 
 
 def main(args) -> None:

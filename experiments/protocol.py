@@ -28,12 +28,14 @@ import time
 import numpy as np
 
 from ttq_jax import statistics
+from ttq_jax import tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = 'configs/fashion_mnist_protocol.py'
 RESULTS = os.path.join(ROOT, 'experiments', 'results', 'fashion_mnist_protocol.json')
 GPU_RESULTS = os.path.join(ROOT, 'experiments', 'results', 'fashion_mnist_protocol_gpu.json')
-README_START, README_END = '<!-- fashion_mnist_protocol:start -->', '<!-- fashion_mnist_protocol:end -->'
+README_NAME = 'fashion_mnist_protocol'  # README.md shows markdown(RESULTS) between its markers
+README_START, README_END = tables.markers(README_NAME)
 # (a, b): each claim is the paired, same-seed difference a - b
 PAIRS = (('ttq_max', 'fp'), ('ttq_mean', 'fp'), ('twn_max', 'fp'), ('twn_mean', 'fp'),
          ('ttq_max', 'twn_max'), ('ttq_mean', 'twn_mean'),
@@ -281,8 +283,7 @@ def markdown(data: dict) -> str:
 
 def readme_block(readme: str) -> str:
   """The generated table as it stands in README.md (between the markers)."""
-  start, end = readme.index(README_START) + len(README_START), readme.index(README_END)
-  return readme[start:end].strip('\n')
+  return tables.readme_block(readme, README_NAME)
 
 
 def machine_description() -> str:
