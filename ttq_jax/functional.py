@@ -30,17 +30,8 @@ from ttq_jax.errors import ConfigError
 from ttq_jax.quant import nnx_rules
 
 
-def _strings(tree):
-  return {str(k): _strings(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
-
-
-def _pure(state) -> dict:
-  """An NNX state as a nested dict of arrays with string keys."""
-  return _strings(nnx.to_pure_dict(state))
-
-
 def _fill(template, pure: dict):
-  """`template` (an NNX state) with the values of `pure` (as `_pure` writes it)."""
+  """`template` (an NNX state) with the values of `pure` (as `nnx_rules.pure` writes it)."""
   values = traverse_util.flatten_dict(pure)
   flat = []
   for path, variable in nnx.to_flat_state(template):
@@ -60,17 +51,15 @@ class NNXModel:
 
   @property
   def name(self) -> str:
-    return type(nnx_rules.unquantize(self.module)).__name__ if self.quantized else type(self.module).__name__
-
-  @property
-  def quantized(self) -> bool:
-    return any(getattr(m, 'ttq_rule', None) is not None for _, m in nnx.iter_modules(self.module))
+    """The plain model's class name (a selected layer's class is a subclass of its own: `nnx_rules`)."""
+    cls = type(self.module)
+    return (cls.__mro__[1] if getattr(self.module, 'ttq_rule', None) is not None else cls).__name__
 
   def init(self, rng=None, *args, train: bool = False, **kwargs) -> dict:
     """The module's own values (it was initialised when it was constructed: `rng` is not used); with example
     inputs, first checks that the loop can call it as `model(inputs)` (one line if not)."""
     del rng, train
-    variables = {'params': _pure(self._params), 'batch_stats': _pure(self._batch_stats)}
+    variables = {'params': nnx_rules.pure(self._params), 'batch_stats': nnx_rules.pure(self._batch_stats)}
     if args:
       try:
         jax.eval_shape(lambda: self.apply(variables, *args, **kwargs))
@@ -100,7 +89,7 @@ class NNXModel:
     with nnx_rules.full_precision() if self.full_precision else contextlib.nullcontext():
       out = module(*args, **kwargs)
     if mutable:
-      return out, {'batch_stats': _pure(nnx.state(module, nnx.BatchStat))}
+      return out, {'batch_stats': nnx_rules.pure(nnx.state(module, nnx.BatchStat))}
     return out
 
   def unquantized(self) -> 'NNXModel':

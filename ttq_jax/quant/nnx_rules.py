@@ -156,12 +156,17 @@ def ternary_layers(model: nnx.Module) -> tuple[TernaryLayer, ...]:
                       if getattr(module, 'ttq_rule', None) is not None and module.ttq_rule.quantized))
 
 
-def params(model: nnx.Module) -> dict[str, Any]:
-  """The model's `nnx.Param`s as a nested dict with string keys (list indices as '0', '1', ...): the tree the
-  reports (`quant.ternary_weights`, `layer_reports`, ...) read with `ternary_layers(model)`."""
+def pure(state) -> dict[str, Any]:
+  """An NNX state as a nested dict of arrays with string keys (list indices as '0', '1', ...)."""
   def strings(tree):
     return {str(k): strings(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
-  return strings(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  return strings(nnx.to_pure_dict(state))
+
+
+def params(model: nnx.Module) -> dict[str, Any]:
+  """The model's `nnx.Param`s as `pure` writes them: the tree the reports (`quant.ternary_weights`,
+  `layer_reports`, ...) read with `ternary_layers(model)`."""
+  return pure(nnx.state(model, nnx.Param))
 
 
 def unquantize(model: nnx.Module) -> nnx.Module:
