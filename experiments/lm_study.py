@@ -115,13 +115,8 @@ class Study:
 
   def run(self, key: str, config, workdir: str) -> dict:
     """Trains (or resumes, or re-reads) one run; its record (result.json fields the table reads, config, wall)."""
-    path = os.path.join(workdir, 'result.json')
-    if not os.path.exists(path):
-      from ttq_jax import train
-      self.log(f'[run ] {key}: lr {config.learning_rate:g}, {config.num_train_steps} steps, in {workdir}')
-      train.train_and_evaluate(config, workdir)
-    with open(path) as f:
-      result = json.load(f)
+    result = tables.run_or_reuse(workdir, config=config, log=self.log,
+                                 label=f'{key}: lr {config.learning_rate:g}, {config.num_train_steps} steps')
     chosen = result['best_on_validation']['running']
     record = {'key': key, 'seed': config.seed, 'workdir': workdir, 'learning_rate': config.learning_rate,
               'test_bits_per_byte': chosen['bits_per_byte'],
@@ -180,11 +175,7 @@ def run_study(*, budget: str, seeds: list[int], workdir_root: str = 'workdirs/re
   def write(lr_choice, rows, complete: bool) -> dict:
     out = summarize(study, lr_choice, rows, complete, prov)
     out['invocation_wall_minutes'] = (time.perf_counter() - started) / 60  # this invocation only (resumes re-read)
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    with open(path, 'w') as f:
-      json.dump(out, f, indent=1)
-    with open(path.replace('.json', '.md'), 'w') as f:
-      f.write(markdown(out) + '\n')
+    tables.write_results(path, out, markdown(out))
     return out
 
   study.fp_base(seeds[0])
@@ -240,8 +231,7 @@ def summarize(study: Study, lr_choice: dict, rows: dict[str, list[dict]], comple
                   'test_bits_per_byte': statistics.mean_se([r['test_bits_per_byte'] for r in rs]),
                   'mean_sparsity': rs[0]['mean_sparsity'], 'per_seed': [strip(r) for r in rs]}
   by_seed = {k: {r['seed']: r['test_bits_per_byte'] for r in rs} for k, rs in rows.items()}
-  comparisons = [(k, 'fp') for k in ROWS if k != 'fp'] + list(PAIRS)
-  paired = statistics.holm_adjusted([statistics.paired(by_seed[a], by_seed[b], a, b) for a, b in comparisons])
+  paired = tables.paired_tests(by_seed, [(k, 'fp') for k in ROWS if k != 'fp'] + list(PAIRS))
   init_shared = {}
   for seed in study.seeds:
     digests = {r['init_params_sha256'] for rs in rows.values() for r in rs if r['seed'] == seed}
@@ -268,12 +258,11 @@ def markdown(out: dict) -> str:
   steps = out['steps']
   lines = [f'Budget `{out["budget"]}`: per seed a full-precision decoder trained {steps["fp"]} steps, then every row '
            f'fine-tuned {steps["finetune"]} steps from it; seeds {",".join(map(str, out["seeds"]))}; test bits per byte '
-           '(lower is better) of the model chosen on validation, mean +- SE over seeds.'
+           '(lower is better) of the model chosen on validation, mean ± SE over seeds.'
            + ('' if out['complete'] else ' **Incomplete: the runs that finished so far.**'), '',
            '| row | scales | seeds | lr | test bits/byte | per seed | mean sparsity (seed 0) |', '|---|---|---|---|---|---|---|']
   for key, r in out['rows'].items():
-    m = r['test_bits_per_byte']
-    value = f'{m["mean"]:.3f}' + (f' +- {m["se"]:.3f}' if m['se'] is not None else '')
+    value = statistics.mean_spread(r['test_bits_per_byte'], 3)
     per_seed = ', '.join(f'{p["test_bits_per_byte"]:.3f}' for p in r['per_seed'])
     sparsity = f'{r["mean_sparsity"]:.3f}' if r['mean_sparsity'] is not None else '-'
     lines.append(f'| {r["name"]} | {r["granularity"] or "-"} | {len(r["per_seed"])} | {r["learning_rate"]:g} | {value} | '
@@ -281,11 +270,10 @@ def markdown(out: dict) -> str:
   if out['paired']:
     lines += ['', 'Paired same-seed differences a - b of test bits/byte (two-sided paired t, Holm-adjusted over these '
               f'{len(out["paired"])} comparisons; "resolved" at adjusted p < 0.05):', '',
-              '| a - b | difference +- SE | n | t | p | Holm p | verdict |', '|---|---|---|---|---|---|---|']
+              '| a - b | difference ± SE | n | t | p | Holm p | verdict |', '|---|---|---|---|---|---|---|']
     for p in out['paired']:
       fmt = lambda x, spec: '-' if x is None else format(x, spec)
-      lines.append(f'| {p["a"]} - {p["b"]} | {p["mean"]:+.3f}' + (f' +- {p["se"]:.3f}' if p['se'] is not None else '')
-                   + f' | {p["n"]} | {fmt(p["t"], ".2f")} | {fmt(p["p"], ".3g")} | {fmt(p.get("p_holm"), ".3g")} | '
+      lines.append(f'| {p["a"]} - {p["b"]} | {statistics.mean_spread(p, 3, signed=True)} | {p["n"]} | {fmt(p["t"], ".2f")} | {fmt(p["p"], ".3g")} | {fmt(p.get("p_holm"), ".3g")} | '
                    f'{statistics.verdict(p)} |')
   if out['lr_choice']:
     lines += ['', f'Learning rate chosen for fine-tuning on validation (seed {out["seeds"][0]}, {steps["lr_choice"]}-step '

@@ -88,18 +88,6 @@ def budget_config(variant: str, budget: str):
   return config
 
 
-def _run(config, workdir: str, log) -> dict:
-  """Trains (or resumes, or re-reads) one run in this process; its result.json."""
-  path = os.path.join(workdir, 'result.json')
-  if not os.path.exists(path):
-    from ttq_jax import train
-    t0 = time.perf_counter()
-    train.train_and_evaluate(config, workdir)
-    log(f'       {time.perf_counter() - t0:.0f} s')
-  with open(path) as f:
-    return json.load(f)
-
-
 def chosen_bpb(result: dict) -> float:
   """Test bits per byte of the model chosen on validation."""
   return result['best_on_validation']['running']['bits_per_byte']
@@ -110,8 +98,8 @@ def validation_bpb(result: dict) -> float:
 
 
 def _mean_std(values) -> dict:
-  v = np.asarray(values, np.float64)
-  return {'mean': float(v.mean()), 'std': float(v.std(ddof=1)) if len(v) > 1 else None, 'n': len(v)}
+  """{'mean', 'std', 'n'}: a row's spread over seeds, as the table shows it (`statistics.mean_spread`)."""
+  return {k: v for k, v in statistics.mean_se(values).items() if k != 'se'}
 
 
 def paired_tests(table: dict) -> tuple[dict, list[dict]]:
@@ -119,13 +107,9 @@ def paired_tests(table: dict) -> tuple[dict, list[dict]]:
   Holm-adjusted over all of them (`ttq_jax.statistics`). Only the per-seed values are read, so a table built from
   runs and one re-read from its JSON give the same tests."""
   by_seed = {k: {p['seed']: p['test_bits_per_byte_chosen_on_validation'] for p in r['per_seed']} for k, r in table.items()}
-  keys = [(k, 'fp') for k in table if k != 'fp' and 'fp' in table]
-  keys += [(a, b) for a, b in PAIRS if a in table and b in table]
-  tests = [statistics.paired(by_seed[a], by_seed[b], a, b) for a, b in keys]
-  adjusted = iter(statistics.holm_adjusted(tests))
-  tests = [next(adjusted) if t else None for t in tests]
-  minus_fp = {a: t for (a, b), t in zip(keys, tests) if b == 'fp' and (a, b) not in PAIRS}
-  return minus_fp, [t for (a, b), t in zip(keys, tests) if b != 'fp' and t]
+  tests = tables.paired_tests(by_seed, [(k, 'fp') for k in table if k != 'fp'] + list(PAIRS))
+  minus_fp = {t['a']: t for t in tests if t['b'] == 'fp' and (t['a'], t['b']) not in PAIRS}
+  return minus_fp, [t for t in tests if t['b'] != 'fp']
 
 
 def scale_trajectories(workdir: str) -> dict[str, dict[str, list]]:
@@ -168,11 +152,7 @@ def run_table(*, budget: str, seeds: list[int], only: tuple[str, ...] = (), work
     if previous:
       out['provenance'] = {'earlier_rows_from': previous.get('commit') or 'a file written before provenance was recorded',
                            'rows_run_now': sorted(k for k, rs in runs.items() if rs)}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, 'w') as f:
-      json.dump(out, f, indent=1)
-    with open(path.replace('.json', '.md'), 'w') as f:
-      f.write(markdown(out) + '\n')
+    tables.write_results(path, out, markdown(out))
     return out
 
   families = sorted({r.family for r in rows.values()} | {ROWS[r.init_from].family for r in rows.values() if r.init_from})
@@ -188,8 +168,8 @@ def run_table(*, budget: str, seeds: list[int], only: tuple[str, ...] = (), work
       config.num_train_steps = max(2, config.num_train_steps // 2)
       config.warmup_steps = max(1, config.warmup_steps // 2)
       config.eval_every_steps = config.checkpoint_every_steps = config.num_train_steps
-      log(f'[lr  ] {family} at {lr:g}, seed {seeds[0]}, half budget')
-      result = _run(config, os.path.join(root, 'lr_choice', family, f'lr_{lr:g}'), log)
+      result = tables.run_or_reuse(os.path.join(root, 'lr_choice', family, f'lr_{lr:g}'), config=config, log=log,
+                                   label=f'lr choice: {family} at {lr:g}, seed {seeds[0]}, half budget')
       scores[f'{lr:g}'] = validation_bpb(result)
       lr_runs.append({'family': family, 'learning_rate': lr, 'elapsed_s': result['elapsed_s'],
                       **provenance.config_record(config)})
@@ -209,8 +189,8 @@ def run_table(*, budget: str, seeds: list[int], only: tuple[str, ...] = (), work
           log(f'[skip] {row.name}, seed {seed}: no {row.init_from} run of this seed to fine-tune')
           continue
       workdir = os.path.join(root, key, f'seed_{seed}')
-      log(f'[run ] {row.name}, seed {seed}, lr {config.learning_rate:g}, in {workdir}')
-      result = _run(config, workdir, log)
+      result = tables.run_or_reuse(workdir, config=config, log=log,
+                                   label=f'{row.name}, seed {seed}, lr {config.learning_rate:g}')
       runs[key].append({'seed': seed, 'workdir': workdir, 'learning_rate': config.learning_rate, 'config': config, **result})
       run_seconds.append(result['elapsed_s'])
       write(runs, final=False)
@@ -286,9 +266,7 @@ def _model_summary(budget: str) -> dict:
 
 
 def _fmt(ms: dict | None, digits: int = 3) -> str:
-  if not ms:
-    return '-'
-  return f'{ms["mean"]:.{digits}f}' + (f' +- {ms["std"]:.{digits}f}' if ms.get('std') is not None else '')
+  return statistics.mean_spread(ms, digits)
 
 
 def markdown(out: dict) -> str:
@@ -297,11 +275,11 @@ def markdown(out: dict) -> str:
            f'sequence {m["seq_len"]}, batch {m["batch_size"]}, {m["num_train_steps"]} steps per run (budget '
            f'`{out["budget"]}`), seeds {",".join(map(str, out["seeds"]))}; test bits per byte (lower is better) of the '
            'model chosen on validation.', '',
-           '| row | seeds | lr | test bits/byte (chosen on validation, +- std) | minus FP, same seed (+- SE) | final test bits/byte | '
+           '| row | seeds | lr | test bits/byte (chosen on validation, ± std) | minus FP, same seed (± SE) | final test bits/byte | '
            'mean sparsity | minutes a run |', '|---|---|---|---|---|---|---|---|']
   for key, r in out['rows'].items():
     d = r['minus_fp']
-    diff = '-' if not d else f'{d["mean"]:+.3f}' + (f' +- {d["se"]:.3f}' if d['se'] is not None else '') + (
+    diff = '-' if not d else statistics.mean_spread(d, 3, signed=True) + (
         f' (n={d["n"]}, Holm p={d["p_holm"]:.2g})' if d.get('p_holm') is not None else f' (n={d["n"]})')
     sp = f'{r["mean_sparsity"]:.3f}' if r['mean_sparsity'] is not None else '-'
     lines.append(f'| {r["row"]} | {len(r["seeds"])} | {r["learning_rate"]:g} | '

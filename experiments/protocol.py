@@ -78,44 +78,16 @@ class Runner:
     self.pool = concurrent.futures.ThreadPoolExecutor(max(1, parallel))
     self.log, self.lock = log, threading.Lock()
 
-  def _train(self, job: Job) -> None:
-    log_path = os.path.join(job.workdir, 'run.log')
-    if self.in_process:  # the run's console (progress, logging, final table) goes to its run.log, as below
-      import contextlib
-      import logging
-
-      from ttq_jax import errors
-      from ttq_jax import train
-      with open(log_path, 'a') as out, contextlib.redirect_stdout(out):
-        handler = logging.StreamHandler(out)
-        handler.setFormatter(logging.Formatter('%(asctime)s %(module)s.py:%(lineno)d] %(message)s'))
-        logging.getLogger().addHandler(handler)
-        try:
-          train.train_and_evaluate(job.config(), job.workdir)
-        except errors.USER_ERRORS as e:
-          raise RuntimeError(f'{job.row} seed {job.seed}: {e} (log: {log_path})') from e
-        finally:
-          logging.getLogger().removeHandler(handler)
-      return
-    env = {**os.environ, 'XLA_PYTHON_CLIENT_PREALLOCATE': 'false'}  # processes share one accelerator
-    with open(log_path, 'a') as out:
-      p = subprocess.run(job.command(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
-    if p.returncode:
-      tail = open(log_path).read().strip().splitlines()[-1:] or ['?']
-      raise RuntimeError(f'{job.row} seed {job.seed}: exit {p.returncode}: {tail[0]} (log: {log_path})')
+  def _log(self, message: str) -> None:
+    with self.lock:
+      self.log(message)
 
   def _run(self, job: Job) -> dict:
-    path = os.path.join(job.workdir, 'result.json')
-    if not os.path.exists(path):
-      os.makedirs(job.workdir, exist_ok=True)
-      with self.lock:
-        self.log(f'[run ] {job.row} seed {job.seed} ({job.budget}) in {job.workdir}')
-      t0 = time.perf_counter()
-      self._train(job)
-      with self.lock:
-        self.log(f'[done] {job.row} seed {job.seed} in {(time.perf_counter() - t0) / 60:.1f} min')
-    with open(path) as f:
-      return json.load(f)
+    log = self._log
+    label = f'{job.row} seed {job.seed}'
+    if self.in_process:  # the run's console (progress, logging, final table) goes to its run.log
+      return tables.run_or_reuse(job.workdir, config=job.config(), quiet=True, label=label, log=log)
+    return tables.run_or_reuse(job.workdir, command=job.command(), cwd=ROOT, label=label, log=log)
 
   def submit(self, job: Job) -> concurrent.futures.Future:
     if not self.in_process:
@@ -163,29 +135,18 @@ def _scale_range(result: dict):
   return [round(min(scales), 6), round(max(scales), 6)] if scales else None
 
 
-def _paired(rows: dict, metric: str) -> list[dict]:
-  """The PAIRS' same-seed differences of `metric` (`ttq_jax.statistics.paired`: mean, se, two-sided paired t with
-  df = n - 1; `stderr` is `se` rounded, as the file always held); Holm is applied by `with_holm`, per column."""
-  out = []
-  for a, b in PAIRS:
-    if a not in rows or b not in rows:
-      continue
-    test = statistics.paired(dict(zip(rows[a]['seeds'], rows[a][metric])), dict(zip(rows[b]['seeds'], rows[b][metric])), a, b)
-    out.append({**test, 'metric': metric, 'mean': round(test['mean'], 4),
-                'stderr': None if test['se'] is None else round(test['se'], 4),
-                'per_seed': [round(float(x), 4) for x in test['per_seed'].values()]})
-  return out
-
-
 def with_holm(data: dict) -> dict:
-  """`paired` (re-estimated BN, the headline) and `paired_running`, each with `p_holm` over its column's comparisons
-  and `resolved` = Holm-adjusted p < 0.05; recomputed from the rows' per-seed values alone."""
+  """`paired` (re-estimated BN, the headline) and `paired_running`: the PAIRS' same-seed differences
+  (`tables.paired_tests`: two-sided paired t, df = n - 1, Holm over its column's comparisons; `stderr` is `se`
+  rounded, as the file always held) with `resolved` = Holm-adjusted p < 0.05; recomputed from the rows' per-seed
+  values alone."""
   rows = {r['name']: r for r in data['rows']}
   out = dict(data)
   for key, metric in (('paired', 'test_top1_reestimated'), ('paired_running', 'test_top1_running')):
-    out[key] = statistics.holm_adjusted(_paired(rows, metric))
-    for t in out[key]:
-      t['resolved'] = statistics.verdict(t) == 'resolved'
+    tests = tables.paired_tests({k: dict(zip(r['seeds'], r[metric])) for k, r in rows.items()}, PAIRS)
+    out[key] = [{**t, 'metric': metric, 'mean': round(t['mean'], 4), 'stderr': None if t['se'] is None else round(t['se'], 4),
+                 'per_seed': [round(float(x), 4) for x in t['per_seed'].values()],
+                 'resolved': statistics.verdict(t) == 'resolved'} for t in tests]
   return out
 
 
@@ -235,13 +196,6 @@ def check_same_init(data: dict) -> list[str]:
 # --------------------------------------------------------------------------- the table
 
 
-def _ms(values) -> str:
-  v = np.asarray([x for x in values if x is not None], np.float64)
-  if not len(v):
-    return '-'
-  return f'{v.mean():.2f} ± {v.std(ddof=1):.2f}' if len(v) > 1 else f'{v.mean():.2f}'
-
-
 def _claim(p: dict) -> str:
   if p['stderr'] is None:
     return f'{p["mean"]:+.2f} (one seed)'
@@ -258,8 +212,8 @@ def markdown(data: dict) -> str:
   n = len(data['rows'][0]['seeds'])
   lines = [f'Budget `{b["name"]}`: FP checkpoint {b["fp_steps"]} steps, each fine-tune {b["finetune_steps"]} steps, '
            f'batch {b["batch_size"]}; {n} seeds ({", ".join(map(str, data["rows"][0]["seeds"]))}); {data["machine"]}. '
-           f'The FP checkpoints themselves: test top-1 {_ms(data["fp_init_test_top1"])} % (re-estimated BN), '
-           f'{_ms(data["fp_init_test_top1_running"])} % (running BN).', '',
+           f'The FP checkpoints themselves: test top-1 {statistics.mean_spread(data["fp_init_test_top1"])} % (re-estimated BN), '
+           f'{statistics.mean_spread(data["fp_init_test_top1_running"])} % (running BN).', '',
            '| row | test top-1 (%), chosen on validation, re-estimated BN | per seed | same, running BN | '
            'best validation top-1 (%) | mean sparsity | scale range (W_p / W_n or alpha) |',
            '|---|---|---|---|---|---|---|']
@@ -268,8 +222,8 @@ def markdown(data: dict) -> str:
     ranges = [x for x in r['scale_range'] if x]
     scale = f'{min(x[0] for x in ranges):.3f} to {max(x[1] for x in ranges):.3f}' if ranges else '-'
     per_seed = ' / '.join(f'{x:.2f}' for x in r['test_top1_reestimated'])
-    lines.append(f'| {LABELS.get(r["name"], r["name"])} | {_ms(r["test_top1_reestimated"])} | {per_seed} | '
-                 f'{_ms(r["test_top1_running"])} | {_ms(r["val_top1_best"])} | '
+    lines.append(f'| {LABELS.get(r["name"], r["name"])} | {statistics.mean_spread(r["test_top1_reestimated"])} | {per_seed} | '
+                 f'{statistics.mean_spread(r["test_top1_running"])} | {statistics.mean_spread(r["val_top1_best"])} | '
                  f'{f"{np.mean(sp):.3f}" if sp else "-"} | {scale} |')
   lines += ['', '| claim (paired, same seed; points of test top-1 +- SE; two-sided paired t, Holm over the '
             f'{len(data["paired"])} tests of a column) | re-estimated BN | running BN |', '|---|---|---|']
@@ -330,9 +284,7 @@ def main(args) -> dict:
     raise SystemExit('; '.join(problems))
   out = args.results or (GPU_RESULTS if args.budget == 'gpu' else RESULTS if args.budget == 'cpu'
                          else os.path.join(root, args.budget, 'results.json'))
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, 'w') as f:
-    json.dump(data, f, indent=1)
+  tables.write_results(out, data)
   print(markdown(data))
   print(f'wrote {out} ({data["wall_s"] / 60:.1f} min)')
   return data

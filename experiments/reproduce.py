@@ -25,15 +25,20 @@ import argparse
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import lm_study  # experiments/*.py: the script's folder is on the path
+import lm_table
+import protocol
+from configs import paper_rows
+from ttq_jax import provenance
+from ttq_jax import recipes
+from ttq_jax import statistics
+from ttq_jax import tables
 
-from configs import paper_rows  # noqa: E402
-from ttq_jax import recipes  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,31 +76,22 @@ def missing_requirements(row: paper_rows.PaperRow, allow_cpu: bool) -> str:
   return ('needs ' + ' and '.join(needs)) if needs else ''
 
 
-def run(r: Run, log, extra=(), collect_only: bool = False) -> dict | None:
-  """Trains (or resumes / re-reads) one run; returns its result.json (`collect_only`: None if not finished)."""
-  path = os.path.join(r.workdir, 'result.json')
-  if not os.path.exists(path) and collect_only:
-    return None
-  if not os.path.exists(path):
-    cmd = [sys.executable, '-m', 'ttq_jax.main', '--config', r.config, '--workdir', r.workdir, *extra]
-    if r.init_from:
-      cmd.append(f'--config.init_from={r.init_from}')
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    log.write(p.stdout + p.stderr)
-    if p.returncode:
-      raise RuntimeError(f'{r.row}: training failed: {(p.stderr.strip().splitlines() or ["?"])[-1]}')
-  with open(path) as f:
-    return json.load(f)
-
-
-def _mean_std(values) -> str:
-  v = 100 * np.asarray(values, np.float64)
-  return f'{v.mean():.2f} +- {v.std(ddof=1):.2f}' if len(v) > 1 else f'{v.mean():.2f}'
+def run(r: Run, extra=(), collect_only: bool = False) -> dict | None:
+  """Trains (or resumes / re-reads) one run as `python -m ttq_jax.main`; its result.json (`collect_only`: None if
+  not finished). The run's output goes to its workdir's run.log."""
+  cmd = [sys.executable, '-m', 'ttq_jax.main', '--config', r.config, '--workdir', r.workdir, *extra]
+  cmd += [f'--config.init_from={r.init_from}'] if r.init_from else []
+  return tables.run_or_reuse(r.workdir, command=cmd, cwd=ROOT, collect_only=collect_only, label=r.row,
+                             log=lambda m: print(m, flush=True))
 
 
 def _scale_range(result: dict) -> str:
   scales = [s for pair in (result.get('scales') or {}).values() for s in pair]
   return f'{min(scales):.2f} - {max(scales):.2f}' if scales else '-'
+
+
+def _pct(values) -> str:
+  return statistics.mean_spread(values, 2, scale=100)
 
 
 def fashion_mnist_table(results: dict[str, list[dict]], seeds) -> str:
@@ -110,8 +106,8 @@ def fashion_mnist_table(results: dict[str, list[dict]], seeds) -> str:
     final = [r['test'].get('reestimated', r['test']['running'])['top1_accuracy'] for r in rs]
     val = [r['protocol']['running']['best'] for r in rs]
     sp = [np.mean(list(r['sparsity'].values())) for r in rs if r.get('sparsity')]
-    lines.append(f'| {row} | {len(rs)} | {_mean_std(chosen("running"))} | {_mean_std(chosen("reestimated"))} | '
-                 f'{_mean_std(final)} | {_mean_std(val)} | {f"{np.mean(sp):.3f}" if sp else "-"} | '
+    lines.append(f'| {row} | {len(rs)} | {_pct(chosen("running"))} | {_pct(chosen("reestimated"))} | '
+                 f'{_pct(final)} | {_pct(val)} | {f"{np.mean(sp):.3f}" if sp else "-"} | '
                  f'{_scale_range(rs[0])} (seed {seeds[0]}) |')
   return '\n'.join(lines)
 
@@ -124,15 +120,12 @@ SEEDS_PAIRS = (('TTQ, our recipe (quickstart)', 'TWN'), ('TTQ, our recipe (quick
 def seeds_tests(results: dict[str, list[dict]], seeds) -> list[dict]:
   """Paired same-seed differences (points of test top-1 chosen on validation, running BN; the runs of a row are in
   `seeds` order) with a two-sided paired t and Holm over all of them (`ttq_jax.statistics`)."""
-  from ttq_jax import statistics
   top1 = {row: {s: 100 * r['best_on_validation']['running']['top1_accuracy'] for s, r in zip(seeds, rs)}
           for row, rs in results.items() if rs}
-  pairs = [(row, 'FP') for row in top1 if row != 'FP' and 'FP' in top1] + [p for p in SEEDS_PAIRS if p[0] in top1 and p[1] in top1]
-  return statistics.holm_adjusted([statistics.paired(top1[a], top1[b], a, b) for a, b in pairs])
+  return tables.paired_tests(top1, [(row, 'FP') for row in top1 if row != 'FP'] + list(SEEDS_PAIRS))
 
 
 def seeds_tests_table(tests: list[dict]) -> str:
-  from ttq_jax import statistics
   lines = [f'Paired same-seed differences a - b (points of test top-1, running BN; two-sided paired t, Holm over these '
            f'{len(tests)} tests; "resolved" at adjusted p < 0.05):', '', '| a - b | difference | verdict |', '|---|---|---|']
   for t in tests:
@@ -172,9 +165,80 @@ def describe(args) -> None:
     print(f'wrote {args.markdown}')
 
 
+def fashion_mnist(args) -> None:
+  """--table fashion_mnist: every row of FASHION_MNIST_ROWS on --seeds, the table and its paired tests."""
+  root = os.path.join(args.workdir_root, args.table)
+  wanted = lambda name: not args.only or any(s in name for s in args.only.split(','))
+  seeds = [int(s) for s in args.seeds.split(',')]
+  out = args.results or os.path.join(ROOT, 'experiments', 'results', 'fashion_mnist_seeds.md')
+  # rows left out by --only keep their runs from the results file (each run's result.json is kept whole)
+  previous = {}
+  if args.only and os.path.exists(out.replace('.md', '.json')):
+    with open(out.replace('.md', '.json')) as f:
+      previous = json.load(f)
+  results = {}
+  for row, (slug, config) in FASHION_MNIST_ROWS.items():
+    results[row] = [] if wanted(row) else previous.get(row, [])
+    for seed in seeds if wanted(row) else []:
+      r = Run(row, config, os.path.join(root, slug, f'seed_{seed}'))
+      try:
+        result = run(Run(f'{row}, seed {seed}', config, r.workdir), (f'--config.seed={seed}',), args.collect_only)
+        results[row] += [result] if result else []
+      except RuntimeError as e:
+        print(f'[fail] {e}', flush=True)
+  body = fashion_mnist_table(results, seeds) + '\n\n' + seeds_tests_table(seeds_tests(results, seeds))
+  command = f'--table fashion_mnist --seeds {args.seeds}' + (f' --only {args.only}' if args.only else '')
+  _write(args, body, out, command, results)
+
+
+def paper(args) -> None:
+  """--table paper: the paper's rows whose data and accelerator this host has; the others say what they need."""
+  root = os.path.join(args.workdir_root, args.table)
+  wanted = lambda name: not args.only or any(s in name for s in args.only.split(','))
+  results, missing, workdirs = {}, {}, {}
+  for row in paper_rows.PAPER_ROWS:
+    need = 'skipped (--only)' if not wanted(row.name) else missing_requirements(row, args.allow_cpu)
+    init_from = workdirs.get(row.init_from_row, '')
+    if not need and row.init_from_row and not init_from:
+      need = f'needs the row "{row.init_from_row}" first'
+    if need:
+      missing[row.name] = need
+      print(f'[skip] {row.name}: {need}', flush=True)
+      continue
+    r = Run(row.name, row.config, os.path.join(root, _slug(row.name)), init_from)
+    try:
+      results[row.name] = run(r)
+      workdirs[row.name] = r.workdir
+    except RuntimeError as e:
+      missing[row.name] = str(e)
+      print(f'[fail] {e}', flush=True)
+  body = paper_table(results, missing)
+  out = args.results or os.path.join(ROOT, 'experiments', 'results', 'paper.md')
+  command = '--table paper'
+  _write(args, body, out, command, results)
+
+
+def _write(args, body: str, out: str, command: str, results: dict) -> None:
+  """The table's markdown (`out`) and the JSON beside it: the runs by row, and how the file was made."""
+  import jax
+  kept = ' The rows `--only` left out keep their runs from the results JSON (measured earlier by the same command ' \
+         'without `--only`).' if args.only and args.table == 'fashion_mnist' else ''
+  text = (f'# {args.table} results\n\nMeasured by `python experiments/reproduce.py {command}` on {os.cpu_count()} '
+          f'CPU cores ({jax.default_backend()}, jax {jax.__version__}).{kept}\n\n{body}\n')
+  tables.write_results(os.path.splitext(out)[0] + '.json', {**results, 'provenance': {**provenance.record(ROOT), 'configs': {
+      row: FASHION_MNIST_ROWS[row][1] for row in results if row in FASHION_MNIST_ROWS}}}, text, indent=2)
+  print(text)
+  print(f'wrote {out}')
+
+
+# --table -> what makes it
+TABLES = {'fashion_mnist': fashion_mnist, 'fashion_mnist_protocol': protocol.main, 'lm': lm_table.main,
+          'lm_study': lm_study.main, 'paper': paper}
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--table', choices=['fashion_mnist', 'fashion_mnist_protocol', 'lm', 'lm_study', 'paper'],
+  p.add_argument('--table', choices=list(TABLES),
                  default='fashion_mnist')
   p.add_argument('--budget', choices=['tiny', 'cpu', 'gpu'], default='cpu',
                  help='fashion_mnist_protocol: steps of the FP checkpoint and of the fine-tunes (configs/fashion_mnist_protocol.py); '
@@ -196,81 +260,9 @@ def main():
   args = p.parse_args()
   if args.describe:
     return describe(args)
-  if args.table == 'fashion_mnist_protocol':
-    if args.parallel < 0:
-      p.error(f'--parallel={args.parallel} must be >= 0 (0: the runs in this process, one after another)')
-    import protocol  # experiments/protocol.py
-    protocol.main(args)
-    return
-  if args.table == 'lm_study':
-    import lm_study  # experiments/lm_study.py
-    lm_study.main(args)
-    return
-  if args.table == 'lm':
-    import lm_table  # experiments/lm_table.py
-    lm_table.main(args)
-    return
-  root = os.path.join(args.workdir_root, args.table)
-  os.makedirs(root, exist_ok=True)
-  wanted = lambda name: not args.only or any(s in name for s in args.only.split(','))
-  import jax
-  with open(os.path.join(root, 'reproduce.log'), 'a') as log:
-    if args.table == 'fashion_mnist':
-      seeds = [int(s) for s in args.seeds.split(',')]
-      out = args.results or os.path.join(ROOT, 'experiments', 'results', 'fashion_mnist_seeds.md')
-      # rows left out by --only keep their runs from the results file (each run's result.json is kept whole)
-      previous = {}
-      if args.only and os.path.exists(out.replace('.md', '.json')):
-        with open(out.replace('.md', '.json')) as f:
-          previous = json.load(f)
-      results = {}
-      for row, (slug, config) in FASHION_MNIST_ROWS.items():
-        results[row] = [] if wanted(row) else previous.get(row, [])
-        for seed in seeds if wanted(row) else []:
-          r = Run(row, config, os.path.join(root, slug, f'seed_{seed}'))
-          if not args.collect_only:
-            print(f'[run ] {row}, seed {seed}, in {r.workdir}', flush=True)
-          try:
-            result = run(r, log, (f'--config.seed={seed}',), args.collect_only)
-            results[row] += [result] if result else []
-          except RuntimeError as e:
-            print(f'[fail] {e}', flush=True)
-      body = fashion_mnist_table(results, seeds) + '\n\n' + seeds_tests_table(seeds_tests(results, seeds))
-      command = f'--table fashion_mnist --seeds {args.seeds}' + (f' --only {args.only}' if args.only else '')
-    else:
-      results, missing, workdirs = {}, {}, {}
-      for row in paper_rows.PAPER_ROWS:
-        need = 'skipped (--only)' if not wanted(row.name) else missing_requirements(row, args.allow_cpu)
-        init_from = workdirs.get(row.init_from_row, '')
-        if not need and row.init_from_row and not init_from:
-          need = f'needs the row "{row.init_from_row}" first'
-        if need:
-          missing[row.name] = need
-          print(f'[skip] {row.name}: {need}', flush=True)
-          continue
-        r = Run(row.name, row.config, os.path.join(root, _slug(row.name)), init_from)
-        try:
-          results[row.name] = run(r, log)
-          workdirs[row.name] = r.workdir
-        except RuntimeError as e:
-          missing[row.name] = str(e)
-          print(f'[fail] {e}', flush=True)
-      body = paper_table(results, missing)
-      out = args.results or os.path.join(ROOT, 'experiments', 'results', 'paper.md')
-      command = '--table paper'
-  kept = ' The rows `--only` left out keep their runs from the results JSON (measured earlier by the same command ' \
-         'without `--only`).' if args.only and args.table == 'fashion_mnist' else ''
-  text = (f'# {args.table} results\n\nMeasured by `python experiments/reproduce.py {command}` on {os.cpu_count()} '
-          f'CPU cores ({jax.default_backend()}, jax {jax.__version__}).{kept}\n\n{body}\n')
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, 'w') as f:
-    f.write(text)
-  with open(out.replace('.md', '.json'), 'w') as f:  # the runs by row, and how the file was made
-    from ttq_jax import provenance
-    json.dump({**results, 'provenance': {**provenance.record(ROOT), 'configs': {
-        row: FASHION_MNIST_ROWS[row][1] for row in results if row in FASHION_MNIST_ROWS}}}, f, indent=2)
-  print(text)
-  print(f'wrote {out}')
+  if args.parallel < 0:
+    p.error(f'--parallel={args.parallel} must be >= 0 (0: the runs in this process, one after another)')
+  TABLES[args.table](args)
 
 
 if __name__ == '__main__':

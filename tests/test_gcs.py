@@ -84,13 +84,13 @@ def test_fashion_mnist_from_a_bucket(gcs):
     with open(os.path.join('/usr/share/datasets/fashion-mnist', name), 'rb') as f:
       gcs.upload(f'fmnist/{name}', f.read() if name.startswith('t10k') else b'')  # train files: only their names
   script = (
-      'import numpy as np\nfrom ttq_jax import datasets\n'
+      'import numpy as np\nfrom ttq_jax import datasets, errors, idx\n'
       "a = datasets.load_fashion_mnist('test', 'gs://ttq/fmnist')\n"
       "b = datasets.load_fashion_mnist('test', '/usr/share/datasets/fashion-mnist')\n"
       "print('SAME', all(np.array_equal(x, y) for x, y in zip(a, b)), a[0].shape)\n"
-      "print('DIR', datasets.fashion_mnist_dir('gs://ttq/fmnist'))\n"
+      "print('DIR', idx.fashion_mnist_dir('gs://ttq/fmnist'))\n"
       "try:\n  datasets.load_fashion_mnist('test', 'gs://ttq/no-such-folder')\n"
-      "except datasets.DataError as e:\n  print('MISSING', e)\n")
+      "except errors.DataError as e:\n  print('MISSING', e)\n")
   proc = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=gcs.env, capture_output=True, text=True,
                         timeout=TIMEOUT_S)
   assert 'SAME True (10000, 28, 28, 1)' in proc.stdout, proc.stdout + proc.stderr[-2000:]

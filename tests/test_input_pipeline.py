@@ -12,6 +12,7 @@ import tensorflow_datasets as tfds
 
 from ttq_jax import augment
 from ttq_jax import datasets
+from ttq_jax import errors
 from ttq_jax import idx
 from ttq_jax import input_pipeline as ip
 
@@ -69,13 +70,13 @@ def test_data_dir_is_searched_first(tmp_path, monkeypatch):
 def test_missing_files_error_says_where_it_looked(tmp_path, monkeypatch):
   monkeypatch.setattr(idx, 'DEBIAN_FASHION_MNIST', str(tmp_path / 'debian'))
   monkeypatch.delenv('TTQ_DATA_DIR', raising=False)
-  with pytest.raises(datasets.DataError) as e:
+  with pytest.raises(errors.DataError) as e:
     datasets.load_fashion_mnist('train')
   msg = str(e.value)
   assert '\n' not in msg and 'debian' in msg and 'apt-get install' in msg and 'TTQ_DATA_DIR' in msg
   assert 'train-images-idx3-ubyte.gz' in msg and 't10k-labels-idx1-ubyte.gz' in msg
   monkeypatch.setenv('TTQ_DATA_DIR', str(tmp_path / 'env'))  # named by the environment: only there
-  with pytest.raises(datasets.DataError, match=r"not found in \$TTQ_DATA_DIR='.*env': missing train-images"):
+  with pytest.raises(errors.DataError, match=r"not found in \$TTQ_DATA_DIR='.*env': missing train-images"):
     datasets.load_fashion_mnist('train')
 
 
@@ -85,7 +86,7 @@ def test_an_explicit_data_dir_is_the_only_place_looked(tmp_path, monkeypatch):
   monkeypatch.setenv('TTQ_DATA_DIR', str(tmp_path / 'env'))
   fake_fashion_mnist(tmp_path / 'cfg')
   os.remove(tmp_path / 'cfg' / 't10k-labels-idx1-ubyte.gz')
-  with pytest.raises(datasets.DataError) as e:
+  with pytest.raises(errors.DataError) as e:
     datasets.load_fashion_mnist('train', str(tmp_path / 'cfg'))
   msg = str(e.value)
   assert '\n' not in msg and 'cfg' in msg and 'missing t10k-labels-idx1-ubyte.gz (' in msg
@@ -95,7 +96,7 @@ def test_an_explicit_data_dir_is_the_only_place_looked(tmp_path, monkeypatch):
 
 def test_malformed_file_is_a_data_error(tmp_path):
   fake_fashion_mnist(tmp_path, corrupt='t10k-images-idx3-ubyte.gz')
-  with pytest.raises(datasets.DataError, match='malformed IDX file .*t10k-images'):
+  with pytest.raises(errors.DataError, match='malformed IDX file .*t10k-images'):
     datasets.load_fashion_mnist('test', str(tmp_path))
 
 
@@ -112,7 +113,7 @@ def test_a_decoded_file_is_reused_until_the_file_changes(tmp_path):
   images, _ = datasets.load_fashion_mnist('train', str(tmp_path))
   np.testing.assert_array_equal(images, np.random.default_rng(2).integers(0, 255, (6, 28, 28)).astype(np.uint8)[..., None])
   fake_fashion_mnist(tmp_path, n=6, seed=2, corrupt='train-images-idx3-ubyte.gz')
-  with pytest.raises(datasets.DataError, match='malformed IDX file .*train-images'):
+  with pytest.raises(errors.DataError, match='malformed IDX file .*train-images'):
     datasets.load_fashion_mnist('train', str(tmp_path))
 
 
@@ -267,7 +268,7 @@ def test_unknown_dataset():
 
 def test_missing_tfds_dataset_is_one_line(tmp_path):
   c = _data_config(name='cifar10', data_dir=str(tmp_path))
-  with pytest.raises(datasets.DataError, match='tfds build cifar10 --file_format=array_record') as e:
+  with pytest.raises(errors.DataError, match='tfds build cifar10 --file_format=array_record') as e:
     datasets.get_source(c, 'train')
   assert '\n' not in str(e.value)
 
@@ -455,7 +456,7 @@ def test_an_error_in_a_worker_names_the_example():
   source = [{'image': good, 'label': i, 'file_name': f'n{i:03d}.JPEG'} for i in range(12)]
   source[5] = dict(source[5], image=good[:100])  # truncated
   c = _data_config(name='imagenet2012')
-  with pytest.raises(datasets.DataError) as e:
+  with pytest.raises(errors.DataError) as e:
     list(ip.eval_batches(c, split='test', global_batch_size=4, source=source, workers=2))
   assert str(e.value).startswith('test example at index 5 (n005.JPEG): ') and '\n' not in str(e.value)
 

@@ -111,7 +111,7 @@ def _fake(values_by_row, seeds=(0, 1, 2)):
 
 def test_paired_difference_its_t_test_and_holm_by_hand():
   rows = _fake({'ttq_max': [90.0, 91.0, 92.5], 'fp': [89.0, 91.5, 91.0]})
-  (p,) = protocol._paired(rows, 'test_top1_reestimated')
+  (p,) = protocol.with_holm({'rows': list(rows.values())})['paired']
   # d = (1.0, -0.5, 1.5): mean 2/3, sample std sqrt(((1/3)^2 + (7/6)^2 + (5/6)^2) / 2) = sqrt(13/12)
   se = np.sqrt(13 / 12) / np.sqrt(3)
   assert (p['a'], p['b']) == ('ttq_max', 'fp') and p['mean'] == pytest.approx(2 / 3, abs=1e-4)

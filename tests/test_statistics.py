@@ -41,6 +41,19 @@ def test_mean_se():
   assert statistics.mean_se([4.0])['se'] is None
 
 
+@pytest.mark.parametrize('x, kwargs, expected', [
+    ([0.5, 0.7, 0.9], {}, '0.70 ± 0.20'),                      # values: mean ± sample std (ddof 1)
+    ([0.5, None, 0.9], {'scale': 100, 'digits': 1}, '70.0 ± 28.3'),  # None dropped; fractions as percent
+    ([0.25], {}, '0.25'),                                       # one value: no spread
+    ([], {}, '-'),
+    ({'mean': -0.1234, 'std': 0.5, 'se': 0.05}, {'digits': 3, 'signed': True}, '-0.123 ± 0.050'),  # se before std
+    ({'mean': 0.1234, 'std': 0.02, 'n': 3}, {'digits': 3, 'signed': True}, '+0.123 ± 0.020'),
+    ({'mean': 1.0, 'se': None}, {}, '1.00'),
+])
+def test_mean_spread(x, kwargs, expected):
+  assert statistics.mean_spread(x, **kwargs) == expected
+
+
 def test_provenance_of_this_checkout(tmp_path):
   """The commit of a git checkout and whether code differs from it (results files may change)."""
   import subprocess

@@ -9,7 +9,7 @@ import functools
 
 import numpy as np
 
-from ttq_jax import datasets
+from ttq_jax import sources
 from ttq_jax.errors import DataError
 
 def random_crop_flip(images: np.ndarray, rng: np.random.Generator, pad: int, flip: bool = True,
@@ -130,7 +130,7 @@ def prepared(ex, crop, split: str, where: str) -> dict[str, np.ndarray]:
   """An ImageNet example decoded and cropped; a failure is a DataError naming the example (it reaches the
   user as one line from a worker process too)."""
   try:
-    example = datasets.as_example({'image': decode_image(ex['image']), 'label': ex['label']})
+    example = sources.as_example({'image': decode_image(ex['image']), 'label': ex['label']})
     example['image'] = crop(dict(ex, image=example['image']))
   except (ValueError, OSError, _cv2().error) as e:  # undecodable or unusable image data (not a bug of ours)
     file_name = ex.get('file_name', b'')

@@ -1,8 +1,8 @@
-"""Datasets: the registry (each dataset's facts as fields of its `DatasetInfo`), Fashion-MNIST's gzip IDX
-files, tfds ArrayRecord sources, your own data (`user_data`), the held-out validation split.
+"""Datasets: the registry (each dataset's facts as fields of its `DatasetInfo`), your own data (`user_data`),
+the held-out validation split, and a config's sources by split.
 
-A source is random access ({'image': uint8 HWC (or encoded bytes), 'label': int} by index); the pipelines
-over them are `ttq_jax.input_pipeline`, the per-image operations `ttq_jax.augment`.
+A source is random access ({'image': uint8 HWC (or encoded bytes), 'label': int} by index); how each kind of
+dataset is read is its reader's (`ttq_jax.readers`), the pipelines over sources are `ttq_jax.input_pipeline`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import json
 import numpy as np
 
 from ttq_jax import files
-from ttq_jax import text
-from ttq_jax.errors import ConfigError, DataError
-from ttq_jax.idx import fashion_mnist_dir, load_fashion_mnist  # noqa: F401 - datasets.load_fashion_mnist: documented
+from ttq_jax import readers
+from ttq_jax.errors import ConfigError
+from ttq_jax.idx import load_fashion_mnist  # noqa: F401 - datasets.load_fashion_mnist: documented
+from ttq_jax.sources import ArraySource, Subset, as_example
 
 # The validation split (`data.validation_examples` > 0) is the same for every run and every config.seed:
 # a permutation of the training split drawn with this seed; its first N examples are held out.
@@ -23,14 +24,14 @@ VALIDATION_SEED = 20170208
 SPLITS = ('train', 'validation', 'test')
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-  num_classes: int
+  num_classes: int  # outputs per example (classes), or per position (a next-byte task's vocabulary)
   input_shape: tuple[int, ...]  # what the model sees per example: HWC image, or (seq_len,) bytes
   train_size: int
   test_size: int
   mean: tuple[float, ...]  # per channel, in [0, 255] units
   std: tuple[float, ...]
   test_split: str = 'test'
-  reader: str = 'tfds'        # 'idx' (gzip IDX files), 'tfds' (ArrayRecord), 'user' (`user_data`)
+  reader: str = 'tfds'        # readers.READERS: 'idx' (gzip IDX files), 'tfds' (ArrayRecord), 'text', 'user'
   encoded: bool = False       # images stored encoded (JPEG): decoded and cropped per example (`augment`)
   eval_short_side: int = 0    # encoded images: the short side resized to before the centre crop
   task: str = 'classify'      # ttq_jax.tasks.TASKS: the steps' loss and metrics, the metric runs are chosen by
@@ -118,23 +119,13 @@ def dataset_info(data_config) -> DatasetInfo:
   if name not in DATASETS:
     raise ConfigError(f'data.name={name!r} is unknown: allowed are {", ".join(sorted(DATASETS))}'
                       + (' (your own data: pass data=...)' if name == USER_DATA_NAME else ''))
-  if DATASETS[name].reader == 'text' and not isinstance(data_config, dict):
-    return text.dataset_facts(DATASETS[name], data_config)
-  return DATASETS[name]
-
-
-# reader -> where a run of that reader reads its data, for the console (`data_location`)
-_LOCATIONS = {
-    'idx': lambda dc: fashion_mnist_dir(dc.data_dir or None),
-    'tfds': lambda dc: dc.data_dir or '~/tensorflow_datasets',
-    'text': lambda dc: f'{text.corpus_dir(dc.data_dir or None)} (corpus sha256 {text.record(dc)["corpus_sha256"][:16]})',
-    'user': lambda dc: 'the arrays or sources given as data=',
-}
+  entry = DATASETS[name]
+  return entry if isinstance(data_config, dict) else readers.reader(entry).facts(entry, data_config)
 
 
 def data_location(data_config) -> str:
   """Which folder (and, for text, which corpus) a run of `data_config` reads."""
-  return _LOCATIONS[dataset_info(data_config).reader](data_config)
+  return readers.reader(dataset_info(data_config)).location(data_config)
 
 
 def normalize(images, info: DatasetInfo, dtype=np.float32):
@@ -142,40 +133,6 @@ def normalize(images, info: DatasetInfo, dtype=np.float32):
   mean = np.asarray(info.mean, np.float32)
   std = np.asarray(info.std, np.float32)
   return ((images.astype(np.float32) - mean) / std).astype(dtype)
-
-
-def as_example(ex) -> dict[str, np.ndarray]:
-  image = np.asarray(ex['image'])
-  image = image if image.dtype == np.uint8 else image.astype(np.float32)  # uint8 leaves the host as is
-  if image.ndim == 2:
-    image = image[..., None]
-  return {'image': image, 'label': np.int32(ex['label'])}
-
-
-@dataclasses.dataclass
-class ArraySource:
-  """Random-access source over in-memory arrays (grain's RandomAccessDataSource protocol)."""
-  images: np.ndarray
-  labels: np.ndarray
-
-  def __len__(self) -> int:
-    return len(self.labels)
-
-  def __getitem__(self, i):
-    return {'image': self.images[i], 'label': self.labels[i]}
-
-
-@dataclasses.dataclass
-class _Subset:
-  """The examples of a random-access source at `indices`, in that order."""
-  source: object
-  indices: np.ndarray
-
-  def __len__(self) -> int:
-    return len(self.indices)
-
-  def __getitem__(self, i):
-    return self.source[int(self.indices[i])]
 
 
 def validation_indices(train_size: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -204,47 +161,15 @@ def get_source(data_config, split: str, user_sources: dict | None = None):
   fixed seed and 'train' is the rest. `user_sources`: your own data's (`UserData.sources`)."""
   if split not in SPLITS:
     raise ConfigError(f'split={split!r} is unknown: allowed are {", ".join(SPLITS)}')
-  if dataset_info(data_config).reader == 'text':
-    return text.source(data_config, split)  # the split's bytes
+  info = dataset_info(data_config)
+  open_split = lambda s: readers.reader(info).open(data_config, s, info, user_sources)
+  if info.own_validation:
+    return open_split(split)
   held_out = int(data_config.validation_examples or 0)
   if split == 'validation' and not held_out:
     raise ConfigError('split=validation needs data.validation_examples > 0')
   if split == 'test' or not held_out:
-    return _get_source(data_config, split, user_sources)
-  source = _get_source(data_config, 'train', user_sources)
+    return open_split(split)
+  source = open_split('train')
   validation, kept = validation_indices(len(source), held_out)
-  return _Subset(source, validation if split == 'validation' else kept)
-
-
-def _get_source(data_config, split: str, user_sources: dict | None):
-  name = data_config.name
-  info = dataset_info(data_config)
-  limit = int(data_config.limit_examples or 0)
-  if info.reader == 'user':
-    if user_sources is None:
-      raise ConfigError(f"data.name={name!r} is your own data, which this process does not have: pass data=... (the "
-                        'train / test arrays or sources the run was trained on)')
-    source = user_sources[split]
-    return _Subset(source, np.arange(min(limit, len(source)))) if limit else source
-  if info.reader == 'idx':
-    images, labels = load_fashion_mnist(split, data_config.data_dir or None)
-    if limit:
-      images, labels = images[:limit], labels[:limit]
-    return ArraySource(images, labels)
-  if files.is_url(data_config.data_dir or ''):
-    raise DataError(f'data.data_dir={data_config.data_dir!r}: {name} is read as ArrayRecord from local disk; copy the '
-                    f'prepared dataset to the host first (e.g. `gcloud storage cp -r {data_config.data_dir}/{name} '
-                    '~/tensorflow_datasets/`) and pass that folder')
-  import tensorflow_datasets as tfds  # only the ArrayRecord reader: no TensorFlow needed
-  tfds_split = info.test_split if split == 'test' else 'train'
-  if limit:
-    tfds_split = f'{tfds_split}[:{limit}]'
-  # ImageNet's JPEGs are decoded by `decode_image` (in the workers); tfds would decode with PIL / OpenCV here
-  decoders = {'image': tfds.decode.SkipDecoding()} if info.encoded else None
-  try:
-    return tfds.data_source(name, split=tfds_split, data_dir=data_config.data_dir or None, decoders=decoders)
-  except Exception as e:  # tfds raises several types for a missing dataset
-    raise DataError(
-        f'{name} ({tfds_split}) is not prepared as ArrayRecord in {data_config.data_dir or "~/tensorflow_datasets"} '
-        f'({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ""}); prepare it with `tfds build {name} --file_format=array_record` '
-        '(see README, "Datasets")') from None
+  return Subset(source, validation if split == 'validation' else kept)

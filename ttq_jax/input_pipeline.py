@@ -5,8 +5,8 @@ All datasets go through `grain.MapDataset` (random access, so the iterator state
 resumed run sees exactly the batches it would have seen). Each process reads only its shard
 (`jax.process_index()`); images leave the host as uint8 and are normalised on the device
 (`datasets.normalize`), which keeps host->device traffic 4x smaller. Batches are made by worker processes
-(`data.worker_processes`, `BatchIterator`) or, with none, by threads of the training process. Encoded
-images (ImageNet) are decoded and cropped per example by `ttq_jax.augment`.
+(`data.worker_processes`, `BatchIterator`) or, with none, by threads of the training process. What a batch
+holds and how it is cropped, decoded or windowed is the dataset's reader's (`ttq_jax.readers`).
 """
 
 from __future__ import annotations
@@ -15,19 +15,18 @@ import os
 import signal
 import threading
 import time
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import grain
 import numpy as np
 
-from ttq_jax import augment as augment_lib
 from ttq_jax import datasets
-from ttq_jax import text
+from ttq_jax import readers
 from ttq_jax.errors import ConfigError
 
-# Random streams derived from config.seed: the shuffle uses the seed itself, augmentation seed + 1,
-# and the un-augmented stream for BN re-estimation shuffles with seed + 7 (other batches than training).
-AUGMENT_SEED_OFFSET = 1
+# Random streams derived from config.seed: the shuffle uses the seed itself, augmentation seed + 1
+# (`readers.AUGMENT_SEED_OFFSET`), and the un-augmented stream for BN re-estimation shuffles with seed + 7
+# (other batches than training).
 CLEAN_STREAM_SEED_OFFSET = 7
 # data.worker_processes = -1 (auto): the host's cores less what the training process keeps busy itself
 # (the Python loop dispatching steps, device transfers, grain's reader threads).
@@ -35,68 +34,19 @@ AUTO_WORKERS = -1
 TRAINING_PROCESS_CORES = 2
 
 
-def _stack(examples: Sequence[dict]) -> dict[str, np.ndarray]:
-  return {'image': np.stack([e['image'] for e in examples]), 'label': np.asarray([e['label'] for e in examples], np.int32)}
-
-
-
-# --------------------------------------------------------------------------- pipelines
-
-
-class _ProcessRows:
-  """Element i of process p = row p*L + i%L of global batch i//L in the global example stream, so
-  every process count sees the same global batches (and reads only its own rows)."""
-
-  def __init__(self, stream, global_batch: int, local_batch: int, process_index: int):
-    self.stream, self.b, self.l, self.p = stream, global_batch, local_batch, process_index
-
-  def global_position(self, i: int) -> int:
-    return (i // self.l) * self.b + self.p * self.l + i % self.l
-
-  def __len__(self) -> int:
-    return (len(self.stream) // self.b) * self.l
-
-  def __getitem__(self, i):
-    j = self.global_position(i)
-    return dict(self.stream[j], position=j)
-
-
 def train_dataset(data_config, *, local_batch_size: int, seed: int, process_index: int = 0,
                   process_count: int = 1, augment: bool = True, user_sources: dict | None = None) -> grain.MapDataset:
-  """Infinite, shuffled-per-epoch, augmented batches: this process's rows of each global batch.
+  """Infinite, shuffled-per-epoch, augmented batches: this process's rows of each global batch (the dataset's
+  reader makes them, `ttq_jax.readers`).
 
   Batch k is a pure function of (seed, k) and the process's row range: `ds[k]` can be recomputed at
   any time, and a run on N processes sees the same global batches and augmentations as on one.
   `user_sources`: your own data's (`datasets.UserData.sources`).
   """
   info = datasets.dataset_info(data_config)
-  if info.reader == 'text':
-    return text.train_dataset(data_config, local_batch_size=local_batch_size, seed=seed, process_index=process_index,
-                              process_count=process_count)
-  global_batch = local_batch_size * process_count
-  stream = grain.MapDataset.source(datasets.get_source(data_config, 'train', user_sources)).shuffle(seed=seed).repeat(None)
-  rows = _ProcessRows(stream, global_batch, local_batch_size, process_index)
-  if info.encoded:  # decoded and cropped per example (in the workers)
-    size = info.input_shape[0]
-    if augment:  # keyed by the example's global position
-      train_crop = augment_lib.TRAIN_CROPS[data_config.train_crop]
-      crop = lambda ex: train_crop(ex['image'], np.random.default_rng([seed + AUGMENT_SEED_OFFSET, ex['position']]), size)
-    else:
-      crop = lambda ex: augment_lib.imagenet_eval_crop(ex['image'], size, info.eval_short_side)
-    ds = grain.MapDataset.source(rows).map(lambda ex: augment_lib.prepared(ex, crop, 'train', f'position {ex["position"]}'))
-  else:
-    ds = grain.MapDataset.source(rows).map(lambda ex: dict(datasets.as_example(ex), position=ex['position']))
-  ds = ds.batch(local_batch_size, drop_remainder=True, batch_fn=_stack)
-  if augment and not info.encoded:
-    pad = int(data_config.crop_padding)
-    flip = bool(data_config.random_flip)
-    lo, hi = process_index * local_batch_size, (process_index + 1) * local_batch_size
-
-    def crop_flip(batch, rng):  # the rng of batch k is the same on every process: draw globally, use our rows
-      return dict(batch, image=augment_lib.random_crop_flip(batch['image'], rng, pad, flip, rows=slice(lo, hi),
-                                                            global_size=global_batch))
-    ds = ds.random_map(crop_flip, seed=seed + AUGMENT_SEED_OFFSET)
-  return ds
+  return readers.reader(info).train_dataset(
+      datasets.get_source(data_config, 'train', user_sources), info, data_config, local_batch_size=local_batch_size,
+      seed=seed, process_index=process_index, process_count=process_count, augment=augment)
 
 
 def eval_dataset(data_config, *, split: str = 'test', global_batch_size: int, process_index: int = 0,
@@ -104,24 +54,9 @@ def eval_dataset(data_config, *, split: str = 'test', global_batch_size: int, pr
   """Batch k = this process's part of global eval batch k, in order, the last one padded (`mask` = 0);
   `source`: the split's source when the caller already holds it (else it is opened here)."""
   info = datasets.dataset_info(data_config)
-  if info.reader == 'text':
-    return text.eval_dataset(data_config, split=split, global_batch_size=global_batch_size,
-                             process_index=process_index, process_count=process_count, source_bytes=source)
   source = datasets.get_source(data_config, split) if source is None else source
-  n = len(source)
-  local = global_batch_size // process_count
-  examples = grain.MapDataset.source(source)
-  if info.encoded:
-    crop = lambda ex: augment_lib.imagenet_eval_crop(ex['image'], info.input_shape[0], info.eval_short_side)
-    examples = examples.map_with_index(lambda i, ex: augment_lib.prepared(ex, crop, split, f'index {i}'))
-  else:
-    examples = examples.map(datasets.as_example)
-
-  def batch(k: int) -> dict[str, np.ndarray]:
-    idx = np.arange(k * global_batch_size + process_index * local, k * global_batch_size + (process_index + 1) * local)
-    valid = idx < n
-    return dict(_stack([examples[int(i)] for i in np.where(valid, idx, 0)]), mask=valid.astype(np.float32))
-  return grain.MapDataset.range(-(-n // global_batch_size)).map(batch)
+  return readers.reader(info).eval_dataset(source, info, data_config, split=split, global_batch_size=global_batch_size,
+                                           process_index=process_index, process_count=process_count)
 
 
 def eval_batches(data_config, *, split: str = 'test', global_batch_size: int, process_index: int = 0,

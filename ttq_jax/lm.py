@@ -96,8 +96,8 @@ class Block(nn.Module):
 
 class LMDecoder(nn.Module):
   """Byte-level causal decoder: tokens int [batch, seq] -> next-byte logits float32 [batch, seq, 256]
-  (`num_classes`: the vocabulary, 256 bytes)."""
-  num_classes: int = VOCAB
+  (`vocab_size`: 256 bytes)."""
+  vocab_size: int = VOCAB
   depth: int = 4
   width: int = 256
   num_heads: int = 4
@@ -111,13 +111,13 @@ class LMDecoder(nn.Module):
       raise ValueError(f'width={self.width} must split into num_heads={self.num_heads} heads of even size (rotary)')
     if self.activation not in MLP_ACTIVATIONS:
       raise ValueError(f'activation={self.activation!r} is unknown: allowed are {", ".join(MLP_ACTIVATIONS)}')
-    x = nn.Embed(self.num_classes, self.width, embedding_init=nn.initializers.normal(0.02), name='embed')(tokens)
+    x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02), name='embed')(tokens)
     x = x.astype(self.dtype)
     positions = jnp.arange(tokens.shape[-1])
     for i in range(self.depth):
       x = Block(self.num_heads, self.mlp_width, self.activation, self.dtype, name=f'block_{i}')(x, positions)
     x = RMSNorm(dtype=self.dtype, name='final_norm')(x)
-    return nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype, name='head')(x).astype(jnp.float32)
+    return nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype, name='head')(x).astype(jnp.float32)
 
 
 # --------------------------------------------------------------------------- sampling

@@ -84,18 +84,18 @@ class Block(nnx.Module):
 class LMDecoderNNX(nnx.Module):
   """Byte-level causal decoder: tokens int [batch, seq] -> next-byte logits float32 [batch, seq, 256]."""
 
-  def __init__(self, num_classes: int = VOCAB, depth: int = 4, width: int = 256, num_heads: int = 4,
+  def __init__(self, vocab_size: int = VOCAB, depth: int = 4, width: int = 256, num_heads: int = 4,
                mlp_width: int = 688, activation: str = 'silu', dtype: Any = jnp.float32, *, rngs: nnx.Rngs):
     if width % num_heads or (width // num_heads) % 2:
       raise ValueError(f'width={width} must split into num_heads={num_heads} heads of even size (rotary)')
     if activation not in MLP_ACTIVATIONS:
       raise ValueError(f'activation={activation!r} is unknown: allowed are {", ".join(MLP_ACTIVATIONS)}')
-    self.embed = nnx.Embed(num_classes, width, embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+    self.embed = nnx.Embed(vocab_size, width, embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
     self.depth, self.dtype = depth, dtype
     for i in range(depth):
       setattr(self, f'block_{i}', Block(width, num_heads, mlp_width, activation, dtype, rngs))
     self.final_norm = RMSNorm(width, dtype=dtype)
-    self.head = _dense(width, num_classes, dtype, rngs)
+    self.head = _dense(width, vocab_size, dtype, rngs)
 
   def __call__(self, tokens):
     x = self.embed(tokens).astype(self.dtype)

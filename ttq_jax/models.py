@@ -304,7 +304,8 @@ def create_model(name: str, *, num_classes: int, quant: QuantConfig, full_precis
   module path matches `full_precision` (a regex over whole paths; 'edges' = `EDGE_LAYERS[name]`; '' = none).
   The `bn_*` settings and `ghost_batch_size` apply to models with batch norm (see `BatchNorm`); `sizes`
   ({SIZE_KEYS key: value}, 0 / '' = the model's own) to models with those fields. An NNX model is constructed
-  (and so initialised) with `nnx.Rngs(seed)`.
+  (and so initialised) with `nnx.Rngs(seed)`. `num_classes` (the dataset's outputs per example or position) is
+  passed as the model's `vocab_size` for a language model.
   """
   if name not in MODELS:
     raise ConfigError(f'model.name={name!r} is unknown: allowed are {", ".join(sorted(MODELS))}')
@@ -330,7 +331,9 @@ def create_model(name: str, *, num_classes: int, quant: QuantConfig, full_precis
       kwargs[key] = value
   if 'rngs' in fields:  # an NNX model: initialised here
     kwargs['rngs'] = nnx.Rngs(seed)
-  model = ctor(num_classes=num_classes, dtype=dtype, **kwargs)
+  # the model's output size under its own name: classes, or a language model's vocabulary
+  outputs = 'vocab_size' if 'vocab_size' in fields else 'num_classes'
+  model = ctor(**{outputs: num_classes}, dtype=dtype, **kwargs)
   if not quant.quantized:
     return model
   keep = full_precision_regex(name, full_precision)

@@ -80,11 +80,26 @@ def verdict(test: Mapping[str, Any]) -> str:
   return 'resolved' if p < ALPHA else 'not resolved'
 
 
+def mean_spread(x, digits: int = 2, scale: float = 1.0, signed: bool = False) -> str:
+  """'12.34 ± 0.56': the one way tables write a mean and its spread. `x`: values (mean ± std, ddof 1; None values
+  dropped) or a summary dict ({'mean', 'se'} shows the se, {'mean', 'std'} the std; `mean_se`, `paired`). One value,
+  or a spread of None: the mean alone; no values: '-'. `scale` multiplies both (100: fractions as percent)."""
+  if x is None:
+    return '-'
+  if isinstance(x, Mapping):
+    mean, spread = x.get('mean'), x.get('se', x.get('std'))
+  else:
+    summary = mean_se([v for v in x if v is not None])
+    mean, spread = summary['mean'], summary['std']
+  if mean is None:
+    return '-'
+  text = f'{scale * mean:{"+" if signed else ""}.{digits}f}'
+  return text + (f' ± {scale * spread:.{digits}f}' if spread is not None else '')
+
+
 def describe(test: Mapping[str, Any], digits: int = 3) -> str:
-  """'-0.165 +- 0.019 (n=3, t=-8.7, p=0.013, Holm p=0.04: resolved)' for tables and prose."""
-  text = f'{test["mean"]:+.{digits}f}'
-  if test.get('se') is not None:
-    text += f' +- {test["se"]:.{digits}f}'
+  """'-0.165 ± 0.019 (n=3, t=-8.7, p=0.013, Holm p=0.04: resolved)' for tables and prose."""
+  text = mean_spread(test, digits, signed=True)
   if test.get('p') is None:
     return text + f' (n={test["n"]}, no test)'
   holm_p = test.get('p_holm')

@@ -169,10 +169,12 @@ def record(data_config) -> dict:
 
 
 def train_dataset(data_config, *, local_batch_size: int, seed: int, process_index: int = 0,
-                  process_count: int = 1) -> grain.MapDataset:
+                  process_count: int = 1, source_bytes: np.ndarray | None = None) -> grain.MapDataset:
   """Infinite batches {'tokens': int32 [local_batch_size, seq_len + 1]}: this process's rows of global batch
-  k = `train_batch(seed, k)`, so every process count sees the same global batches."""
-  data, seq_len = source(data_config, 'train'), _seq_len(data_config)
+  k = `train_batch(seed, k)`, so every process count sees the same global batches. `source_bytes`: the training
+  split's bytes when the caller holds them (else read here)."""
+  data = source(data_config, 'train') if source_bytes is None else source_bytes
+  seq_len = _seq_len(data_config)
   global_batch, lo = local_batch_size * process_count, process_index * local_batch_size
 
   def batch(k: int) -> dict[str, np.ndarray]:
