@@ -115,6 +115,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.restore_from = ''                 # --mode eval: a .safetensors export instead
   config.eval_dir = ''                     # --mode eval writes its results here ('' = WORKDIR/eval; not writable: stdout)
   config.allow_config_change = False       # resume in a workdir whose model/data config differs
+  # one training process per workdir (WORKDIR/.lease; ttq_jax/lease.py). gs:// workdirs: the lease is renewed every
+  # lease_renew_s and taken over after lease_timeout_s without renewal (or at once with take_over_lease)
+  config.lease_renew_s = 30
+  config.lease_timeout_s = 120
+  config.take_over_lease = False
 
   config.mesh_shape = (-1, 1)
   config.mesh_axes = ('data', 'fsdp')

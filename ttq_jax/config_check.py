@@ -130,6 +130,9 @@ def validate(config, *, custom_model: bool = False) -> None:
   for key in POSITIVE_INTS:
     if int(_get(config, key)) <= 0:
       raise ConfigError(f'{key}={_get(config, key)!r} must be a positive integer')
+  if not 0 < config.lease_renew_s < config.lease_timeout_s:
+    raise ConfigError(f'lease_renew_s={config.lease_renew_s!r} / lease_timeout_s={config.lease_timeout_s!r}: allowed '
+                      'is 0 < lease_renew_s < lease_timeout_s (a lease must be renewed before it expires)')
   examples = datasets.train_size(config.data)
   if config.batch_size > examples:
     raise ConfigError(f'batch_size={config.batch_size!r} is larger than the training split ({examples} examples of '

@@ -123,3 +123,51 @@ def local_copy(path: str) -> Iterator[str]:
     with open(local, 'wb') as f:
       f.write(read_bytes(path))
     yield local
+
+
+# --------------------------------------------------------------------------- conditional writes (gs:// only)
+# Exactly one of several writers succeeds: object generations as preconditions (`ifGenerationMatch`) on a
+# multipart upload, which GCS (and fake-gcs-server) enforce; a failed precondition is gcsfs's FileExistsError.
+
+
+def _gcs():
+  import fsspec  # noqa: PLC0415 - a third-party filesystem, loaded for buckets only
+  return fsspec.filesystem('gs')
+
+
+def _upload_if(path: str, data: bytes, generation: int) -> int | None:
+  from urllib.parse import quote  # noqa: PLC0415
+  fs = _gcs()
+  bucket, key, _ = fs.split_path(path)
+  body = (b'--==0==\nContent-Type: application/json; charset=UTF-8\n\n' + json.dumps({'name': key}).encode()
+          + b'\n--==0==\nContent-Type: application/octet-stream\n\n' + data + b'\n--==0==--')
+  try:
+    out = fs.call('POST', f'{fs._location}/upload/storage/v1/b/{quote(bucket)}/o', uploadType='multipart',
+                  headers={'Content-Type': 'multipart/related; boundary="==0=="'}, data=body, json_out=True,
+                  ifGenerationMatch=str(generation))
+  except FileExistsError:  # HTTP 412: the object's generation is not `generation`
+    return None
+  finally:
+    fs.invalidate_cache(path)
+  return int(out['generation'])
+
+
+def create_exclusive(path: str, data: bytes) -> int | None:
+  """Creates the object `path` (a gs:// URL) unless it exists: its generation, or None when it existed."""
+  return _upload_if(path, data, 0)
+
+
+def replace_if_generation(path: str, data: bytes, generation: int) -> int | None:
+  """Replaces the object `path` if its generation is still `generation`: the new generation, else None."""
+  return _upload_if(path, data, generation)
+
+
+def read_with_generation(path: str) -> tuple[bytes, int, str] | None:
+  """(contents, generation, last update time as GCS records it) of the object `path`; None if it does not exist."""
+  fs = _gcs()
+  fs.invalidate_cache(path)
+  try:
+    info = fs.info(path)  # (contents read after: a newer generation's, at worst; a replace conditional on this fails)
+    return fs.cat_file(path), int(info['generation']), str(info.get('updated', ''))
+  except FileNotFoundError:
+    return None

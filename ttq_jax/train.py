@@ -88,18 +88,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, model
   if run.custom_model and primary and (mismatch := reports.rules_differ_from_config(state.ternary, config)):
     logging.warning('%s', mismatch)
   try:  # one writer per workdir, from here to the end (process 0 holds it for all processes)
-    held = lease_lib.Lease(workdir).acquire() if primary else None
+    held = lease_lib.Lease.for_config(workdir, config).acquire() if primary else None
   except ConfigError:
     inputs.close()
     raise
   try:
-    return _train(run, inputs, state, warm, started)
+    return _train(run, inputs, state, warm, started, held)
   finally:
     if held is not None:
       held.release()
 
 
-def _train(run: run_lib.Run, inputs: loop.Input, state, warm: dict | None, started: float) -> dict[str, Any]:
+def _train(run: run_lib.Run, inputs: loop.Input, state, warm: dict | None, started: float,
+           held: lease_lib.Lease | None) -> dict[str, Any]:
   """The run of `train_and_evaluate` once every start check has passed and the workdir is leased."""
   config, workdir, primary = run.config, run.workdir, jax.process_index() == 0
   workdirs.write_config(config, workdir)
@@ -137,6 +138,8 @@ def _train(run: run_lib.Run, inputs: loop.Input, state, warm: dict | None, start
         writer.write(step, row)
         progress.print(step, row)
       if do_save:
+        if held is not None:
+          held.check()  # a gs:// lease taken over by another run: stop before writing
         saving = time.perf_counter()
         ckpt.save(manager, step, state, data_state, force=True)
         writer.flush()  # a bucket's metrics.jsonl is uploaded with every checkpoint
