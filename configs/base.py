@@ -11,15 +11,16 @@ so nothing in `ttq_jax/` imports `configs`.
 import json
 import pathlib
 
-
 import ml_collections
 
+from ttq_jax.schema_config import Config  # a ConfigDict whose unknown keys are one-line errors
 
-def get_config() -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
+
+def get_config() -> Config:
+  config = Config()
   config.seed = 0
 
-  config.model = ml_collections.ConfigDict()
+  config.model = Config()
   config.model.name = 'resnet20'           # ttq_jax.models.MODELS
   config.model.bn_ghost_batch_size = 0     # > 0: BN statistics per group of N examples (the official per-GPU batch)
   config.model.bn_unbiased_variance = False  # BN normalises training groups with var x N / (N - 1) (tensorpack)
@@ -31,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.mlp_width = 0               # lm_decoder: the gated MLP's hidden width
   config.model.activation = ''             # lm_decoder: silu (SwiGLU) | relu2 (BitNet 2B4T's squared ReLU)
 
-  config.data = ml_collections.ConfigDict()
+  config.data = Config()
   config.data.name = 'cifar10'             # fashion_mnist | cifar10 | imagenet2012 | python_docs (text)
   config.data.data_dir = ''                # '' = default place (see README, "Datasets")
   config.data.crop_padding = 4             # random crop after zero padding (CIFAR: 40x40 -> 32x32)
@@ -48,7 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.num_threads = 4              # grain reader threads of the training process (0 workers)
   config.data.prefetch_batches = 2         # batches put on the device ahead of the step
 
-  config.quant = ml_collections.ConfigDict()
+  config.quant = Config()
   # The scale rule (ttq_jax.quant.METHODS): ttq (trained W_p / W_n) | twn (analytic alpha) | bitnet (BitNet b1.58's
   # absmean, its own threshold only) | paretoq (ParetoQ's trained alpha, no threshold rule) | fp
   config.quant.method = 'ttq'
@@ -124,13 +125,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh_shape = (-1, 1)
   config.mesh_axes = ('data', 'fsdp')
 
-  config.export = ml_collections.ConfigDict()
+  config.export = Config()
   config.export.packing = '2bit'           # 2bit | base3
   # BN statistics the export carries: reestimated (those of the headline evaluation, re-estimated at export
   # time on the same clean training batches; needs the training data) | running (training's running averages)
   config.export.bn_statistics = 'reestimated'
 
-  config.sample = ml_collections.ConfigDict()  # --mode sample (language models; may change for eval / sample)
+  config.sample = Config()  # --mode sample (language models; may change for eval / sample)
   config.sample.prompt = 'The '            # the text the model continues
   config.sample.num_bytes = 200            # bytes to generate
   config.sample.temperature = 0.0          # 0 = greedy; > 0: sampled from softmax(logits / temperature)
@@ -138,8 +139,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.xla_cpu_ynn_fusion = 'auto'       # auto (per program, programs.CPU_PROGRAM_OPTIONS) | on | off
   config.compilation_cache_dir = 'default'  # '' = off; default = ~/.cache/ttq_jax/xla
-  # Locked: every config derives from this one, so a key that is not here (a typo) is an error in Python as on
-  # the command line (ml_collections names close matches); values of the keys above can still be set.
+  # Locked: every config derives from this one, so a key that is not here (a typo) is a one-line error in Python
+  # as on the command line, naming close matches (`Config`); values of the keys above can still be set.
   config.lock()
   return config
 

@@ -185,8 +185,12 @@ def test_batch_size_larger_than_the_training_split_is_refused(smoke_config):
 def test_configs_are_locked_and_unknown_keys_are_refused_in_python(smoke_config):
   from configs import fashion_mnist
   c = fashion_mnist.get_config()
-  with pytest.raises(AttributeError, match='Did you mean "num_train_steps"'):
-    c.num_train_step = 3
+  for assign in (lambda: setattr(c, 'num_train_step', 3), lambda: setattr(c.data, 'nme', 'x'),
+                 lambda: c.num_train_step):  # set on a locked config, on a nested one, read: one line, no config dump
+    with pytest.raises(AttributeError) as e:
+      assign()
+    assert str(e.value) in ("config key 'num_train_step' is unknown: did you mean num_train_steps?",
+                            "config key 'nme' is unknown: did you mean name?")
   c.unlock()
   c.num_train_step = 3  # a config built by hand (unlocked): validate refuses it as the command line would
   with pytest.raises(ConfigError, match="config key 'num_train_step' is unknown: did you mean num_train_steps"):

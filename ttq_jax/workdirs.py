@@ -20,6 +20,7 @@ import ml_collections
 
 from ttq_jax import checkpoint as ckpt
 from ttq_jax import files
+from ttq_jax import schema_config
 from ttq_jax import state as state_lib
 from ttq_jax.config_check import flatten, schema
 from ttq_jax.errors import ConfigError
@@ -42,14 +43,7 @@ EVAL_OVERRIDABLE = ('eval_batch_size', 'eval_step', 'restore_from', 'data.data_d
 def complete(saved: dict) -> ml_collections.ConfigDict:
   """A saved config (config.json, an export's metadata) as a locked config with every key of this version: the
   saved values as the run ran them (`saved_values`), keys added since at their defaults."""
-  effective = ml_collections.ConfigDict()
-  for key, value in saved_values(saved).items():
-    node = effective
-    for part in key.split('.')[:-1]:
-      if part not in node:
-        node[part] = ml_collections.ConfigDict()
-      node = node[part]
-    node[key.split('.')[-1]] = _tuples(value)
+  effective = schema_config.nested(saved_values(saved))
   effective.lock()
   return effective
 
@@ -217,7 +211,7 @@ def workdir_config(config, workdir: str):
   saved_flat = saved_values(saved)
   if config is None:
     return complete(saved)
-  effective = ml_collections.ConfigDict(config.to_dict())  # `config`'s keys and types, unlocked
+  effective = schema_config.nested(flatten(config.to_dict()))  # `config`'s keys and types, unlocked
   given = canonical_quant(given_values(config))
   same_rule = canonical_quant(saved_flat)
   differ = []
