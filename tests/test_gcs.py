@@ -59,8 +59,11 @@ def test_workdir_and_data_in_a_bucket_end_to_end(gcs, tmp_path):
   proc.wait()
   for name in gcs.objects('killed/checkpoints/6/') + gcs.objects('killed/result.json'):
     gcs.delete(name)  # if it got that far before the kill: as if killed right after step 3's checkpoint
-  out = _ok(gcs.main(killed, data))
+  # the killed run's lease is live-looking for lease_timeout_s: the restart takes it over on purpose
+  lease_left = 'killed/.lease' in gcs.objects('killed/.lease')
+  out = _ok(gcs.main(killed, data, '--config.take_over_lease=true'))
   assert 'resumed from step 3' in out, out[-3000:]
+  assert ('took over the lease of workdir gs://ttq/killed' in out) == lease_left, out[-3000:]
   check = subprocess.run([sys.executable, '-c', _params_equal_script(full, killed)], cwd=ROOT, env=gcs.env,
                          capture_output=True, text=True, timeout=TIMEOUT_S)
   assert 'STEPS 6 6 EQUAL True' in check.stdout, check.stdout + check.stderr[-2000:]

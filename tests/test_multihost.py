@@ -128,7 +128,12 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(two_p
   try:
     deadline = time.time() + TIMEOUT_S
     while not os.path.isdir(os.path.join(workdir, 'checkpoints', '6')) and time.time() < deadline:
-      assert all(p.poll() is None for p in procs), 'a process ended before the notice'
+      if any(p.poll() is not None for p in procs):  # say why (its output), not only that
+        for p in procs:
+          p.kill()
+        outs = [p.communicate()[0] for p in procs]
+        raise AssertionError(f'a process ended before the notice (exit {[p.returncode for p in procs]}):\n'
+                             + '\n---\n'.join(o[-3000:] for o in outs))
       time.sleep(0.05)
     procs[1].send_signal(signal.SIGTERM)  # process 1 only
     sent = time.time()
