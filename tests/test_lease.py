@@ -115,9 +115,10 @@ def test_a_bucket_lease_is_exclusive_renewed_expired_and_taken_over(gcs):
 
 
 @pytest.mark.slow
-def test_a_second_training_on_a_bucket_workdir_is_refused_and_an_expired_lease_taken_over(gcs):
-  """`python -m ttq_jax.main` on a gs:// workdir whose lease a live process holds: exit 2, one line, nothing but
-  the lease in the bucket; after the holder is killed, its lease expires (lease_timeout_s) and the run trains."""
+def test_a_second_training_on_a_bucket_workdir_is_refused_naming_the_holder(gcs):
+  """`python -m ttq_jax.main` on a gs:// workdir whose lease a live process holds: exit 2, one line naming the
+  holder, nothing but the lease in the bucket. (Taking an expired lease over: the API test above; a killed bucket
+  run restarted with take_over_lease resumes: test_gcs.)"""
   workdir = 'gs://ttq/lease_run'
   holder = subprocess.Popen([sys.executable, '-c', textwrap.dedent(f'''
       import time
@@ -125,21 +126,13 @@ def test_a_second_training_on_a_bucket_workdir_is_refused_and_an_expired_lease_t
       lease.Lease({workdir!r}, renew_s=0.5, timeout_s=3).acquire()
       print('held', flush=True)
       time.sleep(120)''')], cwd=ROOT, env=gcs.env, stdout=subprocess.PIPE, text=True)
-  extra = ['--config.lease_renew_s=1', '--config.lease_timeout_s=3', '--config.num_train_steps=2',
-           '--config.eval_every_steps=0']
   try:
     assert holder.stdout.readline().strip() == 'held'
-    refused = gcs.main(workdir, *extra)
+    refused = gcs.main(workdir, '--config.num_train_steps=2')
     assert refused.returncode == 2, refused.stderr[-2000:]
     error = [l for l in refused.stderr.splitlines() if l.startswith('error:')]
-    assert len(error) == 1 and f'pid {holder.pid}' in error[0], refused.stderr[-2000:]
+    assert len(error) == 1 and f'pid {holder.pid}' in error[0] and 'renewed ' in error[0], refused.stderr[-2000:]
     assert gcs.objects('lease_run/') == ['lease_run/.lease']  # nothing written
   finally:
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-  import time
-  time.sleep(3.5)  # the killed holder's lease expires
-  trained = gcs.main(workdir, *extra)
-  assert trained.returncode == 0, trained.stderr[-2000:]
-  assert 'took over the lease of workdir gs://ttq/lease_run' in trained.stderr
-  assert 'lease_run/result.json' in gcs.objects('lease_run/') and 'lease_run/.lease' not in gcs.objects('lease_run/')
