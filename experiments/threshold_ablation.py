@@ -47,7 +47,7 @@ assert BUDGET in ('smoke', 'full'), f'TTQ_BUDGET={BUDGET!r}: allowed are smoke, 
 WORKDIR = os.environ.get('TTQ_ABLATION_DIR', os.path.join(ROOT, 'workdirs', f'threshold_ablation_{BUDGET}'))
 
 if BUDGET == 'smoke':
-  T_VALUES, R_VALUES, SEEDS = [0.0, 0.05, 0.2], [0.0, 0.25, 0.5], [0, 1]
+  T_VALUES, R_VALUES, SEEDS = [0.0, 0.05], [0.0, 0.5], [0, 1]
 else:
   T_VALUES, R_VALUES, SEEDS = [0.0, 0.025, 0.05, 0.1, 0.15, 0.2], [0.0, 0.1, 0.2, 0.3, 0.4, 0.5], [0, 1, 2]
 FINE_TUNE_EPOCHS = 0.25  # ternary fine-tuning per point (full budget: 107 steps)
