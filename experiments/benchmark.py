@@ -343,8 +343,9 @@ def bench_memory(args, mesh, results):
       info = datasets.dataset_info(dataset)
       batch = {'image': jax.ShapeDtypeStruct((per_device, *info.input_shape), jnp.uint8),
                'label': jax.ShapeDtypeStruct((per_device,), jnp.int32)}
-      fn = lambda s, b: train.train_step(s, b, apply_fn=state_lib.create_model(config).apply, info=info,
-                                         dtype=state_lib.compute_dtype(config))
+      # the step as training compiles it: the model called through `state.apply_fn` (train flag, dropout key)
+      apply = state_lib.apply_fn(state_lib.create_model(config), config.seed)
+      fn = lambda s, b: train.train_step(s, b, apply_fn=apply, info=info, dtype=state_lib.compute_dtype(config))
       t = time.perf_counter()
       compiled = jax.jit(fn, donate_argnums=(0,)).lower(state, batch).compile()
       mem = compiled.memory_analysis()
