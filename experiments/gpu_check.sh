@@ -33,7 +33,7 @@ if [ "$PART" = bench ]; then
   run 90 experiments/benchmark.py --model resnet20 --batch_size 128 --compare-torch --steps 30 --json "$OUT/resnet20_f32.json" | tee "$OUT/log.txt"
   run 70 experiments/benchmark.py --model resnet20 --batch_size 128 --dtype bfloat16 --steps 30 --json "$OUT/resnet20_bf16.json" | tee -a "$OUT/log.txt"
   run 90 experiments/benchmark_scaling.py --steps 15 --json "$OUT/scaling.json" | tee -a "$OUT/log.txt"
-  run 60 experiments/benchmark.py --model resnet20 --methods ttq --memory --steps 2 --json "$OUT/memory.json" | tee -a "$OUT/log.txt"
+  run 150 experiments/benchmark.py --model resnet20 --methods ttq --memory --steps 2 --json "$OUT/memory.json" | tee -a "$OUT/log.txt"
   timeout 40 python3 -m pytest -q -p no:cacheprovider tests/quant 2>&1 | tail -3 | tee -a "$OUT/log.txt"
 fi
 
