@@ -101,8 +101,7 @@ class Lease:
                          f'{self.timeout_s:g} s without renewal, or now with --config.take_over_lease=true')
         generation = files.replace_if_generation(self.path, self._record(), stale)
         if generation is None:
-          raise _refusal(self.workdir, _parse((files.read_with_generation(self.path) or (b'{}',))[0]),
-                         '; it took the lease over at the same time as this one')
+          raise _refusal(self.workdir, self._holder_now(), '; it took the lease over at the same time as this one')
         why = 'take_over_lease=true' if age <= self.timeout_s else f'not renewed for {age:.0f} s > lease_timeout_s'
         logging.warning('took over the lease of workdir %s from %s (%s)', self.workdir, _holder(holder), why)
     self._generation = generation
@@ -117,19 +116,26 @@ class Lease:
   def renew(self) -> bool:
     """gs://: extends the lease (a replace conditional on our generation); False, and `lost` set, when another
     process holds it now."""
-    if self._generation is None or self.lost:
-      return self.lost is None
+    if self.lost is not None:
+      return False
+    if self._generation is None:  # a local lease: the kernel keeps it
+      return True
     try:
       generation = files.replace_if_generation(self.path, self._record(), self._generation)
     except OSError as e:  # a transient failure: the next renewal tries again (the lease expires only after timeout)
       logging.warning('could not renew the lease of workdir %s: %s', self.workdir, e)
       return True
     if generation is None:
-      self.lost = _parse((files.read_with_generation(self.path) or (b'{}',))[0])
+      self.lost = self._holder_now()
       logging.error('lost the lease of workdir %s to %s', self.workdir, _holder(self.lost))
       return False
     self._generation = generation
     return True
+
+  def _holder_now(self) -> dict:
+    """Who the bucket's lease object names now ({} when there is none)."""
+    found = files.read_with_generation(self.path)
+    return _parse(found[0]) if found else {}
 
   def check(self) -> None:
     """Raises ConfigError when another process has taken the lease over (this run must not write any more)."""

@@ -48,12 +48,13 @@ def nested(flat: dict) -> Config:
       if part not in node:
         node[part] = Config()
       node = node[part]
-    node[leaf] = _tuples(value)
+    node[leaf] = as_tuples(value)
   return config
 
 
-def _tuples(value):
-  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+def as_tuples(value):
+  """JSON lists back to the tuples every sequence-valued config key holds."""
+  return tuple(as_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -164,13 +164,6 @@ def write_config(config, workdir: str) -> None:
 # --------------------------------------------------------------------------- a workdir's own config
 
 
-def _tuples(value):
-  """JSON lists back to the tuples every sequence-valued config key holds."""
-  if isinstance(value, dict):
-    return {k: _tuples(v) for k, v in value.items()}
-  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
-
-
 def _set(config, dotted: str, value) -> None:
   *parents, leaf = dotted.split('.')
   for part in parents:
@@ -221,7 +214,7 @@ def workdir_config(config, workdir: str):
     if differing_keys(given, same_rule, [key]):
       differ.append(f'{key} (saved {value!r}, given {given.get(key)!r})')
     try:
-      _set(effective, key, _tuples(value))
+      _set(effective, key, schema_config.as_tuples(value))
     except (KeyError, AttributeError):  # a key this version no longer has
       continue
   if differ:
